@@ -1,0 +1,25 @@
+/* spec.h - validation of job specs, shared by the server (at submission, so a
+ * bad spec is a 400 that creates nothing) and the worker (before running, so
+ * `strata-worker run` gives the same messages locally).
+ *
+ * Field paths are reported as the API names them: "spec.x", "spec.kernel",
+ * "spec.x.artifact". */
+#ifndef STRATA_SPEC_H
+#define STRATA_SPEC_H
+
+#include <jansson.h>
+
+/* Where input references may point. The server accepts {"artifact": ID} and
+ * {"job": ID}; a local run also accepts {"path": "..."}. */
+enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
+
+/* Validates spec for kind. Appends {"field": ..., "message": ...} objects to
+ * errors (a JSON array owned by the caller). Returns 0 when valid, -1 when
+ * not (errors then holds at least one entry). */
+int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);
+
+/* Appends one {"field", "message"} error object to errors. */
+void spec_error(json_t *errors, const char *field, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif

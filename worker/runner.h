@@ -1,0 +1,60 @@
+/* runner.h - runs one job of a given kind, for the agent (jobs claimed from a
+ * server) and for `strata-worker run` (one job, locally, no server).
+ *
+ * The kind-specific code (cka now; predict and train later) only sees this
+ * context. Inputs are resolved to local files through callbacks, so the same
+ * code reads {"path": "x.npy"} locally and {"artifact": 3} or {"job": 12}
+ * through the server. Outputs go through add_artifact: copied into --out DIR
+ * locally, uploaded by the agent. */
+#ifndef STRATA_RUNNER_H
+#define STRATA_RUNNER_H
+
+#include <jansson.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* One per-layer input file of a predict job: hidden_states_{layer}.npy. */
+typedef struct {
+    int layer;
+    char path[4096];
+} runner_layer_file;
+
+typedef struct runner_ctx runner_ctx;
+struct runner_ctx {
+    /* Resolves an input reference object (e.g. {"path": ...}, {"artifact": 3})
+     * to a local file path. Returns 0, or -1 with err set. Single-matrix inputs. */
+    int (*resolve_file)(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                        size_t errlen);
+    /* Resolves a reference to a set of per-layer files ({"job": ID} on the
+     * server; a directory of hidden_states_*.npy locally). *files is malloc'd,
+     * sorted by layer; the caller frees it. */
+    int (*resolve_layers)(runner_ctx *ctx, json_t *ref, runner_layer_file **files, size_t *n,
+                          char *err, size_t errlen);
+    /* Reports progress (may be NULL). */
+    void (*progress)(runner_ctx *ctx, int64_t step, int64_t total, const char *message);
+    /* Appends one line to the job's log (may be NULL). */
+    void (*log)(runner_ctx *ctx, const char *line);
+    /* Publishes the file at path as an output artifact called name. */
+    int (*add_artifact)(runner_ctx *ctx, const char *name, const char *path, char *err,
+                        size_t errlen);
+    /* Set to non-zero by the agent when the job is cancelled or the lease is
+     * lost; long computations check it between steps and stop. */
+    atomic_int *cancel;
+    /* A private scratch directory for this job (exists, emptied afterwards). */
+    const char *work_dir;
+    void *user; /* for the callbacks */
+};
+
+/* Checks that kind is one this worker can run. */
+bool runner_supports(const char *kind);
+
+/* Runs a job. On success returns 0 and sets *result (caller owns it). On
+ * failure returns -1 with err set; *retryable tells whether trying again could
+ * help (I/O, network) or not (bad spec, bad input). A cancelled job returns -1
+ * with *cancelled set. */
+int runner_run(const char *kind, json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
+               bool *cancelled, char *err, size_t errlen);
+
+#endif
