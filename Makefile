@@ -59,8 +59,12 @@ $(SERVER): $(call obj,server/main.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
 $(WORKER): $(call obj,worker/main.c) $(BUILD)/libworker.a $(BUILD)/libcommon.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-# Each unit test links the module libraries; cmocka runs its cases isolated.
-$(BUILD)/tests/%: $(call obj,tests/unit/%.c) $(BUILD)/libserver.a $(BUILD)/libworker.a $(BUILD)/libcommon.a
+# Each unit test links the libraries of the program it tests (test_server_*
+# the server's, the others the worker's); cmocka runs its cases isolated.
+$(BUILD)/tests/test_server_%: $(call obj,tests/unit/test_server_%.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+$(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(BUILD)/libworker.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 
