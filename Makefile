@@ -16,7 +16,7 @@ CFLAGS  ?= -O2 -g
 CFLAGS  += -std=c11 -D_GNU_SOURCE -pthread -Wall -Wextra -Werror -Wshadow -Wformat=2 \
            -Wstrict-prototypes -Wmissing-prototypes -fno-strict-aliasing \
            -I. $(shell pkg-config --cflags $(PKGS))
-LDLIBS  := $(shell pkg-config --libs $(PKGS)) -lpthread -lm
+LDLIBS   = $(shell pkg-config --libs $(PKGS)) -lpthread -lm
 
 ifneq ($(SANITIZER),)
 CFLAGS  += -fsanitize=$(SANITIZER) -fno-omit-frame-pointer
@@ -40,7 +40,7 @@ TEST_BIN   := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 SERVER := $(BUILD)/strata-server
 WORKER := $(BUILD)/strata-worker
 
-.PHONY: all test unit integration demo up down clean bench fixtures
+.PHONY: all deps test unit integration demo up down clean bench
 all: $(SERVER) $(WORKER)
 
 $(BUILD)/obj/%.o: %.c
@@ -74,11 +74,21 @@ unit: $(TEST_BIN)
 integration: all
 	BUILD=$(BUILD) SANITIZER=$(SANITIZER) tests/integration/run.sh
 
-test: all unit integration
+# test, demo and up first install what is missing (a fresh Debian machine has
+# none of the libraries), then build in a second make that sees them.
+deps:
+	deploy/install-deps.sh
 
-demo: all
+test: deps
+	$(MAKE) --no-print-directory all
+	$(MAKE) --no-print-directory unit
+	$(MAKE) --no-print-directory integration
+
+demo: deps
+	$(MAKE) --no-print-directory all
 	BUILD=$(BUILD) deploy/demo.sh
-up: all
+up: deps
+	$(MAKE) --no-print-directory all
 	BUILD=$(BUILD) deploy/stack.sh up
 down:
 	BUILD=$(BUILD) deploy/stack.sh down
