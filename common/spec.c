@@ -23,7 +23,7 @@ static bool spec_is_positive_id(json_t *v) {
 
 /* An input reference: exactly one of artifact / job (/ path locally). */
 static void spec_check_ref(json_t *ref, const char *field, enum spec_mode mode, json_t *errors) {
-    char sub[64];
+    char sub[160]; /* field (< 80) + "." + key, truncated if longer */
     if (!ref) {
         spec_error(errors, field, "is required");
         return;
