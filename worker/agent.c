@@ -1,0 +1,937 @@
+/* agent.c - see agent.h.
+ *
+ * Threads: the main thread claims jobs and runs them (the engine calls the
+ * runner_ctx callbacks from it); while a job runs, a heartbeat thread renews
+ * the lease, sends progress and batched log lines, and turns a cancel request,
+ * a lost lease or a second shutdown signal into ctx->cancel. Each thread has
+ * its own client (libcurl handles are not shared between threads). */
+#include "agent.h"
+
+#include <errno.h>
+#include <ftw.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/buf.h"
+#include "common/log.h"
+#include "common/util.h"
+#include "worker/client.h"
+#include "worker/runner.h"
+
+#define AGENT_LOG_FLUSH_BYTES ((size_t)64 << 10) /* wake the flusher past this */
+#define AGENT_LOG_MAX_BYTES ((size_t)1 << 20)    /* pending lines kept in an outage */
+#define AGENT_HEARTBEAT_TIMEOUT_S 15L
+#define AGENT_FINISH_GRACE_S 10.0 /* least time the final report is retried */
+#define AGENT_RELEASE_BUDGET_S 10.0
+#define AGENT_CORRUPT_RETRIES 3
+
+/* Shutdown signals seen: 1 = stop claiming, 2 = also cancel the running job. */
+static atomic_int agent_signals;
+
+void agent_signal(void) { atomic_fetch_add(&agent_signals, 1); }
+
+/* Why a job was asked to stop; the first reason wins. */
+enum agent_stop_reason {
+    AGENT_RUNNING = 0,
+    AGENT_CANCEL_REQUESTED = 1, /* a user cancelled it: report "cancelled" */
+    AGENT_LEASE_LOST = 2,       /* not ours any more: report nothing */
+    AGENT_SHUTDOWN = 3,         /* second signal: release it */
+};
+
+typedef struct {
+    const agent_config *cfg;
+    client main_client; /* main thread */
+    client beat_client; /* heartbeat thread */
+    int64_t worker_id;
+    json_t *queues;
+    char hostname[256];
+} agent;
+
+/* One running job, shared between the main and the heartbeat thread. */
+typedef struct {
+    agent *a;
+    int64_t id;
+    const char *kind;
+    char work_dir[PATH_MAX];
+    atomic_int cancel;     /* ctx->cancel */
+    atomic_int reason;     /* enum agent_stop_reason */
+    atomic_int beat_abort; /* stops an in-flight heartbeat when the job ends */
+
+    pthread_mutex_t lock; /* guards everything below */
+    pthread_cond_t wake;
+    bool done;
+    bool has_progress;
+    int64_t step, total;
+    char message[512];
+    double lease_expires; /* wall clock, seconds since the epoch */
+    buf_t logs;           /* pending log lines */
+    size_t dropped_lines;
+
+    pthread_mutex_t flush_lock; /* keeps log batches in order */
+} agent_job;
+
+/* A stop condition for retry loops: give up once *flag >= threshold. */
+typedef struct {
+    atomic_int *flag;
+    int threshold;
+} agent_stop;
+
+static double agent_wall_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static bool agent_stopped(agent_stop stop) {
+    return stop.flag && atomic_load(stop.flag) >= stop.threshold;
+}
+
+/* Sleeps for seconds, waking early when stop triggers. */
+static void agent_sleep(double seconds, agent_stop stop) {
+    double end = util_now_seconds() + seconds;
+    for (;;) {
+        if (agent_stopped(stop)) return;
+        double left = end - util_now_seconds();
+        if (left <= 0) return;
+        if (left > 0.1) left = 0.1;
+        struct timespec ts = {0, (long)(left * 1e9)};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static double agent_jitter(void) { return (double)(rand() % 1000) / 1000.0; }
+
+int agent_parse_queues(const char *list, json_t **out, char *err, size_t errlen) {
+    *out = NULL;
+    json_t *queues = json_array();
+    if (!queues) return err_set(err, errlen, "out of memory");
+    const char *p = list;
+    for (;;) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n == 0 || n > 64) {
+            json_decref(queues);
+            return err_set(err, errlen, "queue names must be 1 to 64 characters (in \"%s\")", list);
+        }
+        for (size_t i = 0; i < n; i++) {
+            char ch = p[i];
+            bool ok = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+                      (ch >= '0' && ch <= '9') || ch == '_' || ch == '-' || ch == '.';
+            if (!ok) {
+                json_decref(queues);
+                return err_set(err, errlen, "queue name \"%.*s\" may only hold letters, digits, "
+                                            "'_', '-' and '.'", (int)n, p);
+            }
+        }
+        json_array_append_new(queues, json_stringn(p, n));
+        if (!end) break;
+        p = end + 1;
+    }
+    *out = queues;
+    return 0;
+}
+
+bool agent_layer_from_name(const char *name, int *layer) {
+    static const char prefix[] = "hidden_states_", suffix[] = ".npy";
+    size_t n = strlen(name), np = sizeof prefix - 1, ns = sizeof suffix - 1;
+    if (n <= np + ns || strncmp(name, prefix, np) != 0 || strcmp(name + n - ns, suffix) != 0)
+        return false;
+    char digits[16];
+    size_t nd = n - np - ns;
+    if (nd >= sizeof digits) return false;
+    memcpy(digits, name + np, nd);
+    digits[nd] = '\0';
+    for (size_t i = 0; i < nd; i++)
+        if (digits[i] < '0' || digits[i] > '9') return false;
+    int64_t v;
+    if (util_parse_i64(digits, 0, 1000000, &v) != 0) return false;
+    *layer = (int)v;
+    return true;
+}
+
+/* A JSON call retried through outages (transient failures) until stop
+ * triggers or the wall-clock deadline (0: none) passes. Returns 0 with the
+ * final status in *status and the answer in *out (caller owns, NULL unless
+ * 2xx with a body), or -1 with err set (gave up, or a local failure). */
+static int agent_call(client *c, const char *method, const char *path, json_t *body,
+                      bool worker_header, long timeout_s, agent_stop stop, double deadline,
+                      long *status, json_t **out, char *err, size_t errlen) {
+    for (unsigned attempt = 0;; attempt++) {
+        bool transient = false;
+        if (client_json(c, method, path, body, worker_header, timeout_s, status, out, &transient,
+                        err, errlen) == 0)
+            return 0;
+        if (!transient) return -1;
+        if (agent_stopped(stop)) return -1;
+        if (deadline > 0 && agent_wall_now() >= deadline) return -1;
+        agent_sleep(client_backoff_seconds(attempt, agent_jitter()), stop);
+        if (agent_stopped(stop)) return -1;
+    }
+}
+
+/* A file transfer (client_perform) retried like agent_call; a download whose
+ * checksum does not match is retried a few times, then reported. Returns 0
+ * with *status set, or -1 with err set. resp's body is freed here; on a
+ * non-2xx answer err holds the problem text. */
+static int agent_transfer(client *c, const client_req *req, agent_stop stop, long *status,
+                          json_t **out, char *err, size_t errlen) {
+    unsigned corrupt = 0;
+    if (out) *out = NULL;
+    for (unsigned attempt = 0;; attempt++) {
+        client_resp resp;
+        int rc = client_perform(c, req, &resp, err, errlen);
+        *status = resp.status;
+        if (rc == 0) {
+            if (resp.status < 200 || resp.status >= 300) {
+                char problem[512];
+                client_problem_text(resp.status, resp.body.data, resp.body.len, problem,
+                                    sizeof problem);
+                err_set(err, errlen, "%s %s: %s", req->method, req->path, problem);
+            } else if (out && resp.body.len > 0) {
+                json_error_t jerr;
+                *out = json_loadb(resp.body.data, resp.body.len, 0, &jerr);
+            }
+            client_resp_free(&resp);
+            return 0;
+        }
+        bool again = resp.transient || (resp.corrupt && ++corrupt < AGENT_CORRUPT_RETRIES);
+        client_resp_free(&resp);
+        if (!again || agent_stopped(stop)) return -1;
+        agent_sleep(client_backoff_seconds(attempt, agent_jitter()), stop);
+        if (agent_stopped(stop)) return -1;
+    }
+}
+
+/* Marks the job as stopping for reason (if none was recorded yet) and tells
+ * the engine through ctx->cancel. */
+static void agent_job_stop(agent_job *job, enum agent_stop_reason reason) {
+    int expected = AGENT_RUNNING;
+    atomic_compare_exchange_strong(&job->reason, &expected, (int)reason);
+    atomic_store(&job->cancel, 1);
+}
+
+/* ---- runner_ctx callbacks (main thread) ---- */
+
+static agent_stop agent_job_stop_cond(agent_job *job) {
+    return (agent_stop){.flag = &job->cancel, .threshold = 1};
+}
+
+/* Reads a positive integer id from ref[key]. */
+static int agent_ref_id(json_t *ref, const char *key, int64_t *id, char *err, size_t errlen) {
+    json_t *v = json_object_get(ref, key);
+    if (!json_is_integer(v) || json_integer_value(v) <= 0)
+        return err_set(err, errlen, "input reference must be {\"%s\": ID}", key);
+    *id = (int64_t)json_integer_value(v);
+    return 0;
+}
+
+/* Downloads artifact id (whose SHA-256 is sha256) to path unless a previous
+ * call of this job already did. Returns 0, or -1 with err set. */
+static int agent_download(agent_job *job, int64_t artifact_id, const char *sha256,
+                          const char *path, char *err, size_t errlen) {
+    struct stat st;
+    if (stat(path, &st) == 0) return 0; /* same input named twice: already verified */
+    char url[128];
+    snprintf(url, sizeof url, "/api/v1/artifacts/%lld/content", (long long)artifact_id);
+    client_req req = {.method = "GET",
+                      .path = url,
+                      .download_path = path,
+                      .expect_sha256 = sha256,
+                      .timeout_s = CLIENT_TRANSFER_TIMEOUT_S};
+    long status = 0;
+    if (agent_transfer(&job->a->main_client, &req, agent_job_stop_cond(job), &status, NULL, err,
+                       errlen) != 0)
+        return -1;
+    if (status < 200 || status >= 300) return -1;
+    return 0;
+}
+
+static int agent_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                              char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int rc = -1;
+    json_t *meta = NULL;
+    int64_t id;
+    if (agent_ref_id(ref, "artifact", &id, err, errlen) != 0) return -1;
+
+    char url[128];
+    long status = 0;
+    snprintf(url, sizeof url, "/api/v1/artifacts/%lld", (long long)id);
+    if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
+                   agent_job_stop_cond(job), 0, &status, &meta, err, errlen) != 0)
+        goto out;
+    if (status != 200) goto out;
+    const char *sha256 = json_string_value(json_object_get(meta, "sha256"));
+    const char *name = json_string_value(json_object_get(meta, "name"));
+    if (!sha256 || strlen(sha256) != SHA256_HEX_LEN - 1) {
+        err_set(err, errlen, "artifact %lld: metadata has no sha256", (long long)id);
+        goto out;
+    }
+    /* Keep the artifact's own name (its suffix tells the format) when safe. */
+    int n = snprintf(path, pathlen, "%s/artifact-%lld-%s", job->work_dir, (long long)id,
+                     name && util_valid_name(name) ? name : "data");
+    if (n < 0 || (size_t)n >= pathlen) {
+        err_set(err, errlen, "work directory path too long");
+        goto out;
+    }
+    rc = agent_download(job, id, sha256, path, err, errlen);
+out:
+    json_decref(meta);
+    return rc;
+}
+
+typedef struct {
+    int layer;
+    int64_t artifact;
+    char sha256[SHA256_HEX_LEN];
+} agent_layer_ref;
+
+static int agent_layer_cmp(const void *pa, const void *pb) {
+    const agent_layer_ref *a = pa, *b = pb;
+    return (a->layer > b->layer) - (a->layer < b->layer);
+}
+
+/* Adds the hidden_states_{N}.npy items of one page of a job's artifact list
+ * to refs. A layer uploaded twice (a retried predict job) keeps the newest. */
+static int agent_collect_layers(json_t *items, agent_layer_ref **refs, size_t *n, size_t *cap,
+                                char *err, size_t errlen) {
+    size_t i;
+    json_t *item;
+    json_array_foreach(items, i, item) {
+        const char *name = json_string_value(json_object_get(item, "name"));
+        const char *sha256 = json_string_value(json_object_get(item, "sha256"));
+        json_t *idv = json_object_get(item, "id");
+        int layer;
+        if (!name || !agent_layer_from_name(name, &layer)) continue;
+        if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
+            return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
+        int64_t id = (int64_t)json_integer_value(idv);
+        size_t k;
+        for (k = 0; k < *n; k++)
+            if ((*refs)[k].layer == layer) break;
+        if (k == *n) {
+            if (*n == *cap) {
+                size_t ncap = *cap ? *cap * 2 : 64;
+                agent_layer_ref *p = realloc(*refs, ncap * sizeof *p);
+                if (!p) return err_set(err, errlen, "out of memory");
+                *refs = p;
+                *cap = ncap;
+            }
+            (*n)++;
+        } else if ((*refs)[k].artifact > id) {
+            continue;
+        }
+        (*refs)[k].layer = layer;
+        (*refs)[k].artifact = id;
+        snprintf((*refs)[k].sha256, sizeof (*refs)[k].sha256, "%s", sha256);
+    }
+    return 0;
+}
+
+static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file **files,
+                                size_t *nfiles, char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int rc = -1;
+    agent_layer_ref *refs = NULL;
+    size_t n = 0, cap = 0;
+    runner_layer_file *out = NULL;
+    json_t *page = NULL;
+    char cursor[512] = "";
+    int64_t source;
+    *files = NULL;
+    *nfiles = 0;
+    if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
+
+    for (;;) {
+        char url[2048], escaped[1600] = "";
+        long status = 0;
+        if (cursor[0] && client_escape(cursor, escaped, sizeof escaped) != 0) {
+            err_set(err, errlen, "job %lld: artifact list cursor too long", (long long)source);
+            goto out;
+        }
+        snprintf(url, sizeof url, "/api/v1/jobs/%lld/artifacts?limit=500%s%s", (long long)source,
+                 cursor[0] ? "&cursor=" : "", escaped);
+        json_decref(page);
+        page = NULL;
+        if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
+                       agent_job_stop_cond(job), 0, &status, &page, err, errlen) != 0)
+            goto out;
+        if (status != 200) goto out;
+        json_t *items = json_object_get(page, "items");
+        if (!json_is_array(items)) {
+            err_set(err, errlen, "job %lld: artifact list has no items", (long long)source);
+            goto out;
+        }
+        if (agent_collect_layers(items, &refs, &n, &cap, err, errlen) != 0) goto out;
+        const char *next = json_string_value(json_object_get(page, "next_cursor"));
+        if (!next || !*next) break;
+        if (strlen(next) >= sizeof cursor) {
+            err_set(err, errlen, "job %lld: artifact list cursor too long", (long long)source);
+            goto out;
+        }
+        snprintf(cursor, sizeof cursor, "%s", next);
+    }
+    if (n == 0) {
+        err_set(err, errlen, "job %lld has no hidden_states_{layer}.npy artifacts",
+                (long long)source);
+        goto out;
+    }
+    qsort(refs, n, sizeof *refs, agent_layer_cmp);
+    out = calloc(n, sizeof *out);
+    if (!out) {
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        out[i].layer = refs[i].layer;
+        int len = snprintf(out[i].path, sizeof out[i].path, "%s/job-%lld-hidden_states_%d.npy",
+                           job->work_dir, (long long)source, refs[i].layer);
+        if (len < 0 || (size_t)len >= sizeof out[i].path) {
+            err_set(err, errlen, "work directory path too long");
+            goto out;
+        }
+        if (agent_download(job, refs[i].artifact, refs[i].sha256, out[i].path, err, errlen) != 0)
+            goto out;
+    }
+    *files = out;
+    *nfiles = n;
+    out = NULL;
+    rc = 0;
+out:
+    free(out);
+    free(refs);
+    json_decref(page);
+    return rc;
+}
+
+static void agent_progress(runner_ctx *ctx, int64_t step, int64_t total, const char *message) {
+    agent_job *job = ctx->user;
+    pthread_mutex_lock(&job->lock);
+    job->has_progress = true;
+    job->step = step;
+    job->total = total;
+    snprintf(job->message, sizeof job->message, "%s", message ? message : "");
+    pthread_mutex_unlock(&job->lock);
+}
+
+static void agent_log_line(runner_ctx *ctx, const char *line) {
+    agent_job *job = ctx->user;
+    log_debug("job %lld: %s", (long long)job->id, line);
+    size_t n = strlen(line);
+    pthread_mutex_lock(&job->lock);
+    if (job->logs.len + n + 1 > job->logs.max) {
+        job->dropped_lines++; /* the server has been away too long to keep everything */
+    } else {
+        /* buf_append frees the buffer on failure, which only loses pending lines. */
+        if (buf_append(&job->logs, line, n) != 0 || buf_append(&job->logs, "\n", 1) != 0)
+            job->dropped_lines++;
+        if (job->logs.len >= AGENT_LOG_FLUSH_BYTES) pthread_cond_signal(&job->wake);
+    }
+    pthread_mutex_unlock(&job->lock);
+}
+
+static int agent_add_artifact(runner_ctx *ctx, const char *name, const char *path, char *err,
+                              size_t errlen) {
+    agent_job *job = ctx->user;
+    if (!util_valid_name(name)) return err_set(err, errlen, "invalid artifact name \"%s\"", name);
+    char escaped[800], url[1024];
+    if (client_escape(name, escaped, sizeof escaped) != 0)
+        return err_set(err, errlen, "artifact name too long");
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/artifacts?name=%s", (long long)job->id, escaped);
+    client_req req = {.method = "POST",
+                      .path = url,
+                      .content_type = "application/octet-stream",
+                      .upload_path = path,
+                      .timeout_s = CLIENT_TRANSFER_TIMEOUT_S,
+                      .worker_header = true};
+    long status = 0;
+    json_t *answer = NULL;
+    if (agent_transfer(&job->a->main_client, &req, agent_job_stop_cond(job), &status, &answer,
+                       err, errlen) != 0)
+        return -1;
+    json_decref(answer);
+    if (status == 409) {
+        agent_job_stop(job, AGENT_LEASE_LOST);
+        return -1;
+    }
+    if (status != 200 && status != 201) return -1;
+    log_info("job %lld: uploaded %s", (long long)job->id, name);
+    return 0;
+}
+
+/* ---- heartbeat thread ---- */
+
+/* Posts the pending log lines with client c. Lines that could not be sent
+ * because the server is away are put back in front of newer ones. */
+static void agent_flush_logs(agent_job *job, client *c) {
+    pthread_mutex_lock(&job->flush_lock);
+    buf_t batch;
+    pthread_mutex_lock(&job->lock);
+    batch = job->logs;
+    buf_init(&job->logs, AGENT_LOG_MAX_BYTES);
+    size_t dropped = job->dropped_lines;
+    job->dropped_lines = 0;
+    pthread_mutex_unlock(&job->lock);
+
+    if (dropped > 0) {
+        buf_t note;
+        buf_init(&note, AGENT_LOG_MAX_BYTES + 128);
+        if (buf_printf(&note, "[strata-worker: %zu log lines dropped]\n", dropped) == 0 &&
+            buf_append(&note, batch.data ? batch.data : "", batch.len) == 0) {
+            buf_free(&batch);
+            batch = note;
+        } else {
+            buf_free(&note);
+        }
+    }
+    if (batch.len == 0) goto out;
+
+    char url[128], err[ERR_LEN];
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/logs", (long long)job->id);
+    client_req req = {.method = "POST",
+                      .path = url,
+                      .content_type = "text/plain; charset=utf-8",
+                      .body = batch.data,
+                      .body_len = batch.len,
+                      .timeout_s = CLIENT_CALL_TIMEOUT_S,
+                      .worker_header = true};
+    client_resp resp;
+    int rc = client_perform(c, &req, &resp, err, sizeof err);
+    bool transient = rc != 0 && resp.transient;
+    if (rc == 0 && resp.status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
+    else if (rc == 0 && (resp.status < 200 || resp.status >= 300)) {
+        char problem[512];
+        client_problem_text(resp.status, resp.body.data, resp.body.len, problem, sizeof problem);
+        log_warn("job %lld: log lines rejected: %s", (long long)job->id, problem);
+    } else if (rc != 0 && !transient) {
+        log_warn("job %lld: sending log lines: %s", (long long)job->id, err);
+    }
+    client_resp_free(&resp);
+    if (transient) {
+        /* Put the batch back in front, as far as the cap allows. */
+        pthread_mutex_lock(&job->lock);
+        buf_t merged;
+        buf_init(&merged, AGENT_LOG_MAX_BYTES);
+        if (buf_append(&merged, batch.data, batch.len) == 0 &&
+            buf_append(&merged, job->logs.data ? job->logs.data : "", job->logs.len) == 0) {
+            buf_free(&job->logs);
+            job->logs = merged;
+        } else {
+            buf_free(&merged);
+            job->dropped_lines++;
+        }
+        pthread_mutex_unlock(&job->lock);
+    }
+out:
+    buf_free(&batch);
+    pthread_mutex_unlock(&job->flush_lock);
+}
+
+/* One heartbeat: renews the lease, sends progress, learns of a cancel. */
+static void agent_heartbeat(agent_job *job) {
+    client *c = &job->a->beat_client;
+    json_t *body = json_object(), *answer = NULL;
+    pthread_mutex_lock(&job->lock);
+    if (job->has_progress)
+        json_object_set_new(body, "progress",
+                            json_pack("{s:I, s:I, s:s}", "step", (json_int_t)job->step, "total",
+                                      (json_int_t)job->total, "message", job->message));
+    pthread_mutex_unlock(&job->lock);
+
+    char url[128], err[ERR_LEN];
+    long status = 0;
+    bool transient = false;
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/heartbeat", (long long)job->id);
+    int rc = client_json(c, "POST", url, body, true, AGENT_HEARTBEAT_TIMEOUT_S, &status, &answer,
+                         &transient, err, sizeof err);
+    if (rc != 0) {
+        if (!transient && !atomic_load(&job->beat_abort))
+            log_warn("job %lld: heartbeat: %s", (long long)job->id, err);
+        goto out;
+    }
+    if (status == 409 || status == 404) {
+        log_warn("job %lld: lease lost (%s); dropping the job", (long long)job->id, err);
+        agent_job_stop(job, AGENT_LEASE_LOST);
+        goto out;
+    }
+    if (status != 200) {
+        log_warn("job %lld: heartbeat: %s", (long long)job->id, err);
+        goto out;
+    }
+    double expires;
+    const char *lease = json_string_value(json_object_get(answer, "lease_expires_at"));
+    if (lease && client_parse_time(lease, &expires) == 0) {
+        pthread_mutex_lock(&job->lock);
+        job->lease_expires = expires;
+        pthread_mutex_unlock(&job->lock);
+    }
+    if (json_is_true(json_object_get(answer, "cancel_requested")) &&
+        atomic_load(&job->reason) == AGENT_RUNNING) {
+        log_info("job %lld: cancel requested", (long long)job->id);
+        agent_job_stop(job, AGENT_CANCEL_REQUESTED);
+    }
+out:
+    json_decref(body);
+    json_decref(answer);
+}
+
+/* Heartbeat thread body: wakes every 200 ms to notice a second signal, sends
+ * a heartbeat every heartbeat_s seconds, flushes logs with each heartbeat or
+ * as soon as a large batch is pending. */
+static void *agent_beat_main(void *arg) {
+    agent_job *job = arg;
+    double period = job->a->cfg->heartbeat_s;
+    double next_beat = util_now_seconds() + period;
+    int seen_signals = atomic_load(&agent_signals);
+    pthread_mutex_lock(&job->lock);
+    while (!job->done) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 200 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&job->wake, &job->lock, &until);
+        if (job->done) break;
+        bool big_batch = job->logs.len >= AGENT_LOG_FLUSH_BYTES;
+        pthread_mutex_unlock(&job->lock);
+
+        int signals = atomic_load(&agent_signals);
+        if (signals != seen_signals) {
+            seen_signals = signals;
+            if (signals == 1)
+                log_info("shutdown requested: finishing job %lld first (signal again to "
+                         "cancel it and hand it back)", (long long)job->id);
+            else if (signals >= 2) {
+                log_info("second shutdown signal: cancelling job %lld", (long long)job->id);
+                agent_job_stop(job, AGENT_SHUTDOWN);
+            }
+        }
+        bool beat_due = util_now_seconds() >= next_beat;
+        if (big_batch || beat_due) agent_flush_logs(job, &job->a->beat_client);
+        if (beat_due) {
+            agent_heartbeat(job);
+            next_beat = util_now_seconds() + period;
+        }
+        pthread_mutex_lock(&job->lock);
+    }
+    pthread_mutex_unlock(&job->lock);
+    return NULL;
+}
+
+/* ---- job lifecycle ---- */
+
+static int agent_rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
+    (void)st;
+    (void)ftw;
+    int rc = (flag == FTW_DP) ? rmdir(path) : unlink(path);
+    if (rc != 0 && errno != ENOENT) log_warn("remove %s: %s", path, strerror(errno));
+    return 0;
+}
+
+/* Removes a directory tree (no symlinks followed). */
+static void agent_remove_tree(const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return;
+    nftw(path, agent_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+}
+
+/* Sends a final report (complete/fail/release) about the job, retried
+ * through outages until the lease would have lapsed (at least
+ * AGENT_FINISH_GRACE_S) or, unless this is the release itself, a second
+ * signal. Returns 0 when the server accepted it, -1 otherwise (logged). */
+static int agent_report(agent_job *job, const char *action, json_t *body, double budget_s) {
+    char url[128], err[ERR_LEN] = "";
+    long status = 0;
+    json_t *answer = NULL;
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/%s", (long long)job->id, action);
+    pthread_mutex_lock(&job->lock);
+    double deadline = job->lease_expires;
+    pthread_mutex_unlock(&job->lock);
+    double floor = agent_wall_now() + (budget_s > 0 ? budget_s : AGENT_FINISH_GRACE_S);
+    if (budget_s > 0 || deadline < floor) deadline = floor;
+    agent_stop stop = {.flag = &agent_signals, .threshold = strcmp(action, "release") ? 2 : 1000};
+    int rc = agent_call(&job->a->main_client, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S,
+                        stop, deadline, &status, &answer, err, sizeof err);
+    json_decref(answer);
+    if (rc != 0) {
+        log_error("job %lld: could not %s it: %s", (long long)job->id, action, err);
+        return -1;
+    }
+    if (status == 409 || status == 404) {
+        log_warn("job %lld: no longer ours, %s not recorded (%s)", (long long)job->id, action, err);
+        return -1;
+    }
+    if (status < 200 || status >= 300) {
+        log_error("job %lld: %s rejected: %s", (long long)job->id, action, err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Runs one claimed job end to end and reports its outcome. */
+static void agent_run_job(agent *a, json_t *claimed) {
+    agent_job job;
+    memset(&job, 0, sizeof job);
+    job.a = a;
+    json_t *idv = json_object_get(claimed, "id");
+    job.kind = json_string_value(json_object_get(claimed, "kind"));
+    json_t *spec = json_object_get(claimed, "spec");
+    if (!json_is_integer(idv) || !job.kind || !json_is_object(spec)) {
+        log_error("claimed job lacks id, kind or spec; ignoring it (the lease will lapse)");
+        return;
+    }
+    job.id = (int64_t)json_integer_value(idv);
+    pthread_mutex_init(&job.lock, NULL);
+    pthread_mutex_init(&job.flush_lock, NULL);
+    pthread_cond_init(&job.wake, NULL);
+    buf_init(&job.logs, AGENT_LOG_MAX_BYTES);
+    double expires;
+    const char *lease = json_string_value(json_object_get(claimed, "lease_expires_at"));
+    job.lease_expires = (lease && client_parse_time(lease, &expires) == 0)
+                            ? expires
+                            : agent_wall_now() + 3.0 * a->cfg->heartbeat_s;
+
+    double started = util_now_seconds();
+    log_info("job %lld (%s) started", (long long)job.id, job.kind);
+
+    char err[ERR_LEN] = "";
+    json_t *result = NULL;
+    bool retryable = false, cancelled = false, beat_started = false;
+    int rc = -1;
+    pthread_t beat;
+
+    int n = snprintf(job.work_dir, sizeof job.work_dir, "%s/job-%lld", a->cfg->work_dir,
+                     (long long)job.id);
+    if (n < 0 || (size_t)n >= sizeof job.work_dir) {
+        err_set(err, sizeof err, "work directory path too long");
+        retryable = true;
+        goto report;
+    }
+    agent_remove_tree(job.work_dir); /* leftovers of an earlier, killed attempt */
+    if (util_mkdirs(job.work_dir, 0700, err, sizeof err) != 0) {
+        retryable = true;
+        goto report;
+    }
+
+    /* Signals go to the main thread only; the heartbeat thread polls the count. */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    a->beat_client.abort = &job.beat_abort;
+    beat_started = pthread_create(&beat, NULL, agent_beat_main, &job) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (!beat_started) {
+        err_set(err, sizeof err, "cannot start the heartbeat thread");
+        retryable = true;
+        goto report;
+    }
+
+    if (!runner_supports(job.kind)) {
+        err_set(err, sizeof err, "this worker cannot run %s jobs", job.kind);
+        retryable = true; /* another worker may */
+        goto report;
+    }
+    runner_ctx ctx = {.resolve_file = agent_resolve_file,
+                      .resolve_layers = agent_resolve_layers,
+                      .progress = agent_progress,
+                      .log = agent_log_line,
+                      .add_artifact = agent_add_artifact,
+                      .cancel = &job.cancel,
+                      .work_dir = job.work_dir,
+                      .user = &job};
+    a->main_client.abort = &job.cancel; /* transfers stop when the job does */
+    rc = runner_run(job.kind, spec, &ctx, &result, &retryable, &cancelled, err, sizeof err);
+    a->main_client.abort = NULL;
+
+report:
+    if (beat_started) {
+        pthread_mutex_lock(&job.lock);
+        job.done = true;
+        pthread_cond_signal(&job.wake);
+        pthread_mutex_unlock(&job.lock);
+        atomic_store(&job.beat_abort, 1);
+        pthread_join(beat, NULL);
+    }
+    a->beat_client.abort = NULL;
+
+    int reason = atomic_load(&job.reason);
+    const char *outcome;
+    if (reason == AGENT_LEASE_LOST) {
+        outcome = "dropped (lease lost)";
+    } else {
+        agent_flush_logs(&job, &a->main_client);
+        if (rc == 0) {
+            json_t *body = json_pack("{s:o}", "result", result ? json_incref(result) : json_null());
+            outcome = agent_report(&job, "complete", body, 0) == 0 ? "succeeded"
+                                                                    : "succeeded (not recorded)";
+            json_decref(body);
+        } else if (reason == AGENT_SHUTDOWN) {
+            outcome = agent_report(&job, "release", json_object(), AGENT_RELEASE_BUDGET_S) == 0
+                          ? "released (shutdown)"
+                          : "abandoned (shutdown)";
+        } else if (reason == AGENT_CANCEL_REQUESTED || cancelled) {
+            json_t *body = json_pack("{s:s, s:b}", "error", "cancelled", "retryable", 0);
+            agent_report(&job, "fail", body, 0);
+            json_decref(body);
+            outcome = "cancelled";
+        } else {
+            log_warn("job %lld failed: %s", (long long)job.id, err);
+            json_t *body = json_pack("{s:s, s:b}", "error", err[0] ? err : "unknown error",
+                                     "retryable", retryable ? 1 : 0);
+            agent_report(&job, "fail", body, 0);
+            json_decref(body);
+            outcome = "failed";
+        }
+    }
+    log_info("job %lld (%s) %s in %.1f s", (long long)job.id, job.kind, outcome,
+             util_now_seconds() - started);
+
+    json_decref(result);
+    agent_remove_tree(job.work_dir);
+    buf_free(&job.logs);
+    pthread_cond_destroy(&job.wake);
+    pthread_mutex_destroy(&job.flush_lock);
+    pthread_mutex_destroy(&job.lock);
+}
+
+/* ---- registration and the claim loop ---- */
+
+/* Registers with the server, waiting out outages. Returns 0, 1 when a signal
+ * ended the wait, or -1 with err set when the server refused us. */
+static int agent_register(agent *a, char *err, size_t errlen) {
+    json_t *body = json_pack("{s:s, s:s, s:[], s:O}", "name",
+                             a->cfg->name ? a->cfg->name : a->hostname, "hostname", a->hostname,
+                             "gpus", "queues", a->queues);
+    json_t *answer = NULL;
+    long status = 0;
+    int rc = -1;
+    agent_stop stop = {.flag = &agent_signals, .threshold = 1};
+    a->main_client.abort = &agent_signals;
+    if (agent_call(&a->main_client, "POST", "/api/v1/workers", body, false,
+                   CLIENT_CALL_TIMEOUT_S, stop, 0, &status, &answer, err, errlen) != 0) {
+        rc = agent_stopped(stop) ? 1 : -1;
+        goto out;
+    }
+    if (status != 200 && status != 201) {
+        char reason[ERR_LEN];
+        snprintf(reason, sizeof reason, "%s", err);
+        err_set(err, errlen, "registration refused: %s", reason);
+        goto out;
+    }
+    json_t *idv = json_object_get(answer, "id");
+    if (!json_is_integer(idv) || json_integer_value(idv) <= 0) {
+        err_set(err, errlen, "registration answer has no id");
+        goto out;
+    }
+    a->worker_id = (int64_t)json_integer_value(idv);
+    client_set_worker(&a->main_client, a->worker_id);
+    client_set_worker(&a->beat_client, a->worker_id);
+    log_info("registered with %s as worker %lld", a->main_client.base_url,
+             (long long)a->worker_id);
+    rc = 0;
+out:
+    a->main_client.abort = NULL;
+    json_decref(body);
+    json_decref(answer);
+    return rc;
+}
+
+/* Claims and runs jobs until a signal (or one job with --once). Returns 0,
+ * or -1 with err set on a fatal answer (bad token). */
+static int agent_loop(agent *a, char *err, size_t errlen) {
+    agent_stop stop = {.flag = &agent_signals, .threshold = 1};
+    unsigned failures = 0;
+    char url[128];
+    for (;;) {
+        if (agent_stopped(stop)) return 0;
+        json_t *job = NULL;
+        long status = 0;
+        bool transient = false;
+        snprintf(url, sizeof url, "/api/v1/workers/%lld/claim?wait=%d", (long long)a->worker_id,
+                 a->cfg->wait_s);
+        a->main_client.abort = &agent_signals; /* a signal ends the long-poll at once */
+        int rc = client_json(&a->main_client, "POST", url, NULL, false, a->cfg->wait_s + 15L,
+                             &status, &job, &transient, err, errlen);
+        a->main_client.abort = NULL;
+        if (agent_stopped(stop)) {
+            /* A job handed out as the poll was abandoned keeps its lease until
+             * it lapses; the server's reaper requeues it. */
+            json_decref(job);
+            return 0;
+        }
+        if (rc != 0 || (status != 200 && status != 204)) {
+            json_decref(job);
+            if (rc == 0 && (status == 401 || status == 403))
+                return -1; /* err says why: a bad or revoked token */
+            if (rc == 0 && status == 404) {
+                /* The server forgot us (e.g. a fresh database): register again. */
+                log_warn("server does not know worker %lld any more; registering again",
+                         (long long)a->worker_id);
+                int r = agent_register(a, err, errlen);
+                if (r != 0) return r > 0 ? 0 : -1;
+                continue;
+            }
+            if (!transient) log_warn("claim: %s", err);
+            agent_sleep(client_backoff_seconds(failures++, agent_jitter()), stop);
+            continue;
+        }
+        failures = 0;
+        if (status == 204 || !job) {
+            json_decref(job);
+            continue;
+        }
+        agent_run_job(a, job);
+        json_decref(job);
+        if (a->cfg->once) return 0;
+    }
+}
+
+int agent_run(const agent_config *cfg, char *err, size_t errlen) {
+    agent a;
+    memset(&a, 0, sizeof a);
+    a.cfg = cfg;
+    int rc = -1;
+    bool main_ok = false, beat_ok = false;
+    srand((unsigned)getpid() ^ (unsigned)time(NULL));
+
+    if (cfg->heartbeat_s < 1 || cfg->wait_s < 1 || cfg->wait_s > 60) {
+        err_set(err, errlen, "heartbeat must be >= 1 s and wait 1..60 s");
+        goto out;
+    }
+    if (agent_parse_queues(cfg->queues ? cfg->queues : "default", &a.queues, err, errlen) != 0)
+        goto out;
+    if (gethostname(a.hostname, sizeof a.hostname) != 0) snprintf(a.hostname, sizeof a.hostname, "unknown");
+    a.hostname[sizeof a.hostname - 1] = '\0';
+    if (client_init(&a.main_client, cfg->server_url, cfg->token, err, errlen) != 0) goto out;
+    main_ok = true;
+    if (client_init(&a.beat_client, cfg->server_url, cfg->token, err, errlen) != 0) goto out;
+    beat_ok = true;
+    if (util_mkdirs(cfg->work_dir, 0700, err, errlen) != 0) goto out;
+
+    log_info("no GPU support in this build, running on CPU");
+    int r = agent_register(&a, err, errlen);
+    if (r != 0) {
+        rc = r > 0 ? 0 : -1;
+        goto out;
+    }
+    rc = agent_loop(&a, err, errlen);
+    if (rc == 0) log_info("worker %lld stopped", (long long)a.worker_id);
+out:
+    if (cfg->remove_work_dir && cfg->work_dir) agent_remove_tree(cfg->work_dir);
+    if (beat_ok) client_cleanup(&a.beat_client);
+    if (main_ok) client_cleanup(&a.main_client);
+    json_decref(a.queues);
+    return rc;
+}
