@@ -1,0 +1,311 @@
+/* runner.c - see runner.h. Kinds this worker runs: cka.
+ *
+ * A cka input is either one matrix ({"artifact": ID}, or {"path": FILE}
+ * locally) or a set of per-layer matrices ({"job": ID}, or {"path": DIR}
+ * locally); x and y must be the same sort. Each pair of matrices is read side
+ * by side into one float64 buffer, N x (Dx + Dy), so the engine can form all
+ * feature products with one dsyrk and no copy. */
+#include "worker/runner.h"
+
+#include "common/npy.h"
+#include "common/spec.h"
+#include "common/util.h"
+#include "worker/engine/blas.h"
+#include "worker/engine/cka.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+bool runner_supports(const char *kind) {
+    return kind && strcmp(kind, "cka") == 0;
+}
+
+static void runner_log(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void runner_log(runner_ctx *ctx, const char *fmt, ...) {
+    if (!ctx->log) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    ctx->log(ctx, line);
+}
+
+/* Joins validation errors into one message: "invalid spec: spec.x: ...; ...". */
+static void runner_join_errors(json_t *errors, char *err, size_t errlen) {
+    size_t used = 0, i;
+    json_t *e;
+    int n = snprintf(err, errlen, "invalid spec:");
+    used = n > 0 ? (size_t)n : 0;
+    json_array_foreach(errors, i, e) {
+        if (used >= errlen) break;
+        n = snprintf(err + used, errlen - used, "%s %s: %s", i ? ";" : "",
+                     json_string_value(json_object_get(e, "field")),
+                     json_string_value(json_object_get(e, "message")));
+        if (n < 0) break;
+        used += (size_t)n;
+    }
+}
+
+/* A reference names a set of per-layer files: {"job": ID}, or locally a
+ * {"path"} that is a directory. */
+static bool runner_ref_is_layers(json_t *ref) {
+    if (json_object_get(ref, "job")) return true;
+    const char *path = json_string_value(json_object_get(ref, "path"));
+    struct stat st;
+    return path && stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* An npy error is worth retrying only when it is about I/O or memory, not
+ * about the file's content. */
+static bool runner_npy_error_retryable(const char *err) {
+    return strncmp(err, "open ", 5) == 0 || strstr(err, ": read: ") != NULL ||
+           strstr(err, "out of memory") != NULL || strstr(err, "changed while reading") != NULL;
+}
+
+typedef struct {
+    cka_options opt;
+    const char *kernel_name;
+} runner_cka_job;
+
+/* Reads the matrices at xpath and ypath side by side and computes their CKA.
+ * Appends {"layer", "cka", "n", "dropped_rows", "seconds", ...} to layers.
+ * Returns 0, or -1 with err, *retryable and *cancelled set. */
+static int runner_cka_pair(runner_ctx *ctx, const runner_cka_job *job, const char *xpath,
+                           const char *ypath, json_t *layer, json_t *layers, bool *retryable,
+                           bool *cancelled, char *err, size_t errlen) {
+    double started = util_now_seconds();
+    npy_header hx, hy;
+    double *xy = NULL;
+    int rc = -1;
+    if (npy_read_header(xpath, &hx, err, errlen) != 0 ||
+        npy_read_header(ypath, &hy, err, errlen) != 0) {
+        *retryable = runner_npy_error_retryable(err);
+        goto out;
+    }
+    if (hx.rows != hy.rows) {
+        err_set(err, errlen, "x has %zu rows, y has %zu", hx.rows, hy.rows);
+        *retryable = false;
+        goto out;
+    }
+    size_t stride = hx.cols + hy.cols;
+    if (stride == 0 || hx.rows > SIZE_MAX / sizeof(double) / stride) {
+        err_set(err, errlen, "inputs of %zu rows are too large", hx.rows);
+        *retryable = false;
+        goto out;
+    }
+    xy = malloc(hx.rows * stride * sizeof(double) + 1);
+    if (!xy) {
+        err_set(err, errlen, "out of memory for %zu x %zu float64", hx.rows, stride);
+        *retryable = true;
+        goto out;
+    }
+    if (npy_read_f64_into(xpath, &hx, xy, stride, err, errlen) != 0 ||
+        npy_read_f64_into(ypath, &hy, xy + hx.cols, stride, err, errlen) != 0) {
+        *retryable = runner_npy_error_retryable(err);
+        goto out;
+    }
+    double loaded = util_now_seconds();
+    cka_matrix x = {xy, hx.rows, hx.cols, stride};
+    cka_matrix y = {xy + hx.cols, hy.rows, hy.cols, stride};
+    cka_result res;
+    if (cka_compute(&x, &y, &job->opt, ctx->cancel, &res, err, errlen) != 0) {
+        *cancelled = ctx->cancel && atomic_load(ctx->cancel);
+        *retryable = strstr(err, "out of memory") != NULL;
+        goto out;
+    }
+    double done = util_now_seconds();
+    json_t *entry = json_pack("{s:O, s:f, s:I, s:I, s:f, s:f, s:s}", "layer", layer, "cka",
+                              res.cka, "n", (json_int_t)res.n, "dropped_rows",
+                              (json_int_t)res.dropped_rows, "seconds", done - started,
+                              "compute_seconds", done - loaded, "space",
+                              res.gram_space ? "gram" : "feature");
+    if (!entry || json_array_append_new(layers, entry) != 0) {
+        err_set(err, errlen, "out of memory");
+        *retryable = true;
+        goto out;
+    }
+    char label[32] = "-";
+    if (json_is_integer(layer)) snprintf(label, sizeof label, "%lld", (long long)json_integer_value(layer));
+    runner_log(ctx,
+               "cka layer %s: %.6f (n=%zu, dropped %zu, %zu x %zu vs %zu x %zu %s/%s, %s space, "
+               "%.3f s load, %.3f s compute)",
+               label, res.cka, res.n, res.dropped_rows, hx.rows, hx.cols, hy.rows, hy.cols,
+               npy_dtype_name(hx.dtype), npy_dtype_name(hy.dtype),
+               res.gram_space ? "Gram" : "feature", loaded - started, done - loaded);
+    rc = 0;
+out:
+    free(xy);
+    return rc;
+}
+
+static bool runner_layer_requested(json_t *wanted, int layer) {
+    if (!json_is_array(wanted)) return true; /* "all" or absent */
+    size_t i;
+    json_t *v;
+    json_array_foreach(wanted, i, v) if (json_integer_value(v) == layer) return true;
+    return false;
+}
+
+static const runner_layer_file *runner_find_layer(const runner_layer_file *files, size_t n,
+                                                  int layer) {
+    for (size_t i = 0; i < n; i++)
+        if (files[i].layer == layer) return &files[i];
+    return NULL;
+}
+
+/* Per-layer inputs: the layers both sides have (filtered by spec.layers,
+ * where every requested layer must exist on both sides). */
+static int runner_cka_layers(runner_ctx *ctx, const runner_cka_job *job, json_t *spec,
+                             json_t *layers, bool *retryable, bool *cancelled, char *err,
+                             size_t errlen) {
+    runner_layer_file *xf = NULL, *yf = NULL;
+    size_t nx = 0, ny = 0;
+    int rc = -1;
+    json_t *wanted = json_object_get(spec, "layers");
+    if (ctx->resolve_layers(ctx, json_object_get(spec, "x"), &xf, &nx, err, errlen) != 0 ||
+        ctx->resolve_layers(ctx, json_object_get(spec, "y"), &yf, &ny, err, errlen) != 0) {
+        *retryable = true;
+        goto out;
+    }
+    if (json_is_array(wanted)) {
+        size_t i;
+        json_t *v;
+        json_array_foreach(wanted, i, v) {
+            int layer = (int)json_integer_value(v);
+            const char *side = !runner_find_layer(xf, nx, layer)   ? "x"
+                               : !runner_find_layer(yf, ny, layer) ? "y"
+                                                                   : NULL;
+            if (side) {
+                err_set(err, errlen, "layer %d is not in %s", layer, side);
+                *retryable = false;
+                goto out;
+            }
+        }
+    }
+    int64_t total = 0;
+    for (size_t i = 0; i < nx; i++)
+        if (runner_layer_requested(wanted, xf[i].layer) && runner_find_layer(yf, ny, xf[i].layer))
+            total++;
+    if (total == 0) {
+        err_set(err, errlen, "x and y have no layer in common");
+        *retryable = false;
+        goto out;
+    }
+    int64_t step = 0;
+    for (size_t i = 0; i < nx; i++) {
+        const runner_layer_file *other = runner_find_layer(yf, ny, xf[i].layer);
+        if (!other || !runner_layer_requested(wanted, xf[i].layer)) continue;
+        if (ctx->cancel && atomic_load(ctx->cancel)) {
+            err_set(err, errlen, "cancelled");
+            *cancelled = true;
+            goto out;
+        }
+        char message[64];
+        snprintf(message, sizeof message, "layer %d", xf[i].layer);
+        if (ctx->progress) ctx->progress(ctx, step, total, message);
+        json_t *layer = json_integer(xf[i].layer);
+        int pair = runner_cka_pair(ctx, job, xf[i].path, other->path, layer, layers, retryable,
+                                   cancelled, err, errlen);
+        json_decref(layer);
+        if (pair != 0) {
+            char inner[ERR_LEN];
+            snprintf(inner, sizeof inner, "%s", err);
+            if (!*cancelled) err_set(err, errlen, "layer %d: %s", xf[i].layer, inner);
+            goto out;
+        }
+        step++;
+    }
+    if (ctx->progress) ctx->progress(ctx, total, total, "done");
+    rc = 0;
+out:
+    free(xf);
+    free(yf);
+    return rc;
+}
+
+/* Runs a cka job; see runner_run. */
+static int runner_cka(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
+                      bool *cancelled, char *err, size_t errlen) {
+    runner_cka_job job;
+    memset(&job, 0, sizeof job);
+    json_t *kernel = json_object_get(spec, "kernel");
+    job.kernel_name = kernel ? json_string_value(kernel) : "linear";
+    job.opt.kernel = strcmp(job.kernel_name, "rbf") == 0 ? CKA_RBF : CKA_LINEAR;
+    job.opt.debiased = json_is_true(json_object_get(spec, "debiased"));
+    json_t *threshold = json_object_get(spec, "rbf_threshold");
+    job.opt.rbf_threshold = threshold ? json_number_value(threshold) : 1.0;
+    job.opt.space = CKA_SPACE_AUTO;
+
+    json_t *x = json_object_get(spec, "x"), *y = json_object_get(spec, "y");
+    bool x_layers = runner_ref_is_layers(x), y_layers = runner_ref_is_layers(y);
+    json_t *layers = json_array();
+    json_t *out = NULL;
+    int rc = -1;
+    if (!layers) {
+        *retryable = true;
+        return err_set(err, errlen, "out of memory");
+    }
+    if (x_layers != y_layers) {
+        err_set(err, errlen,
+                "x and y must both be single matrices or both per-layer inputs (x is %s, y is %s)",
+                x_layers ? "per-layer" : "one matrix", y_layers ? "per-layer" : "one matrix");
+        *retryable = false;
+        goto out;
+    }
+    if (x_layers) {
+        if (runner_cka_layers(ctx, &job, spec, layers, retryable, cancelled, err, errlen) != 0)
+            goto out;
+    } else {
+        char xpath[4096], ypath[4096];
+        if (ctx->resolve_file(ctx, x, xpath, sizeof xpath, err, errlen) != 0 ||
+            ctx->resolve_file(ctx, y, ypath, sizeof ypath, err, errlen) != 0) {
+            *retryable = true;
+            goto out;
+        }
+        if (ctx->progress) ctx->progress(ctx, 0, 1, "computing");
+        if (runner_cka_pair(ctx, &job, xpath, ypath, json_null(), layers, retryable, cancelled,
+                            err, errlen) != 0)
+            goto out;
+        if (ctx->progress) ctx->progress(ctx, 1, 1, "done");
+    }
+    out = json_pack("{s:s, s:b, s:O, s:s}", "kernel", job.kernel_name, "debiased",
+                    job.opt.debiased, "layers", layers, "blas_core", blas_core_name());
+    if (out && job.opt.kernel == CKA_RBF)
+        json_object_set_new(out, "rbf_threshold", json_real(job.opt.rbf_threshold));
+    if (!out) {
+        err_set(err, errlen, "out of memory");
+        *retryable = true;
+        goto out;
+    }
+    *result = out;
+    rc = 0;
+out:
+    json_decref(layers);
+    return rc;
+}
+
+int runner_run(const char *kind, json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
+               bool *cancelled, char *err, size_t errlen) {
+    *result = NULL;
+    *retryable = false;
+    *cancelled = false;
+    /* The server has already refused {"path"} references; a local run allows
+     * them, so the local mode accepts both. */
+    json_t *errors = json_array();
+    if (!errors) {
+        *retryable = true;
+        return err_set(err, errlen, "out of memory");
+    }
+    if (spec_validate(kind, spec, SPEC_LOCAL, errors) != 0) {
+        runner_join_errors(errors, err, errlen);
+        json_decref(errors);
+        return -1;
+    }
+    json_decref(errors);
+    if (!runner_supports(kind)) return err_set(err, errlen, "this worker cannot run %s jobs", kind);
+    return runner_cka(spec, ctx, result, retryable, cancelled, err, errlen);
+}
