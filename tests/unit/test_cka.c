@@ -22,6 +22,7 @@
 #include "common/npy.h"
 #include "common/util.h"
 #include "worker/engine/cka.h"
+#include "worker/runner.h"
 
 #define CKA_REL_TOL 1e-9
 
@@ -276,12 +277,169 @@ static void test_bad_options(void **state) {
     free(y);
 }
 
+/* ---- the cka runner, with callbacks that map names to fixture files ---- */
+
+static int fixture_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                char *err, size_t errlen) {
+    (void)ctx;
+    const char *name = json_string_value(json_object_get(ref, "path"));
+    if (!name) return err_set(err, errlen, "no path");
+    int len = snprintf(path, pathlen, "%s/%s", fixture_dir, name);
+    return len > 0 && (size_t)len < pathlen ? 0 : err_set(err, errlen, "path too long");
+}
+
+/* {"job": 1}: layers 1, 2 of tall_f64_x (layer 2 is wide_f64_x to tell them
+ * apart); {"job": 2}: layers 2, 3 of the y side. */
+static int fixture_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file **files,
+                                  size_t *n, char *err, size_t errlen) {
+    (void)ctx;
+    json_int_t job = json_integer_value(json_object_get(ref, "job"));
+    if (job != 1 && job != 2) return err_set(err, errlen, "unknown job");
+    runner_layer_file *f = calloc(2, sizeof *f);
+    assert_non_null(f);
+    const char *names[2][2] = {{"tall_f64_x.npy", "wide_f64_x.npy"},
+                               {"wide_f64_y.npy", "tall_f64_y.npy"}};
+    for (int i = 0; i < 2; i++) {
+        f[i].layer = (int)job + i;
+        int len = snprintf(f[i].path, sizeof f[i].path, "%s/%s", fixture_dir, names[job - 1][i]);
+        assert_true(len > 0 && (size_t)len < sizeof f[i].path);
+    }
+    *files = f;
+    *n = 2;
+    return 0;
+}
+
+static int progress_calls;
+static void count_progress(runner_ctx *ctx, int64_t step, int64_t total, const char *message) {
+    (void)ctx;
+    (void)message;
+    assert_true(step >= 0 && step <= total);
+    progress_calls++;
+}
+
+static double fixture_value(const char *name) {
+    json_t *cases = load_cases();
+    size_t i;
+    json_t *c;
+    double v = NAN;
+    json_array_foreach(cases, i, c) if (strcmp(json_string_value(json_object_get(c, "name")),
+                                               name) == 0) v =
+        json_number_value(json_object_get(c, "cka"));
+    json_decref(cases);
+    return v;
+}
+
+static int run_spec(const char *text, json_t **result, bool *retryable, char *err,
+                    size_t errlen) {
+    json_error_t jerr;
+    json_t *spec = json_loads(text, 0, &jerr);
+    assert_non_null(spec);
+    runner_ctx ctx = {.resolve_file = fixture_resolve_file,
+                      .resolve_layers = fixture_resolve_layers,
+                      .progress = count_progress};
+    bool cancelled = false;
+    int rc = runner_run("cka", spec, &ctx, result, retryable, &cancelled, err, errlen);
+    assert_false(cancelled);
+    json_decref(spec);
+    return rc;
+}
+
+static void test_runner_single(void **state) {
+    (void)state;
+    json_t *result = NULL;
+    bool retryable = true;
+    char err[ERR_LEN] = "";
+    progress_calls = 0;
+    int rc = run_spec("{\"x\": {\"path\": \"nan_rows_x.npy\"}, \"y\": {\"path\": \"nan_rows_y.npy\"},"
+                      " \"debiased\": true}",
+                      &result, &retryable, err, sizeof err);
+    if (rc != 0) fail_msg("%s", err);
+    assert_true(progress_calls >= 1);
+    assert_string_equal(json_string_value(json_object_get(result, "kernel")), "linear");
+    assert_true(json_is_true(json_object_get(result, "debiased")));
+    assert_true(json_is_string(json_object_get(result, "blas_core")));
+    json_t *layers = json_object_get(result, "layers");
+    assert_int_equal(json_array_size(layers), 1);
+    json_t *l0 = json_array_get(layers, 0);
+    assert_true(json_is_null(json_object_get(l0, "layer")));
+    double want = fixture_value("nan_rows_debiased");
+    assert_true(fabs(json_real_value(json_object_get(l0, "cka")) - want) <= CKA_REL_TOL * want);
+    assert_int_equal(json_integer_value(json_object_get(l0, "n")), 47);
+    assert_int_equal(json_integer_value(json_object_get(l0, "dropped_rows")), 3);
+    assert_true(json_real_value(json_object_get(l0, "seconds")) >= 0);
+    json_decref(result);
+}
+
+static void test_runner_layers(void **state) {
+    (void)state;
+    json_t *result = NULL;
+    bool retryable = true;
+    char err[ERR_LEN] = "";
+    /* Only layer 2 is on both sides: x's is wide_f64_x, y's is wide_f64_y. */
+    int rc = run_spec("{\"x\": {\"job\": 1}, \"y\": {\"job\": 2}}", &result, &retryable, err,
+                      sizeof err);
+    if (rc != 0) fail_msg("%s", err);
+    json_t *layers = json_object_get(result, "layers");
+    assert_int_equal(json_array_size(layers), 1);
+    json_t *l0 = json_array_get(layers, 0);
+    assert_int_equal(json_integer_value(json_object_get(l0, "layer")), 2);
+    double want = fixture_value("wide_f64");
+    assert_true(fabs(json_real_value(json_object_get(l0, "cka")) - want) <= CKA_REL_TOL * want);
+    json_decref(result);
+
+    rc = run_spec("{\"x\": {\"job\": 1}, \"y\": {\"job\": 2}, \"layers\": [1]}", &result,
+                  &retryable, err, sizeof err);
+    assert_int_equal(rc, -1);
+    assert_false(retryable);
+    assert_string_equal(err, "layer 1 is not in y");
+    rc = run_spec("{\"x\": {\"job\": 1}, \"y\": {\"path\": \"tall_f64_y.npy\"}}", &result,
+                  &retryable, err, sizeof err);
+    assert_int_equal(rc, -1);
+    assert_non_null(strstr(err, "both be single matrices or both per-layer"));
+}
+
+static void test_runner_errors(void **state) {
+    (void)state;
+    json_t *result = NULL;
+    bool retryable = true;
+    char err[ERR_LEN] = "";
+    assert_int_equal(run_spec("{\"x\": {\"path\": \"a\"}, \"kernel\": \"poly\"}", &result,
+                              &retryable, err, sizeof err),
+                     -1);
+    assert_false(retryable);
+    assert_non_null(strstr(err, "invalid spec:"));
+    assert_non_null(strstr(err, "spec.kernel: must be"));
+    assert_non_null(strstr(err, "spec.y: is required"));
+    retryable = true;
+    assert_int_equal(run_spec("{\"x\": {\"path\": \"expected.json\"}, \"y\": {\"path\": "
+                              "\"tall_f64_y.npy\"}}",
+                              &result, &retryable, err, sizeof err),
+                     -1);
+    assert_false(retryable);
+    assert_non_null(strstr(err, "not an .npy file"));
+    retryable = true;
+    assert_int_equal(run_spec("{\"x\": {\"path\": \"err_rows_x.npy\"}, \"y\": {\"path\": "
+                              "\"err_rows_y.npy\"}}",
+                              &result, &retryable, err, sizeof err),
+                     -1);
+    assert_false(retryable);
+    assert_string_equal(err, "x has 20 rows, y has 15");
+    assert_int_equal(run_spec("{\"x\": {\"path\": \"missing.npy\"}, \"y\": {\"path\": "
+                              "\"err_rows_y.npy\"}}",
+                              &result, &retryable, err, sizeof err),
+                     -1);
+    assert_true(retryable); /* I/O trouble: another attempt may find the file */
+    assert_null(result);
+}
+
 int main(void) {
     find_fixtures();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fixture_values), cmocka_unit_test(test_fixture_errors),
         cmocka_unit_test(test_full_median),    cmocka_unit_test(test_invariances),
         cmocka_unit_test(test_cancel),         cmocka_unit_test(test_bad_options),
+        cmocka_unit_test(test_runner_single),  cmocka_unit_test(test_runner_layers),
+        cmocka_unit_test(test_runner_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
