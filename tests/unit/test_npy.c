@@ -281,7 +281,7 @@ static void test_rejects_bad_files(void **state) {
     write_bytes("tiny.npy", "\x93NUM", 4, path, sizeof path);
     expect_read_error(path, "truncated header");
 
-    write_bytes("magic.npy", "PK\x03\x04zipfile.....", 18, path, sizeof path);
+    write_bytes("magic.npy", "PK\x03\x04zipfile.....", 16, path, sizeof path);
     expect_read_error(path, "not an .npy file");
 
     write_raw("ver.npy", 4, "{'descr': '<f8', 'fortran_order': False, 'shape': (1,), }", d, 8,
