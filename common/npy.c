@@ -345,15 +345,17 @@ static void npy_convert(npy_dtype dtype, const unsigned char *src, size_t count,
 }
 
 /* Streams the data of an open file into dst. Elements arrive in storage
- * order (row-major, or column-major for fortran_order) and are scattered to
- * dst[i * stride + j]. Returns 0 or -1. */
+ * order (row-major, or column-major for fortran_order) and land at
+ * dst[i * stride + j]. Row-major data is converted run by run straight into
+ * the destination rows; column-major data goes through a small buffer and is
+ * scattered. Returns 0 or -1. */
 static int npy_stream_data(int fd, const npy_header *h, double *dst, size_t stride, char *err,
                            size_t errlen) {
     size_t per_chunk = NPY_CHUNK / h->itemsize;
     unsigned char *raw = malloc(per_chunk * h->itemsize);
-    double *conv = malloc(per_chunk * sizeof(double));
+    double *conv = h->fortran_order ? malloc(per_chunk * sizeof(double)) : NULL;
     int rc = -1;
-    if (!raw || !conv) {
+    if (!raw || (h->fortran_order && !conv)) {
         err_set(err, errlen, "out of memory");
         goto out;
     }
@@ -371,17 +373,25 @@ static int npy_stream_data(int fd, const npy_header *h, double *dst, size_t stri
             err_set(err, errlen, "truncated data (file shrank while reading)");
             goto out;
         }
-        npy_convert(h->dtype, raw, count, conv);
-        for (size_t k = 0; k < count; k++) {
-            dst[i * stride + j] = conv[k];
-            if (h->fortran_order) {
+        if (!h->fortran_order) {
+            for (size_t k = 0; k < count;) {
+                size_t run = h->cols - j < count - k ? h->cols - j : count - k;
+                npy_convert(h->dtype, raw + k * h->itemsize, run, dst + i * stride + j);
+                k += run;
+                j += run;
+                if (j == h->cols) {
+                    j = 0;
+                    i++;
+                }
+            }
+        } else {
+            npy_convert(h->dtype, raw, count, conv);
+            for (size_t k = 0; k < count; k++) {
+                dst[i * stride + j] = conv[k];
                 if (++i == h->rows) {
                     i = 0;
                     j++;
                 }
-            } else if (++j == h->cols) {
-                j = 0;
-                i++;
             }
         }
         done += count;

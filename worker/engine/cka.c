@@ -30,6 +30,25 @@ static double cka_hsic_unbiased(const cka_hsic_terms *t, double n) {
            (n * (n - 3));
 }
 
+/* True when any of row[0..cols) is NaN or +/-inf. Tests the exponent bits
+ * with integer operations so the common all-finite row costs one streaming
+ * pass that the compiler can vectorise. */
+static bool cka_row_nonfinite(const double *row, size_t cols) {
+    uint64_t bad = 0;
+    for (size_t j = 0; j < cols; j++) {
+        uint64_t bits;
+        memcpy(&bits, &row[j], sizeof bits);
+        bad |= (uint64_t)((bits & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
+    }
+    return bad != 0;
+}
+
+static bool cka_row_has_nan(const double *row, size_t cols) {
+    for (size_t j = 0; j < cols; j++)
+        if (isnan(row[j])) return true;
+    return false;
+}
+
 /* Drops rows with a NaN in either matrix (compacting both in place), rejects
  * infinite values. Returns 0 or -1. */
 static int cka_drop_nan_rows(cka_matrix *x, cka_matrix *y, size_t *dropped, char *err,
@@ -37,18 +56,15 @@ static int cka_drop_nan_rows(cka_matrix *x, cka_matrix *y, size_t *dropped, char
     size_t kept = 0;
     for (size_t i = 0; i < x->rows; i++) {
         double *xr = x->data + i * x->stride, *yr = y->data + i * y->stride;
-        bool nan = false;
-        for (size_t j = 0; j < x->cols && !nan; j++) nan = isnan(xr[j]);
-        for (size_t j = 0; j < y->cols && !nan; j++) nan = isnan(yr[j]);
-        if (nan) continue;
-        for (size_t j = 0; j < x->cols; j++)
-            if (isinf(xr[j]))
-                return err_set(err, errlen, "x has an infinite value at row %zu, column %zu", i,
-                               j);
-        for (size_t j = 0; j < y->cols; j++)
-            if (isinf(yr[j]))
-                return err_set(err, errlen, "y has an infinite value at row %zu, column %zu", i,
-                               j);
+        bool bad_x = cka_row_nonfinite(xr, x->cols), bad_y = cka_row_nonfinite(yr, y->cols);
+        if (bad_x || bad_y) {
+            if (cka_row_has_nan(xr, x->cols) || cka_row_has_nan(yr, y->cols)) continue;
+            const double *row = bad_x ? xr : yr;
+            size_t cols = bad_x ? x->cols : y->cols, j = 0;
+            while (j < cols && !isinf(row[j])) j++;
+            return err_set(err, errlen, "%s has an infinite value at row %zu, column %zu",
+                           bad_x ? "x" : "y", i, j);
+        }
         if (kept != i) {
             memmove(x->data + kept * x->stride, xr, x->cols * sizeof(double));
             memmove(y->data + kept * y->stride, yr, y->cols * sizeof(double));
@@ -60,51 +76,40 @@ static int cka_drop_nan_rows(cka_matrix *x, cka_matrix *y, size_t *dropped, char
     return 0;
 }
 
-/* Centres every column of m in place: subtract the mean, then the mean of the
- * residuals, which recovers the digits a large common offset would cost.
- * Exactly constant columns become exact zeros. Sets *varying to the number of
- * non-constant columns. Returns 0, or -1 when out of memory. */
+/* Centres every column of m in place. The mean is accumulated relative to
+ * the first row (sum of x_ij - x_0j), so a column offset by thousands, as
+ * LLaMA's massive activations are, keeps its small variations: the sum sees
+ * only the spread, never the offset. The same pass finds exactly constant
+ * columns (every difference zero), which become exact zeros. Sets *varying to
+ * the number of non-constant columns. Returns 0, or -1 when out of memory. */
 static int cka_centre(cka_matrix *m, size_t *varying) {
     size_t n = m->rows, d = m->cols;
-    double *sum = calloc(d ? d : 1, sizeof *sum);
-    unsigned char *constant = malloc(d ? d : 1);
-    if (!sum || !constant) {
-        free(sum);
-        free(constant);
-        return -1;
-    }
-    memset(constant, 1, d);
+    double *sum = calloc(d ? 2 * d : 1, sizeof *sum);
+    if (!sum) return -1;
+    double *spread = sum + d; /* sum of |x_ij - x_0j| */
     const double *first = m->data;
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 1; i < n; i++) {
         const double *row = m->data + i * m->stride;
         for (size_t j = 0; j < d; j++) {
-            sum[j] += row[j];
-            if (row[j] != first[j]) constant[j] = 0;
+            double diff = row[j] - first[j];
+            sum[j] += diff;
+            spread[j] += fabs(diff);
         }
     }
-    for (int pass = 0; pass < 2; pass++) {
-        for (size_t j = 0; j < d; j++) sum[j] /= (double)n;
-        for (size_t i = 0; i < n; i++) {
-            double *row = m->data + i * m->stride;
-            for (size_t j = 0; j < d; j++) row[j] -= sum[j];
-        }
-        if (pass == 1) break;
-        memset(sum, 0, d * sizeof *sum);
-        for (size_t i = 0; i < n; i++) {
-            const double *row = m->data + i * m->stride;
-            for (size_t j = 0; j < d; j++) sum[j] += row[j];
-        }
-    }
+    /* mean_j = x_0j + sum_j / n, kept as x_0j and sum_j / n, and subtracted
+     * in that order so no large intermediate is rounded. */
     *varying = 0;
     for (size_t j = 0; j < d; j++) {
-        if (!constant[j]) {
-            (*varying)++;
-            continue;
-        }
-        for (size_t i = 0; i < n; i++) m->data[i * m->stride + j] = 0.0;
+        sum[j] /= (double)n;
+        if (spread[j] != 0) (*varying)++;
+    }
+    /* Row 0 is the reference: centre the later rows first. */
+    for (size_t i = n; i-- > 0;) {
+        double *row = m->data + i * m->stride;
+        for (size_t j = 0; j < d; j++)
+            row[j] = spread[j] != 0 ? (row[j] - first[j]) - sum[j] : 0.0;
     }
     free(sum);
-    free(constant);
     return 0;
 }
 
