@@ -500,7 +500,8 @@ static void agent_flush_logs(agent_job *job, client *c) {
                       .path = url,
                       .content_type = "text/plain; charset=utf-8",
                       .body = batch.data,
-                      .body_len = batch.len,
+                      /* "a\nb" is two lines; a final newline would read as a third, empty one */
+                      .body_len = batch.data[batch.len - 1] == '\n' ? batch.len - 1 : batch.len,
                       .timeout_s = CLIENT_CALL_TIMEOUT_S,
                       .worker_header = true};
     client_resp resp;
@@ -645,37 +646,47 @@ static void agent_remove_tree(const char *path) {
     nftw(path, agent_rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-/* Sends a final report (complete/fail/release) about the job, retried
- * through outages until the lease would have lapsed (at least
- * AGENT_FINISH_GRACE_S) or, unless this is the release itself, a second
- * signal. Returns 0 when the server accepted it, -1 otherwise (logged). */
-static int agent_report(agent_job *job, const char *action, json_t *body, double budget_s) {
+/* Sends a final report (complete/fail/release) about job id, retried
+ * through outages until the lease would have lapsed (lease_expires, wall
+ * clock; at least AGENT_FINISH_GRACE_S from now) or, unless this is the
+ * release itself, a second signal. budget_s > 0 replaces the lease deadline
+ * (a release on the way out should not hold the exit for long). Returns 0
+ * when the server accepted it, -1 otherwise (logged). */
+static int agent_report(agent *a, int64_t id, double lease_expires, const char *action,
+                        json_t *body, double budget_s) {
     char url[128], err[ERR_LEN] = "";
     long status = 0;
     json_t *answer = NULL;
-    snprintf(url, sizeof url, "/api/v1/jobs/%lld/%s", (long long)job->id, action);
-    pthread_mutex_lock(&job->lock);
-    double deadline = job->lease_expires;
-    pthread_mutex_unlock(&job->lock);
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/%s", (long long)id, action);
+    double deadline = lease_expires;
     double floor = agent_wall_now() + (budget_s > 0 ? budget_s : AGENT_FINISH_GRACE_S);
     if (budget_s > 0 || deadline < floor) deadline = floor;
-    agent_stop stop = {.flag = &agent_signals, .threshold = strcmp(action, "release") ? 2 : 1000};
-    int rc = agent_call(&job->a->main_client, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S,
-                        stop, deadline, &status, &answer, err, sizeof err);
+    bool release = strcmp(action, "release") == 0;
+    agent_stop stop = {.flag = &agent_signals, .threshold = release ? INT_MAX : 2};
+    int rc = agent_call(&a->main_client, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S, stop,
+                        deadline, &status, &answer, err, sizeof err);
     json_decref(answer);
     if (rc != 0) {
-        log_error("job %lld: could not %s it: %s", (long long)job->id, action, err);
+        log_error("job %lld: could not %s it: %s", (long long)id, action, err);
         return -1;
     }
     if (status == 409 || status == 404) {
-        log_warn("job %lld: no longer ours, %s not recorded (%s)", (long long)job->id, action, err);
+        log_warn("job %lld: no longer ours, %s not recorded (%s)", (long long)id, action, err);
         return -1;
     }
     if (status < 200 || status >= 300) {
-        log_error("job %lld: %s rejected: %s", (long long)job->id, action, err);
+        log_error("job %lld: %s rejected: %s", (long long)id, action, err);
         return -1;
     }
     return 0;
+}
+
+/* The job's lease deadline as last renewed. */
+static double agent_job_lease(agent_job *job) {
+    pthread_mutex_lock(&job->lock);
+    double t = job->lease_expires;
+    pthread_mutex_unlock(&job->lock);
+    return t;
 }
 
 /* Runs one claimed job end to end and reports its outcome. */
@@ -774,23 +785,25 @@ report:
         agent_flush_logs(&job, &a->main_client);
         if (rc == 0) {
             json_t *body = json_pack("{s:o}", "result", result ? json_incref(result) : json_null());
-            outcome = agent_report(&job, "complete", body, 0) == 0 ? "succeeded"
+            outcome = agent_report(a, job.id, agent_job_lease(&job), "complete", body, 0) == 0 ? "succeeded"
                                                                     : "succeeded (not recorded)";
             json_decref(body);
         } else if (reason == AGENT_SHUTDOWN) {
-            outcome = agent_report(&job, "release", json_object(), AGENT_RELEASE_BUDGET_S) == 0
+            json_t *body = json_object();
+            outcome = agent_report(a, job.id, 0, "release", body, AGENT_RELEASE_BUDGET_S) == 0
                           ? "released (shutdown)"
                           : "abandoned (shutdown)";
+            json_decref(body);
         } else if (reason == AGENT_CANCEL_REQUESTED || cancelled) {
             json_t *body = json_pack("{s:s, s:b}", "error", "cancelled", "retryable", 0);
-            agent_report(&job, "fail", body, 0);
+            agent_report(a, job.id, agent_job_lease(&job), "fail", body, 0);
             json_decref(body);
             outcome = "cancelled";
         } else {
             log_warn("job %lld failed: %s", (long long)job.id, err);
             json_t *body = json_pack("{s:s, s:b}", "error", err[0] ? err : "unknown error",
                                      "retryable", retryable ? 1 : 0);
-            agent_report(&job, "fail", body, 0);
+            agent_report(a, job.id, agent_job_lease(&job), "fail", body, 0);
             json_decref(body);
             outcome = "failed";
         }
@@ -866,8 +879,17 @@ static int agent_loop(agent *a, char *err, size_t errlen) {
                              &status, &job, &transient, err, errlen);
         a->main_client.abort = NULL;
         if (agent_stopped(stop)) {
-            /* A job handed out as the poll was abandoned keeps its lease until
-             * it lapses; the server's reaper requeues it. */
+            /* A job handed out just as the signal came: give it straight back
+             * (a job handed out as the poll was abandoned lapses instead). */
+            json_t *idv = json_object_get(job, "id");
+            if (rc == 0 && status == 200 && json_is_integer(idv)) {
+                json_t *body = json_object();
+                if (agent_report(a, (int64_t)json_integer_value(idv), 0, "release", body,
+                                 AGENT_RELEASE_BUDGET_S) == 0)
+                    log_info("job %lld released unstarted (shutdown)",
+                             (long long)json_integer_value(idv));
+                json_decref(body);
+            }
             json_decref(job);
             return 0;
         }

@@ -15,6 +15,8 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "worker/agent.h"
+#include "worker/engine/blas.h"
+#include "worker/local.h"
 
 static void main_usage(FILE *out) {
     fprintf(out,
@@ -188,7 +190,10 @@ out:
 }
 
 int main(int argc, char **argv) {
+    /* First: it may re-execute the process to pick OpenBLAS's kernels. */
+    blas_setup(argc, argv);
     log_init("worker");
+    if (argc > 1 && strcmp(argv[1], "run") == 0) return local_main(argc - 1, argv + 1);
     if (argc > 1 && strcmp(argv[1], "--help") == 0) {
         main_usage(stdout);
         return 0;
