@@ -62,6 +62,48 @@ static int api_worker_header(http_req *req, int64_t *worker_id) {
     return 0;
 }
 
+size_t api_utf8_clean(const char *in, size_t len, char *out) {
+    static const char replacement[] = "\xEF\xBF\xBD";
+    const unsigned char *s = (const unsigned char *)in;
+    size_t i = 0, o = 0;
+    while (i < len) {
+        unsigned char c = s[i];
+        size_t n = 0;
+        uint32_t cp = 0, min = 0;
+        if (c < 0x80) {
+            out[o++] = (char)c;
+            i++;
+            continue;
+        } else if ((c & 0xE0) == 0xC0) {
+            n = 1, cp = c & 0x1F, min = 0x80;
+        } else if ((c & 0xF0) == 0xE0) {
+            n = 2, cp = c & 0x0F, min = 0x800;
+        } else if ((c & 0xF8) == 0xF0) {
+            n = 3, cp = c & 0x07, min = 0x10000;
+        }
+        bool ok = n > 0;
+        for (size_t k = 1; ok && k <= n; k++) {
+            if (i + k >= len || (s[i + k] & 0xC0) != 0x80)
+                ok = false;
+            else
+                cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        /* overlong forms, surrogates and values past U+10FFFF are invalid too */
+        if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
+        if (ok) {
+            memcpy(out + o, s + i, n + 1);
+            o += n + 1;
+            i += n + 1;
+        } else {
+            memcpy(out + o, replacement, 3);
+            o += 3;
+            i++;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
 /* Dumps v (or NULL for a missing/null v) as compact JSON; caller frees. */
 static char *api_dump(json_t *v) {
     if (!v || json_is_null(v)) return NULL;
@@ -602,14 +644,25 @@ static void api_job_logs_add(http_req *req) {
         return;
     }
     /* a final newline ends the last line; it does not start an empty one */
-    if (len > 0 && text[len - 1] == '\n') req->body.data[--len] = '\0';
-    if (len > 0 && text[len - 1] == '\r') req->body.data[--len] = '\0';
+    if (len > 0 && text[len - 1] == '\n') len--;
+    if (len > 0 && text[len - 1] == '\r') len--;
+    /* Programs print what they like; a stray byte must not lose the line. */
+    char *clean = malloc(len * 3 + 1);
+    if (!clean) {
+        http_reply_problem(req, 500, "out of memory", NULL);
+        return;
+    }
+    api_utf8_clean(text, len, clean);
     PGconn *db = http_db(req);
-    if (!db) return;
+    if (!db) {
+        free(clean);
+        return;
+    }
     int status = 500;
     char err[ERR_LEN];
     int rc = len == 0 ? job_check_held(db, req->ids[0], worker_id, &status, err, sizeof err)
-                      : job_logs_add(db, req->ids[0], worker_id, text, &status, err, sizeof err);
+                      : job_logs_add(db, req->ids[0], worker_id, clean, &status, err, sizeof err);
+    free(clean);
     if (rc != 0) {
         api_fail(req, status, err);
         return;
