@@ -206,6 +206,10 @@ void client_problem_text(long status, const char *body, size_t body_len, char *o
         client_append(out, outlen, &used, ": %.*s", (int)n, body);
     }
     json_decref(root);
+    /* Keep it one line: it ends up inside a log record (libpq's messages,
+     * passed on in "detail", span lines). */
+    for (char *p = out; *p; p++)
+        if ((unsigned char)*p < 0x20) *p = ' ';
 }
 
 int client_init(client *c, const char *base_url, const char *token, char *err, size_t errlen) {

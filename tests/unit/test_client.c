@@ -98,6 +98,9 @@ static void test_problem_text(void **state) {
     assert_string_equal(out, "HTTP 502: Bad gateway");
     client_problem_text(500, NULL, 0, out, sizeof out);
     assert_string_equal(out, "HTTP 500");
+    const char *multi = "{\"title\":\"Service Unavailable\",\"detail\":\"db down:\\n\\tretry\"}";
+    client_problem_text(503, multi, strlen(multi), out, sizeof out);
+    assert_string_equal(out, "HTTP 503 Service Unavailable: db down:  retry");
     client_problem_text(400, p, strlen(p), out, 12);
     assert_int_equal(strlen(out), 11);
 }
