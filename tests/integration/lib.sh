@@ -113,7 +113,7 @@ sys.exit(0 if math.isfinite(a) and abs(e - a) <= t else 1)' "$2" "$3" "$4" 2>/de
 
 # psql against the private cluster; sql DB QUERY prints unaligned tuples.
 sql() {
-    psql "host=$IT_PG_SOCK user=$IT_PG_USER dbname=$1" -XtAq -v ON_ERROR_STOP=1 -c "$2"
+    PGOPTIONS="-c client_min_messages=warning" psql "host=$IT_PG_SOCK user=$IT_PG_USER dbname=$1" -XtAq -v ON_ERROR_STOP=1 -c "$2"
 }
 
 # Creates a fresh database for this test and points STRATA_DATABASE_URL at it.
@@ -439,7 +439,7 @@ trap 'it_stop_all' EXIT
 # SLOW_REF (the numpy reference {"cka", "n", "dropped_rows"}).
 slow_pair() {
     local name=$1 seed=${2:-99}
-    local n=${IT_SLOW_N:-3000} d=${IT_SLOW_D:-512}
+    local n=${IT_SLOW_N:-5000} d=${IT_SLOW_D:-1024}
     npy gen "$TD/data/$name.x.npy" "$TD/data/$name.y.npy" --n "$n" --dx "$d" --dy "$d" \
         --dtype float32 --seed "$seed" || it_abort "gen $name"
     SLOW_REF=$(npy ref "$TD/data/$name.x.npy" "$TD/data/$name.y.npy" --kernel rbf) || it_abort "ref $name"

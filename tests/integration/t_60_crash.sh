@@ -33,7 +33,8 @@ readyz_becomes() {
     echo "    /readyz answered $code, expected $want" >&2
     return 1
 }
-pg() { STRATA_HOME=$IT_TMP "$IT_REPO/deploy/pg.sh" "$@"; }
+# The shared cluster (STRATA_DATABASE_URL would make pg.sh leave it alone).
+pg() { STRATA_DATABASE_URL= STRATA_HOME=$IT_TMP "$IT_REPO/deploy/pg.sh" "$@"; }
 
 # ---- SIGKILL of the worker holding a job
 start_worker w1
