@@ -104,6 +104,14 @@ size_t api_utf8_clean(const char *in, size_t len, char *out) {
     return o;
 }
 
+/* Characters (not bytes) in a UTF-8 string, as a length limit means them. */
+static size_t api_utf8_chars(const char *s) {
+    size_t n = 0;
+    for (; *s; s++)
+        if (((unsigned char)*s & 0xC0) != 0x80) n++;
+    return n;
+}
+
 /* Dumps v (or NULL for a missing/null v) as compact JSON; caller frees. */
 static char *api_dump(json_t *v) {
     if (!v || json_is_null(v)) return NULL;
@@ -120,7 +128,7 @@ static void api_readyz(http_req *req) {
     char err[ERR_LEN];
     PGconn *db = db_acquire(req->srv->pool, err, sizeof err);
     if (db) {
-        int ok = db_exec(db, "SELECT 1", 0, NULL, NULL, NULL, err, sizeof err) == 0;
+        int ok = db_ping_exec(db, err, sizeof err) == 0;
         db_release(req->srv->pool, db);
         if (ok) {
             http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
@@ -226,7 +234,8 @@ static void api_jobs_create(http_req *req) {
 
     json_t *name = json_object_get(body, "name");
     if (name && !json_is_null(name)) {
-        if (!json_is_string(name) || json_string_length(name) > API_MAX_NAME)
+        if (!json_is_string(name) || api_utf8_chars(json_string_value(name)) > API_MAX_NAME ||
+            memchr(json_string_value(name), '\0', json_string_length(name)))
             spec_error(errors, "name", "must be a string of at most %d characters or null",
                        API_MAX_NAME);
         else

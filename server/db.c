@@ -11,6 +11,8 @@
 #include "common/log.h"
 #include "common/util.h"
 
+static const char DB_SQL_PING[] = "SELECT 1";
+
 typedef struct {
     PGconn *conn;
     bool busy;
@@ -94,7 +96,7 @@ static bool db_idle_conn_ok(PGconn *conn) {
 /* A suspect connection (the database restarted since it was last used) is
  * asked a trivial question before a request relies on it. */
 static bool db_ping(PGconn *conn) {
-    PGresult *res = PQexec(conn, "SELECT 1");
+    PGresult *res = PQexec(conn, DB_SQL_PING);
     bool ok = PQresultStatus(res) == PGRES_TUPLES_OK;
     PQclear(res);
     return ok && PQstatus(conn) == CONNECTION_OK;
@@ -177,6 +179,10 @@ PGconn *db_connect_retry(const char *conninfo, int wait_s, char *err, size_t err
         log_info("waiting for the database (%s)", msg);
         sleep(1);
     }
+}
+
+int db_ping_exec(PGconn *conn, char *err, size_t errlen) {
+    return db_exec(conn, DB_SQL_PING, 0, NULL, NULL, NULL, err, errlen);
 }
 
 bool db_is_down(PGconn *conn) { return !conn || PQstatus(conn) != CONNECTION_OK; }

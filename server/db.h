@@ -45,6 +45,9 @@ PGconn *db_connect_retry(const char *conninfo, int wait_s, char *err, size_t err
 int db_exec(PGconn *conn, const char *sql, int n, const char *const *params, PGresult **res,
             char sqlstate[6], char *err, size_t errlen);
 
+/* Asks the database a trivial question (readiness). Returns 0 or -1. */
+int db_ping_exec(PGconn *conn, char *err, size_t errlen);
+
 /* BEGIN / COMMIT / ROLLBACK with the same failure rule. */
 int db_begin(PGconn *conn, char *err, size_t errlen);
 int db_commit(PGconn *conn, char *err, size_t errlen);
