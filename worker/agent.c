@@ -470,8 +470,9 @@ static int agent_add_artifact(runner_ctx *ctx, const char *name, const char *pat
 /* ---- heartbeat thread ---- */
 
 /* Posts the pending log lines with client c. Lines that could not be sent
- * because the server is away are put back in front of newer ones. */
-static void agent_flush_logs(agent_job *job, client *c) {
+ * because the server is away are put back in front of newer ones; returns
+ * -1 then, 0 otherwise (sent, nothing to send, or refused for good). */
+static int agent_flush_logs(agent_job *job, client *c) {
     pthread_mutex_lock(&job->flush_lock);
     buf_t batch;
     pthread_mutex_lock(&job->lock);
@@ -492,6 +493,7 @@ static void agent_flush_logs(agent_job *job, client *c) {
             buf_free(&note);
         }
     }
+    bool transient = false;
     if (batch.len == 0) goto out;
 
     char url[128], err[ERR_LEN];
@@ -506,7 +508,7 @@ static void agent_flush_logs(agent_job *job, client *c) {
                       .worker_header = true};
     client_resp resp;
     int rc = client_perform(c, &req, &resp, err, sizeof err);
-    bool transient = rc != 0 && resp.transient;
+    transient = rc != 0 && resp.transient;
     if (rc == 0 && resp.status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
     else if (rc == 0 && (resp.status < 200 || resp.status >= 300)) {
         char problem[512];
@@ -534,6 +536,7 @@ static void agent_flush_logs(agent_job *job, client *c) {
 out:
     buf_free(&batch);
     pthread_mutex_unlock(&job->flush_lock);
+    return transient ? -1 : 0;
 }
 
 /* One heartbeat: renews the lease, sends progress, learns of a cancel. */
@@ -782,7 +785,16 @@ report:
     if (reason == AGENT_LEASE_LOST) {
         outcome = "dropped (lease lost)";
     } else {
-        agent_flush_logs(&job, &a->main_client);
+        /* The last lines (often the error) matter most: wait out an outage
+         * for them as for the final report. */
+        double deadline = agent_job_lease(&job);
+        if (deadline < agent_wall_now() + AGENT_FINISH_GRACE_S)
+            deadline = agent_wall_now() + AGENT_FINISH_GRACE_S;
+        agent_stop stop = {.flag = &agent_signals, .threshold = 2};
+        for (unsigned attempt = 0; agent_flush_logs(&job, &a->main_client) != 0; attempt++) {
+            if (agent_stopped(stop) || agent_wall_now() >= deadline) break;
+            agent_sleep(client_backoff_seconds(attempt, agent_jitter()), stop);
+        }
         if (rc == 0) {
             json_t *body = json_pack("{s:o}", "result", result ? json_incref(result) : json_null());
             outcome = agent_report(a, job.id, agent_job_lease(&job), "complete", body, 0) == 0 ? "succeeded"
