@@ -13,6 +13,21 @@
 
 static const char DB_SQL_PING[] = "SELECT 1";
 
+/* libpq's messages span lines ("...\n\tIs the server running...?\n"); a log
+ * record and a problem detail are one line, so fold them. */
+static void db_flatten(char *msg) {
+    char *w = msg;
+    for (const char *r = msg; *r; r++) {
+        if (*r == '\n' || *r == '\t' || *r == '\r') {
+            if (w > msg && w[-1] != ' ') *w++ = ' ';
+        } else {
+            *w++ = *r;
+        }
+    }
+    while (w > msg && w[-1] == ' ') w--;
+    *w = '\0';
+}
+
 typedef struct {
     PGconn *conn;
     bool busy;
@@ -130,11 +145,7 @@ PGconn *db_acquire(db_pool *pool, char *err, size_t errlen) {
     }
     if (!ok) {
         err_set(err, errlen, "database unavailable: %s", PQerrorMessage(slot->conn));
-        /* strip libpq's trailing newline from the message */
-        if (err) {
-            size_t n = strlen(err);
-            while (n > 0 && (err[n - 1] == '\n' || err[n - 1] == ' ')) err[--n] = '\0';
-        }
+        if (err) db_flatten(err);
         pthread_mutex_lock(&pool->lock);
         slot->busy = false;
         pthread_cond_signal(&pool->freed);
@@ -169,8 +180,7 @@ PGconn *db_connect_retry(const char *conninfo, int wait_s, char *err, size_t err
         if (PQstatus(conn) == CONNECTION_OK) return conn;
         char msg[ERR_LEN];
         snprintf(msg, sizeof msg, "%s", PQerrorMessage(conn));
-        size_t n = strlen(msg);
-        while (n > 0 && (msg[n - 1] == '\n' || msg[n - 1] == ' ')) msg[--n] = '\0';
+        db_flatten(msg);
         PQfinish(conn);
         if (util_now_seconds() >= deadline) {
             err_set(err, errlen, "cannot connect to the database: %s", msg);
@@ -204,10 +214,7 @@ int db_exec(PGconn *conn, const char *sql, int n, const char *const *params, PGr
     if (sqlstate && state) snprintf(sqlstate, 6, "%s", state);
     const char *primary = r ? PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY) : NULL;
     err_set(err, errlen, "%s", primary ? primary : PQerrorMessage(conn));
-    if (err) {
-        size_t len = strlen(err);
-        while (len > 0 && (err[len - 1] == '\n' || err[len - 1] == ' ')) err[--len] = '\0';
-    }
+    if (err) db_flatten(err);
     PQclear(r);
     return -1;
 }

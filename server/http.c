@@ -177,9 +177,7 @@ const char *http_header(http_req *req, const char *name) {
 
 /* --- routing -------------------------------------------------------------- */
 
-/* Matches path against pattern segment by segment; "{id}" takes a positive
- * integer into ids. Returns true on a match. */
-static bool http_match(const char *pattern, const char *path, int64_t ids[2]) {
+bool http_match(const char *pattern, const char *path, int64_t ids[2]) {
     int nids = 0;
     const char *p = pattern, *u = path;
     while (*p && *u) {
@@ -192,7 +190,9 @@ static bool http_match(const char *pattern, const char *path, int64_t ids[2]) {
             if (ulen == 0 || ulen >= sizeof digits || nids >= 2) return false;
             memcpy(digits, u, ulen);
             digits[ulen] = '\0';
-            if (digits[0] == '0' || util_parse_i64(digits, 1, INT64_MAX, &ids[nids]) != 0)
+            /* strtoll alone would also take "+1" and " 1" */
+            if (strspn(digits, "0123456789") != ulen || digits[0] == '0' ||
+                util_parse_i64(digits, 1, INT64_MAX, &ids[nids]) != 0)
                 return false;
             nids++;
         } else if (plen != ulen || strncmp(p, u, plen) != 0) {

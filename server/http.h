@@ -96,6 +96,11 @@ void http_db_release(http_req *req);
 const char *http_query(http_req *req, const char *key);
 const char *http_header(http_req *req, const char *name);
 
+/* Matches a request path against a route pattern segment by segment; each
+ * "{id}" takes a positive decimal integer (no sign, no leading zero, no
+ * overflow) into ids, in order (at most two). Returns true on a match. */
+bool http_match(const char *pattern, const char *path, int64_t ids[2]);
+
 /* Renders strata_http_requests_total into b. Returns 0 or -1 (b full). */
 int http_stats_render(buf_t *b);
 

@@ -13,6 +13,7 @@
 #include "server/api.h"
 #include "server/auth.h"
 #include "server/config.h"
+#include "server/http.h"
 #include "server/job.h"
 #include "server/migrate.h"
 
@@ -153,6 +154,38 @@ static void test_config_env_and_flags(void **state) {
     unsetenv("STRATA_LEASE_S");
 }
 
+static void test_route_matching(void **state) {
+    (void)state;
+    int64_t ids[2] = {0, 0};
+    assert_true(http_match("/api/v1/jobs", "/api/v1/jobs", ids));
+    assert_true(http_match("/api/v1/jobs/{id}/heartbeat", "/api/v1/jobs/42/heartbeat", ids));
+    assert_int_equal(ids[0], 42);
+    assert_true(http_match("/api/v1/artifacts/{id}", "/api/v1/artifacts/9223372036854775807",
+                           ids));
+    assert_int_equal(ids[0], INT64_MAX);
+
+    const char *misses[] = {
+        "/api/v1/jobs/",                      /* trailing slash */
+        "/api/v1/jobs/0",                     /* ids are positive */
+        "/api/v1/jobs/007",                   /* no leading zeros */
+        "/api/v1/jobs/-1",
+        "/api/v1/jobs/+1",
+        "/api/v1/jobs/1x",
+        "/api/v1/jobs/9223372036854775808",   /* overflow */
+        "/api/v1/jobs//",
+        "/api/v1/jobs/1/",
+        "/api/v1/jobs/1/heartbeat",           /* longer than the pattern */
+        "api/v1/jobs/1",                      /* not absolute */
+        "/api/v1/jobsX/1",
+        "",
+    };
+    for (size_t i = 0; i < sizeof misses / sizeof misses[0]; i++)
+        assert_false(http_match("/api/v1/jobs/{id}", misses[i], ids));
+    assert_false(http_match("/api/v1/jobs/{id}/cancel", "/api/v1/jobs/3/retry", ids));
+    assert_false(http_match("/healthz", "/healthz/", ids));
+    assert_false(http_match("/healthz", "/", ids));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cursor_round_trip),
@@ -163,6 +196,7 @@ int main(void) {
         cmocka_unit_test(test_job_states),
         cmocka_unit_test(test_utf8_clean),
         cmocka_unit_test(test_config_env_and_flags),
+        cmocka_unit_test(test_route_matching),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
