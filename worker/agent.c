@@ -508,7 +508,9 @@ static int agent_flush_logs(agent_job *job, client *c) {
                       .worker_header = true};
     client_resp resp;
     int rc = client_perform(c, &req, &resp, err, sizeof err);
-    transient = rc != 0 && resp.transient;
+    /* An aborted post (the job ended mid-flush) keeps its lines for the
+     * final flush, like one that met an outage. */
+    transient = rc != 0 && (resp.transient || resp.aborted);
     if (rc == 0 && resp.status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
     else if (rc == 0 && (resp.status < 200 || resp.status >= 300)) {
         char problem[512];
