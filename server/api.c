@@ -62,46 +62,15 @@ static int api_worker_header(http_req *req, int64_t *worker_id) {
     return 0;
 }
 
-size_t api_utf8_clean(const char *in, size_t len, char *out) {
-    static const char replacement[] = "\xEF\xBF\xBD";
-    const unsigned char *s = (const unsigned char *)in;
-    size_t i = 0, o = 0;
-    while (i < len) {
-        unsigned char c = s[i];
-        size_t n = 0;
-        uint32_t cp = 0, min = 0;
-        if (c < 0x80) {
-            out[o++] = (char)c;
-            i++;
-            continue;
-        } else if ((c & 0xE0) == 0xC0) {
-            n = 1, cp = c & 0x1F, min = 0x80;
-        } else if ((c & 0xF0) == 0xE0) {
-            n = 2, cp = c & 0x0F, min = 0x800;
-        } else if ((c & 0xF8) == 0xF0) {
-            n = 3, cp = c & 0x07, min = 0x10000;
-        }
-        bool ok = n > 0;
-        for (size_t k = 1; ok && k <= n; k++) {
-            if (i + k >= len || (s[i + k] & 0xC0) != 0x80)
-                ok = false;
-            else
-                cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        /* overlong forms, surrogates and values past U+10FFFF are invalid too */
-        if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
-        if (ok) {
-            memcpy(out + o, s + i, n + 1);
-            o += n + 1;
-            i += n + 1;
-        } else {
-            memcpy(out + o, replacement, 3);
-            o += 3;
-            i++;
-        }
-    }
-    out[o] = '\0';
-    return o;
+/* True when s is valid UTF-8 (query strings arrive as raw bytes; the
+ * database would refuse anything else with a server error). */
+static bool api_valid_utf8(const char *s) {
+    size_t len = strlen(s);
+    char *clean = malloc(len * 3 + 1);
+    if (!clean) return false;
+    bool same = http_utf8_clean(s, len, clean) == len && memcmp(clean, s, len) == 0;
+    free(clean);
+    return same;
 }
 
 /* Characters (not bytes) in a UTF-8 string, as a length limit means them. */
@@ -332,12 +301,12 @@ static void api_jobs_list(http_req *req) {
                                "cancelled");
         return;
     }
-    if (kind && strlen(kind) > 100) {
-        http_reply_field_error(req, "kind", "is too long");
+    if (kind && (strlen(kind) > 100 || !api_valid_utf8(kind))) {
+        http_reply_field_error(req, "kind", "must be a job kind of at most 100 characters");
         return;
     }
-    if (owner && strlen(owner) > 100) {
-        http_reply_field_error(req, "owner", "is too long");
+    if (owner && (strlen(owner) > 100 || !api_valid_utf8(owner))) {
+        http_reply_field_error(req, "owner", "must be a user name of at most 100 characters");
         return;
     }
     if (limit_text && util_parse_i64(limit_text, 1, 500, &limit) != 0) {
@@ -661,7 +630,7 @@ static void api_job_logs_add(http_req *req) {
         http_reply_problem(req, 500, "out of memory", NULL);
         return;
     }
-    api_utf8_clean(text, len, clean);
+    http_utf8_clean(text, len, clean);
     PGconn *db = http_db(req);
     if (!db) {
         free(clean);
@@ -747,9 +716,9 @@ static int api_upload_precheck(http_req *req) {
         http_reply_field_error(req, "name", "is required (?name=FILE)");
         return -1;
     }
-    if (!util_valid_name(name)) {
+    if (!util_valid_name(name) || !api_valid_utf8(name)) {
         http_reply_field_error(req, "name",
-                               "must be a plain file name (no '/', no '..', no control "
+                               "must be a plain UTF-8 file name (no '/', no '..', no control "
                                "characters, not starting with '-')");
         return -1;
     }

@@ -16,9 +16,4 @@ int api_cursor_parse(const char *cursor, int64_t *id);
 /* Writes the cursor for id into out. */
 void api_cursor_format(int64_t id, char *out, size_t outlen);
 
-/* Copies len bytes of in to out as valid UTF-8, each invalid byte replaced
- * by U+FFFD; out must hold 3 * len + 1 bytes. Returns the length written
- * (out is NUL-terminated). */
-size_t api_utf8_clean(const char *in, size_t len, char *out);
-
 #endif

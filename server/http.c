@@ -63,6 +63,50 @@ int http_stats_render(buf_t *b) {
     return rc ? -1 : 0;
 }
 
+/* --- text ------------------------------------------------------------------ */
+
+size_t http_utf8_clean(const char *in, size_t len, char *out) {
+    static const char replacement[] = "\xEF\xBF\xBD";
+    const unsigned char *s = (const unsigned char *)in;
+    size_t i = 0, o = 0;
+    while (i < len) {
+        unsigned char c = s[i];
+        size_t n = 0;
+        uint32_t cp = 0, min = 0;
+        if (c < 0x80) {
+            out[o++] = (char)c;
+            i++;
+            continue;
+        } else if ((c & 0xE0) == 0xC0) {
+            n = 1, cp = c & 0x1F, min = 0x80;
+        } else if ((c & 0xF0) == 0xE0) {
+            n = 2, cp = c & 0x0F, min = 0x800;
+        } else if ((c & 0xF8) == 0xF0) {
+            n = 3, cp = c & 0x07, min = 0x10000;
+        }
+        bool ok = n > 0;
+        for (size_t k = 1; ok && k <= n; k++) {
+            if (i + k >= len || (s[i + k] & 0xC0) != 0x80)
+                ok = false;
+            else
+                cp = (cp << 6) | (s[i + k] & 0x3F);
+        }
+        /* overlong forms, surrogates and values past U+10FFFF are invalid too */
+        if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) ok = false;
+        if (ok) {
+            memcpy(out + o, s + i, n + 1);
+            o += n + 1;
+            i += n + 1;
+        } else {
+            memcpy(out + o, replacement, 3);
+            o += 3;
+            i++;
+        }
+    }
+    out[o] = '\0';
+    return o;
+}
+
 /* --- replies ---------------------------------------------------------------- */
 
 /* Queues resp with status, adding the common headers; takes resp. */
@@ -109,9 +153,14 @@ void http_reply_json(http_req *req, int status, json_t *doc) {
 
 void http_reply_problem(http_req *req, int status, const char *detail, json_t *errors) {
     const char *title = MHD_get_reason_phrase_for((unsigned)status);
+    /* the detail may quote the request (a path, a name): keep it valid JSON */
+    char clean[ERR_LEN * 3 + 1];
+    const char *d = detail ? detail : "";
+    size_t dlen = strnlen(d, ERR_LEN);
+    http_utf8_clean(d, dlen, clean);
     json_t *doc = json_pack("{s:s, s:s, s:i, s:s, s:o}", "type", "about:blank", "title",
-                            title && *title ? title : "Error", "status", status, "detail",
-                            detail ? detail : "", "errors", errors ? errors : json_array());
+                            title && *title ? title : "Error", "status", status, "detail", clean,
+                            "errors", errors ? errors : json_array());
     char *text = doc ? json_dumps(doc, JSON_COMPACT) : NULL;
     json_decref(doc);
     if (!text) {

@@ -96,6 +96,11 @@ void http_db_release(http_req *req);
 const char *http_query(http_req *req, const char *key);
 const char *http_header(http_req *req, const char *name);
 
+/* Copies len bytes of in to out as valid UTF-8, each invalid byte replaced
+ * by U+FFFD; out must hold 3 * len + 1 bytes. Returns the length written
+ * (out is NUL-terminated). */
+size_t http_utf8_clean(const char *in, size_t len, char *out);
+
 /* Matches a request path against a route pattern segment by segment; each
  * "{id}" takes a positive decimal integer (no sign, no leading zero, no
  * overflow) into ids, in order (at most two). Returns true on a match. */

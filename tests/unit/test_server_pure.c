@@ -104,11 +104,11 @@ static void test_utf8_clean(void **state) {
     char out[64];
     /* valid text, including 2-, 3- and 4-byte sequences, is kept as it is */
     const char *ok = "a\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80z";
-    assert_int_equal(api_utf8_clean(ok, strlen(ok), out), strlen(ok));
+    assert_int_equal(http_utf8_clean(ok, strlen(ok), out), strlen(ok));
     assert_string_equal(out, ok);
     /* a stray byte, a truncated sequence, an overlong '/' and a surrogate */
     const char bad[] = "x\xff" "y\xe2\x82" "z\xc0\xaf" "\xed\xa0\x80";
-    size_t n = api_utf8_clean(bad, sizeof bad - 1, out);
+    size_t n = http_utf8_clean(bad, sizeof bad - 1, out);
     const char *want = "x\xef\xbf\xbd" "y\xef\xbf\xbd\xef\xbf\xbd" "z\xef\xbf\xbd\xef\xbf\xbd"
                        "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd";
     assert_int_equal(n, strlen(want));
