@@ -532,6 +532,312 @@ static void test_abort(void **state) {
     client_cleanup(&c);
 }
 
+
+/* ---- the agent against a scripted protocol server ----
+ *
+ * A small server that speaks the worker protocol (register, claim,
+ * heartbeat, logs, complete, fail, artifacts) and records what the agent
+ * sent; each scenario scripts its answers. The real cka runner computes the
+ * result from a .npy the server hands out. */
+
+enum scenario { SC_COMPLETE_AFTER_503, SC_CANCEL, SC_LEASE_LOST, SC_SHUTDOWN };
+
+#define NPY_N 20
+#define NPY_D 3
+
+typedef struct {
+    pthread_mutex_t lock;
+    enum scenario scenario;
+    unsigned char npy[1024];
+    size_t npy_len;
+    char npy_sha[SHA256_HEX_LEN];
+    int claims, heartbeats, completes, fails, releases, complete_503_left;
+    bool job_given;
+    bool worker_header_ok; /* every job call carried Strata-Worker: 7 */
+    json_t *complete_body, *fail_body, *register_body;
+    char logs[4096];
+} fake_state;
+
+static fake_state fake = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+/* A float64 C-order .npy of NPY_N x NPY_D with distinct, non-trivial values. */
+static void fake_build_npy(void) {
+    char header[128];
+    int n = snprintf(header, sizeof header,
+                     "{'descr': '<f8', 'fortran_order': False, 'shape': (%d, %d), }", NPY_N,
+                     NPY_D);
+    size_t total = 10 + (size_t)n + 1;
+    size_t pad = (64 - total % 64) % 64;
+    size_t hlen = (size_t)n + pad + 1;
+    unsigned char *p = fake.npy;
+    memcpy(p, "\x93NUMPY\x01\x00", 8);
+    p[8] = (unsigned char)(hlen & 0xff);
+    p[9] = (unsigned char)(hlen >> 8);
+    memcpy(p + 10, header, (size_t)n);
+    memset(p + 10 + n, ' ', pad);
+    p[10 + (size_t)n + pad] = '\n';
+    size_t off = 10 + hlen;
+    assert_true(off + sizeof(double) * NPY_N * NPY_D <= sizeof fake.npy);
+    for (int i = 0; i < NPY_N; i++)
+        for (int j = 0; j < NPY_D; j++) {
+            double v = (double)((i * 7 + j * 3) % 11) - 4.5 + 0.25 * j * j;
+            memcpy(p + off, &v, sizeof v);
+            off += sizeof v;
+        }
+    fake.npy_len = off;
+    util_sha256_hex(fake.npy, fake.npy_len, fake.npy_sha);
+}
+
+static ssize_t fake_npy_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+    bool slow = cls != NULL;
+    if (pos >= fake.npy_len) return MHD_CONTENT_READER_END_OF_STREAM;
+    size_t n = fake.npy_len - (size_t)pos;
+    if (n > max) n = max;
+    if (slow) {
+        usleep(50000); /* about 25 s for the whole file: a job to cancel */
+        n = 1;
+    }
+    memcpy(buf, fake.npy + pos, n);
+    return (ssize_t)n;
+}
+
+typedef struct {
+    char data[8192];
+    size_t len;
+    bool started;
+} fake_body;
+
+static bool fake_worker_ok(struct MHD_Connection *conn) {
+    const char *w = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Strata-Worker");
+    return w && strcmp(w, "7") == 0;
+}
+
+static enum MHD_Result fake_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                    const char *method, const char *version,
+                                    const char *upload_data, size_t *upload_size,
+                                    void **con_cls) {
+    (void)cls;
+    (void)version;
+    fake_body *body = *con_cls;
+    if (!body) {
+        body = calloc(1, sizeof *body);
+        *con_cls = body;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        size_t n = *upload_size;
+        if (body->len + n >= sizeof body->data) n = sizeof body->data - 1 - body->len;
+        memcpy(body->data + body->len, upload_data, n);
+        body->len += n;
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    body->data[body->len] = '\0';
+    bool slow = fake.scenario != SC_COMPLETE_AFTER_503;
+    char text[1024];
+    pthread_mutex_lock(&fake.lock);
+    enum MHD_Result ret;
+    if (strcmp(method, "POST") == 0 && strcmp(url, "/api/v1/workers") == 0) {
+        fake.register_body = json_loads(body->data, 0, NULL);
+        ret = send_text(conn, 201, "application/json", "{\"id\": 7}");
+    } else if (strcmp(url, "/api/v1/workers/7/claim") == 0) {
+        fake.claims++;
+        if (fake.job_given) {
+            pthread_mutex_unlock(&fake.lock);
+            usleep(200000);
+            return send_text(conn, 204, "text/plain", "");
+        }
+        fake.job_given = true;
+        ret = send_text(conn, 200, "application/json",
+                        "{\"id\": 11, \"kind\": \"cka\", \"state\": \"running\","
+                        " \"spec\": {\"x\": {\"artifact\": 1}, \"y\": {\"artifact\": 1}},"
+                        " \"lease_expires_at\": \"2099-01-01T00:00:00Z\"}");
+    } else if (strcmp(url, "/api/v1/artifacts/1") == 0) {
+        snprintf(text, sizeof text, "{\"id\": 1, \"name\": \"x.npy\", \"size\": %zu, "
+                 "\"sha256\": \"%s\"}", fake.npy_len, fake.npy_sha);
+        ret = send_text(conn, 200, "application/json", text);
+    } else if (strcmp(url, "/api/v1/artifacts/1/content") == 0) {
+        struct MHD_Response *r = MHD_create_response_from_callback(
+            fake.npy_len, 1024, fake_npy_reader, slow ? &fake : NULL, NULL);
+        ret = MHD_queue_response(conn, 200, r);
+        MHD_destroy_response(r);
+    } else if (strcmp(url, "/api/v1/jobs/11/heartbeat") == 0) {
+        fake.heartbeats++;
+        if (!fake_worker_ok(conn)) fake.worker_header_ok = false;
+        if (fake.scenario == SC_LEASE_LOST)
+            ret = send_text(conn, 409, "application/problem+json",
+                            "{\"title\": \"Conflict\", \"detail\": \"job 11 is queued\"}");
+        else
+            ret = send_text(conn, 200, "application/json",
+                            fake.scenario == SC_CANCEL
+                                ? "{\"lease_expires_at\": \"2099-01-01T00:00:00Z\", "
+                                  "\"cancel_requested\": true}"
+                                : "{\"lease_expires_at\": \"2099-01-01T00:00:00Z\", "
+                                  "\"cancel_requested\": false}");
+    } else if (strcmp(url, "/api/v1/jobs/11/logs") == 0) {
+        if (!fake_worker_ok(conn)) fake.worker_header_ok = false;
+        size_t used = strlen(fake.logs);
+        size_t n = body->len < sizeof fake.logs - used - 1 ? body->len : sizeof fake.logs - used - 1;
+        memcpy(fake.logs + used, body->data, n);
+        fake.logs[used + n] = '\0';
+        ret = send_text(conn, 204, "text/plain", "");
+    } else if (strcmp(url, "/api/v1/jobs/11/complete") == 0) {
+        if (!fake_worker_ok(conn)) fake.worker_header_ok = false;
+        fake.completes++;
+        if (fake.complete_503_left > 0) {
+            fake.complete_503_left--;
+            ret = send_text(conn, 503, "application/problem+json",
+                            "{\"title\": \"Service Unavailable\", \"detail\": \"database\"}");
+        } else {
+            json_decref(fake.complete_body);
+            fake.complete_body = json_loads(body->data, 0, NULL);
+            ret = send_text(conn, 200, "application/json", "{}");
+        }
+    } else if (strcmp(url, "/api/v1/jobs/11/fail") == 0) {
+        if (!fake_worker_ok(conn)) fake.worker_header_ok = false;
+        fake.fails++;
+        json_decref(fake.fail_body);
+        fake.fail_body = json_loads(body->data, 0, NULL);
+        ret = send_text(conn, 200, "application/json", "{}");
+    } else if (strcmp(url, "/api/v1/jobs/11/release") == 0) {
+        if (!fake_worker_ok(conn)) fake.worker_header_ok = false;
+        fake.releases++;
+        ret = send_text(conn, 200, "application/json", "{}");
+    } else {
+        ret = send_text(conn, 404, "application/problem+json", "{\"title\": \"Not Found\"}");
+    }
+    pthread_mutex_unlock(&fake.lock);
+    return ret;
+}
+
+static void fake_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                           enum MHD_RequestTerminationCode code) {
+    (void)cls;
+    (void)conn;
+    (void)code;
+    free(*con_cls);
+    *con_cls = NULL;
+}
+
+/* Sends two shutdown signals once the job is running (its input still
+ * downloading), as a second SIGTERM would. */
+static void *fake_signal_twice(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&fake.lock);
+        bool given = fake.job_given;
+        pthread_mutex_unlock(&fake.lock);
+        if (given) break;
+        usleep(20000);
+    }
+    usleep(300000);
+    agent_signal();
+    usleep(300000);
+    agent_signal();
+    return NULL;
+}
+
+/* Runs the agent against the fake server in scenario sc: with --once, or,
+ * with signal_twice, until two shutdown signals sent mid-job. Returns
+ * agent_run's status; *seconds gets how long it took. */
+static int fake_run_agent(enum scenario sc, int complete_503, bool signal_twice,
+                          double *seconds) {
+    json_decref(fake.complete_body);
+    json_decref(fake.fail_body);
+    json_decref(fake.register_body);
+    memset(&fake.scenario, 0, sizeof fake - offsetof(fake_state, scenario));
+    fake.scenario = sc;
+    fake.complete_503_left = complete_503;
+    fake.worker_header_ok = true;
+    fake_build_npy();
+
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    struct MHD_Daemon *d = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION, 0, NULL, NULL,
+        fake_request, NULL, MHD_OPTION_NOTIFY_COMPLETED, fake_completed, NULL,
+        MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr, MHD_OPTION_END);
+    assert_non_null(d);
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(d, MHD_DAEMON_INFO_BIND_PORT);
+    char url[64], dir[] = "/tmp/strata-test-agent.XXXXXX", err[ERR_LEN] = "";
+    snprintf(url, sizeof url, "http://127.0.0.1:%u", (unsigned)info->port);
+    assert_non_null(mkdtemp(dir));
+    agent_config cfg = {.server_url = url, .token = "tok", .name = "t1", .queues = "q1,q2",
+                        .heartbeat_s = 1, .wait_s = 1, .work_dir = dir,
+                        .remove_work_dir = true, .once = !signal_twice};
+    pthread_t signaller;
+    if (signal_twice) pthread_create(&signaller, NULL, fake_signal_twice, NULL);
+    double start = util_now_seconds();
+    int rc = agent_run(&cfg, err, sizeof err);
+    *seconds = util_now_seconds() - start;
+    if (signal_twice) pthread_join(signaller, NULL);
+    MHD_stop_daemon(d);
+    assert_int_equal(access(dir, F_OK), -1); /* work dir removed */
+    /* Registration carried what the API asks for. */
+    assert_string_equal(json_string_value(json_object_get(fake.register_body, "name")), "t1");
+    assert_int_equal(json_array_size(json_object_get(fake.register_body, "gpus")), 0);
+    assert_string_equal(json_string_value(json_array_get(
+                            json_object_get(fake.register_body, "queues"), 1)), "q2");
+    assert_true(fake.worker_header_ok);
+    return rc;
+}
+
+static void test_agent_completes_through_503(void **state) {
+    (void)state;
+    double took;
+    assert_int_equal(fake_run_agent(SC_COMPLETE_AFTER_503, 2, false, &took), 0);
+    assert_int_equal(fake.completes, 3); /* two 503s waited out, then accepted */
+    assert_int_equal(fake.fails, 0);
+    json_t *layers = json_object_get(json_object_get(fake.complete_body, "result"), "layers");
+    assert_int_equal(json_array_size(layers), 1);
+    json_t *layer = json_array_get(layers, 0);
+    /* x against itself: CKA is 1 up to rounding. */
+    double cka = json_real_value(json_object_get(layer, "cka"));
+    assert_true(cka > 1.0 - 1e-12 && cka < 1.0 + 1e-12);
+    assert_int_equal(json_integer_value(json_object_get(layer, "n")), NPY_N);
+    assert_true(json_is_null(json_object_get(layer, "layer")));
+    assert_non_null(strstr(fake.logs, "cka layer")); /* the runner's line reached the server */
+}
+
+static void test_agent_cancel(void **state) {
+    (void)state;
+    double took;
+    assert_int_equal(fake_run_agent(SC_CANCEL, 0, false, &took), 0);
+    assert_true(took < 8.0); /* the download alone would take about 25 s */
+    assert_true(fake.heartbeats >= 1);
+    assert_int_equal(fake.completes, 0);
+    assert_int_equal(fake.fails, 1);
+    assert_string_equal(json_string_value(json_object_get(fake.fail_body, "error")), "cancelled");
+    assert_true(json_is_false(json_object_get(fake.fail_body, "retryable")));
+}
+
+static void test_agent_lease_lost(void **state) {
+    (void)state;
+    double took;
+    assert_int_equal(fake_run_agent(SC_LEASE_LOST, 0, false, &took), 0);
+    assert_true(took < 8.0);
+    assert_true(fake.heartbeats >= 1);
+    /* Not ours any more: dropped without a word. */
+    assert_int_equal(fake.completes, 0);
+    assert_int_equal(fake.fails, 0);
+    assert_int_equal(fake.releases, 0);
+}
+
+/* Must run last: shutdown signals cannot be taken back. */
+static void test_agent_double_signal(void **state) {
+    (void)state;
+    double took;
+    assert_int_equal(fake_run_agent(SC_SHUTDOWN, 0, true, &took), 0);
+    assert_true(took < 8.0);
+    /* Handed back to the queue, neither completed nor failed. */
+    assert_int_equal(fake.releases, 1);
+    assert_int_equal(fake.completes, 0);
+    assert_int_equal(fake.fails, 0);
+    assert_int_equal(fake.claims, 1); /* no claim after the first signal */
+}
+
 int main(void) {
     curl_global_init(CURL_GLOBAL_DEFAULT);
     const struct CMUnitTest tests[] = {
@@ -550,8 +856,15 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_upload, server_setup, server_teardown),
         cmocka_unit_test_setup_teardown(test_oversized_answer, server_setup, server_teardown),
         cmocka_unit_test_setup_teardown(test_abort, server_setup, server_teardown),
+        cmocka_unit_test(test_agent_completes_through_503),
+        cmocka_unit_test(test_agent_cancel),
+        cmocka_unit_test(test_agent_lease_lost),
+        cmocka_unit_test(test_agent_double_signal),
     };
     int failed = cmocka_run_group_tests(tests, NULL, NULL);
+    json_decref(fake.complete_body);
+    json_decref(fake.fail_body);
+    json_decref(fake.register_body);
     curl_global_cleanup();
     return failed;
 }
