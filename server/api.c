@@ -269,19 +269,19 @@ reply:
     }
     PGconn *db = http_db(req);
     if (!db) goto out;
-    json_t *doc = NULL;
+    char *doc = NULL;
+    int64_t id = 0;
     int status = 500;
     char err[ERR_LEN];
-    if (job_create(db, &in, errors, &doc, &status, err, sizeof err) != 0) {
+    if (job_create(db, &in, errors, &id, &doc, &status, err, sizeof err) != 0) {
         http_reply_problem(req, status, err, status == 400 ? errors : NULL);
         if (status == 400) errors = NULL;
         goto out;
     }
     char location[64];
-    snprintf(location, sizeof location, "/api/v1/jobs/%lld",
-             (long long)json_integer_value(json_object_get(doc, "id")));
+    snprintf(location, sizeof location, "/api/v1/jobs/%lld", (long long)id);
     http_set_location(req, location);
-    http_reply_json(req, 201, doc);
+    http_reply_json_text(req, 201, doc);
 out:
     json_decref(errors);
     json_decref(empty_spec);
@@ -319,7 +319,7 @@ static void api_jobs_list(http_req *req) {
     }
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *items = NULL;
+    char *items = NULL;
     int64_t next = 0;
     int status = 500;
     char err[ERR_LEN];
@@ -330,27 +330,31 @@ static void api_jobs_list(http_req *req) {
     }
     char next_text[24];
     api_cursor_format(next, next_text, sizeof next_text);
-    http_reply_json(req, 200, json_pack("{s:o, s:s?}", "items", items, "next_cursor",
-                                        next > 0 ? next_text : NULL));
+    buf_t b;
+    buf_init(&b, strlen(items) + 64);
+    int w = buf_printf(&b, "{\"items\":%s,\"next_cursor\":", items);
+    if (w == 0) w = next > 0 ? buf_printf(&b, "\"%s\"}", next_text) : buf_printf(&b, "null}");
+    free(items);
+    http_reply_json_text(req, 200, w == 0 ? buf_steal(&b) : NULL);
 }
 
 static void api_job_get(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     if (job_get(db, req->ids[0], &doc, &status, err, sizeof err) != 0) {
         api_fail(req, status, err);
         return;
     }
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 static void api_job_cancel(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500, http_status = 200;
     char err[ERR_LEN];
     if (job_cancel(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc,
@@ -358,13 +362,13 @@ static void api_job_cancel(http_req *req) {
         api_fail(req, status, err);
         return;
     }
-    http_reply_json(req, http_status, doc);
+    http_reply_json_text(req, http_status, doc);
 }
 
 static void api_job_retry(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     if (job_retry(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc, &status,
@@ -373,7 +377,7 @@ static void api_job_retry(http_req *req) {
         return;
     }
     notify_wake_all(req->srv->hub);
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 static void api_job_artifacts_list(http_req *req) {
@@ -411,14 +415,14 @@ static void api_job_logs_get(http_req *req) {
 static void api_job_metrics_get(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     if (job_metrics_get(db, req->ids[0], &doc, &status, err, sizeof err) != 0) {
         api_fail(req, status, err);
         return;
     }
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 /* --- the worker protocol -------------------------------------------------- */
@@ -490,14 +494,14 @@ static void api_worker_claim(http_req *req) {
     }
     for (;;) {
         if (!(db = http_db(req))) return;
-        json_t *doc = NULL;
+        char *doc = NULL;
         int got = job_claim(db, req->ids[0], gpus, &srv->policy, &doc, &status, err, sizeof err);
         if (got < 0) {
             api_fail(req, status, err);
             return;
         }
         if (got > 0) {
-            http_reply_json(req, 200, doc);
+            http_reply_json_text(req, 200, doc);
             return;
         }
         http_db_release(req);
@@ -550,7 +554,7 @@ static void api_job_complete(http_req *req) {
         free(result_text);
         return;
     }
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     int rc = job_complete(db, req->ids[0], worker_id, result_text, &doc, &status, err,
@@ -561,7 +565,7 @@ static void api_job_complete(http_req *req) {
         return;
     }
     notify_wake_all(req->srv->hub);
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 static void api_job_fail(http_req *req) {
@@ -585,7 +589,7 @@ static void api_job_fail(http_req *req) {
     }
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     if (job_fail(db, req->ids[0], worker_id, json_string_value(error), json_is_true(retryable),
@@ -593,7 +597,7 @@ static void api_job_fail(http_req *req) {
         api_fail(req, status, err);
         return;
     }
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 static void api_job_release(http_req *req) {
@@ -601,7 +605,7 @@ static void api_job_release(http_req *req) {
     if (api_worker_header(req, &worker_id) != 0) return;
     PGconn *db = http_db(req);
     if (!db) return;
-    json_t *doc = NULL;
+    char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
     if (job_release(db, req->ids[0], worker_id, &doc, &status, err, sizeof err) != 0) {
@@ -609,7 +613,7 @@ static void api_job_release(http_req *req) {
         return;
     }
     notify_wake_all(req->srv->hub);
-    http_reply_json(req, 200, doc);
+    http_reply_json_text(req, 200, doc);
 }
 
 static void api_job_logs_add(http_req *req) {

@@ -151,6 +151,17 @@ void http_reply_json(http_req *req, int status, json_t *doc) {
     http_queue(req, status, resp, "application/json");
 }
 
+void http_reply_json_text(http_req *req, int status, char *text) {
+    if (!text) {
+        http_reply_problem(req, 500, "out of memory", NULL);
+        return;
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(strlen(text), text, MHD_RESPMEM_MUST_FREE);
+    if (!resp) free(text);
+    http_queue(req, status, resp, "application/json");
+}
+
 void http_reply_problem(http_req *req, int status, const char *detail, json_t *errors) {
     const char *title = MHD_get_reason_phrase_for((unsigned)status);
     /* the detail may quote the request (a path, a name): keep it valid JSON */

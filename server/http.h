@@ -74,6 +74,8 @@ struct MHD_Daemon *http_start(srv_t *srv, const http_route *routes, size_t nrout
 
 /* Replies. Each takes ownership of the JSON it is given. */
 void http_reply_json(http_req *req, int status, json_t *doc);
+/* Sends JSON text as it is (malloc'd; the reply takes it). */
+void http_reply_json_text(http_req *req, int status, char *text);
 void http_reply_problem(http_req *req, int status, const char *detail, json_t *errors);
 void http_reply_text(http_req *req, int status, const char *content_type, const char *text,
                      size_t len);

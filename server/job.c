@@ -143,7 +143,8 @@ static const char JOB_SQL_METRICS_ADD[] =
     " SELECT $1, p->>'name', (p->>'step')::bigint, (p->>'value')::float8"
     " FROM json_array_elements($2::json) AS p";
 static const char JOB_SQL_METRICS_GET[] =
-    "SELECT COALESCE(json_object_agg(name, points), '{}'::json) FROM ("
+    "SELECT json_build_object('series', COALESCE(json_object_agg(name, points), '{}'::json))"
+    " FROM ("
     " SELECT name, json_agg(json_build_array(step, value) ORDER BY step, created_at) AS points"
     " FROM job_metrics WHERE job_id = $1 GROUP BY name) s";
 
@@ -193,6 +194,13 @@ static void job_id_text(int64_t id, char out[24]) { snprintf(out, 24, "%lld", (l
 /* Reads the single JSON cell of res. NULL on a malformed document. */
 static json_t *job_json_cell(PGresult *res, int row, int col) {
     return json_loads(PQgetvalue(res, row, col), JSON_DECODE_ANY, NULL);
+}
+
+/* Copies a JSON cell's text as PostgreSQL wrote it, so numbers keep the
+ * digits they were given (re-encoding a double would print 0.8731 as
+ * 0.87309999999999999). NULL when out of memory. */
+static char *job_text_cell(PGresult *res, int row, int col) {
+    return strdup(PQgetvalue(res, row, col));
 }
 
 static int job_notify(PGconn *conn, int *status, char *err, size_t errlen) {
@@ -274,7 +282,7 @@ static int job_not_held(PGconn *conn, int64_t id, int64_t worker_id, int *status
     return -1;
 }
 
-int job_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *err, size_t errlen) {
+int job_get(PGconn *conn, int64_t id, char **doc, int *status, char *err, size_t errlen) {
     char id_text[24];
     job_id_text(id, id_text);
     const char *params[] = {id_text};
@@ -286,9 +294,9 @@ int job_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *err, size
     if (PQntuples(res) == 0) {
         *status = 404;
         err_set(err, errlen, "no job %lld", (long long)id);
-    } else if ((*doc = job_json_cell(res, 0, 0)) == NULL) {
+    } else if ((*doc = job_text_cell(res, 0, 0)) == NULL) {
         *status = 500;
-        err_set(err, errlen, "bad job document from the database");
+        err_set(err, errlen, "out of memory");
     } else {
         rc = 0;
     }
@@ -358,7 +366,8 @@ static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *
     return 0;
 }
 
-int job_create(PGconn *conn, const job_new *in, json_t *errors, json_t **doc, int *status,
+int job_create(PGconn *conn, const job_new *in, json_t *errors, int64_t *id_out, char **doc,
+               int *status,
                char *err, size_t errlen) {
     buf_t deps;
     buf_init(&deps, 64 + in->ndeps * 24);
@@ -431,6 +440,7 @@ int job_create(PGconn *conn, const job_new *in, json_t *errors, json_t **doc, in
         goto out;
     }
     int64_t id = db_get_i64(res, 0, 0);
+    *id_out = id;
     char id_text[24];
     job_id_text(id, id_text);
     PQclear(res);
@@ -461,7 +471,7 @@ out:
 /* --- reading -------------------------------------------------------------- */
 
 int job_list(PGconn *conn, const char *state, const char *kind, const char *owner,
-             int64_t before_id, int limit, json_t **items, int64_t *next_id, int *status,
+             int64_t before_id, int limit, char **items, int64_t *next_id, int *status,
              char *err, size_t errlen) {
     char before[24], lim[16];
     job_id_text(before_id, before);
@@ -473,21 +483,24 @@ int job_list(PGconn *conn, const char *state, const char *kind, const char *owne
     *next_id = 0;
     if (db_exec(conn, JOB_SQL_LIST, 5, params, &res, NULL, err, errlen) != 0)
         return job_db_error(conn, status);
-    json_t *arr = json_array();
     int n = PQntuples(res);
-    for (int i = 0; i < n && i < limit; i++) {
-        json_t *doc = job_json_cell(res, i, 0);
-        if (!doc) {
-            json_decref(arr);
-            PQclear(res);
-            *status = 500;
-            return err_set(err, errlen, "bad job document from the database");
-        }
-        json_array_append_new(arr, doc);
+    size_t total = 3;
+    for (int i = 0; i < n && i < limit; i++) total += (size_t)PQgetlength(res, i, 0) + 1;
+    buf_t b;
+    buf_init(&b, total);
+    int w = buf_append(&b, "[", 1);
+    for (int i = 0; i < n && i < limit && w == 0; i++) {
+        if (i > 0) w = buf_append(&b, ",", 1);
+        if (w == 0) w = buf_append(&b, PQgetvalue(res, i, 0), (size_t)PQgetlength(res, i, 0));
     }
+    if (w == 0) w = buf_append(&b, "]", 1);
     if (n > limit) *next_id = db_get_i64(res, limit - 1, 1);
     PQclear(res);
-    *items = arr;
+    if (w != 0) {
+        *status = 500;
+        return err_set(err, errlen, "out of memory");
+    }
+    *items = buf_steal(&b);
     return 0;
 }
 
@@ -534,7 +547,7 @@ int job_worker_seen(PGconn *conn, int64_t worker_id, int *gpus, int *status, cha
 }
 
 int job_claim(PGconn *conn, int64_t worker_id, int gpus, const job_policy *policy,
-              json_t **doc, int *status, char *err, size_t errlen) {
+              char **doc, int *status, char *err, size_t errlen) {
     char wid[24], lease[16], ngpus[16];
     job_id_text(worker_id, wid);
     snprintf(lease, sizeof lease, "%d", policy->lease_s);
@@ -548,13 +561,13 @@ int job_claim(PGconn *conn, int64_t worker_id, int gpus, const job_policy *polic
         PQclear(res);
         return 0;
     }
-    *doc = job_json_cell(res, 0, 0);
+    *doc = job_text_cell(res, 0, 0);
     log_info("job %s: queued -> running on worker %lld (attempt %s)", PQgetvalue(res, 0, 1),
              (long long)worker_id, PQgetvalue(res, 0, 2));
     PQclear(res);
     if (!*doc) {
         *status = 500;
-        return err_set(err, errlen, "bad job document from the database");
+        return err_set(err, errlen, "out of memory");
     }
     return 1;
 }
@@ -599,7 +612,7 @@ int job_check_held(PGconn *conn, int64_t id, int64_t worker_id, int *status, cha
 }
 
 int job_complete(PGconn *conn, int64_t id, int64_t worker_id, const char *result_json,
-                 json_t **doc, int *status, char *err, size_t errlen) {
+                 char **doc, int *status, char *err, size_t errlen) {
     char id_text[24], wid[24];
     job_id_text(id, id_text);
     job_id_text(worker_id, wid);
@@ -632,7 +645,7 @@ out:
 }
 
 int job_fail(PGconn *conn, int64_t id, int64_t worker_id, const char *error, bool retryable,
-             const job_policy *policy, json_t **doc, int *status, char *err, size_t errlen) {
+             const job_policy *policy, char **doc, int *status, char *err, size_t errlen) {
     char id_text[24], wid[24];
     job_id_text(id, id_text);
     job_id_text(worker_id, wid);
@@ -692,7 +705,7 @@ out:
     return rc;
 }
 
-int job_release(PGconn *conn, int64_t id, int64_t worker_id, json_t **doc, int *status,
+int job_release(PGconn *conn, int64_t id, int64_t worker_id, char **doc, int *status,
                 char *err, size_t errlen) {
     char id_text[24], wid[24];
     job_id_text(id, id_text);
@@ -813,7 +826,7 @@ int job_logs_get(PGconn *conn, int64_t id, char **text, int *status, char *err, 
     return 0;
 }
 
-int job_metrics_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *err,
+int job_metrics_get(PGconn *conn, int64_t id, char **doc, int *status, char *err,
                     size_t errlen) {
     int found = job_exists(conn, id, err, errlen);
     if (found < 0) return job_db_error(conn, status);
@@ -827,13 +840,12 @@ int job_metrics_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *e
     PGresult *res = NULL;
     if (db_exec(conn, JOB_SQL_METRICS_GET, 1, params, &res, NULL, err, errlen) != 0)
         return job_db_error(conn, status);
-    json_t *series = job_json_cell(res, 0, 0);
+    *doc = job_text_cell(res, 0, 0);
     PQclear(res);
-    if (!series) {
+    if (!*doc) {
         *status = 500;
-        return err_set(err, errlen, "bad metrics document from the database");
+        return err_set(err, errlen, "out of memory");
     }
-    *doc = json_pack("{s:o}", "series", series);
     return 0;
 }
 
@@ -863,7 +875,7 @@ static int job_lock_for_user(PGconn *conn, int64_t id, int64_t user_id, bool is_
     return rc;
 }
 
-int job_cancel(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, json_t **doc,
+int job_cancel(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **doc,
                int *http_status, int *status, char *err, size_t errlen) {
     char state[16], id_text[24];
     job_id_text(id, id_text);
@@ -902,7 +914,7 @@ out:
     return rc;
 }
 
-int job_retry(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, json_t **doc,
+int job_retry(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **doc,
               int *status, char *err, size_t errlen) {
     char state[16], id_text[24];
     job_id_text(id, id_text);

@@ -9,7 +9,9 @@
  * HTTP status that describes the problem (400 bad input, 403 not the owner,
  * 404 unknown id, 409 wrong state / not the holder, 500 database error, 503
  * database unavailable) and err set to a sentence for the client. A JSON
- * document handed back (*doc) belongs to the caller. */
+ * document handed back (*doc) belongs to the caller: char * documents are
+ * JSON text exactly as PostgreSQL wrote it (free()), json_t ones are
+ * jansson values (json_decref()). */
 #ifndef STRATA_JOB_H
 #define STRATA_JOB_H
 
@@ -48,11 +50,11 @@ int64_t job_retry_delay(int64_t attempt, int64_t base, int64_t max);
 
 /* Inserts a job after checking that its dependencies and the inputs its spec
  * names exist (field errors appended to errors, status 400). */
-int job_create(PGconn *conn, const job_new *in, json_t *errors, json_t **doc, int *status,
-               char *err, size_t errlen);
+int job_create(PGconn *conn, const job_new *in, json_t *errors, int64_t *id, char **doc,
+               int *status, char *err, size_t errlen);
 
 /* Loads one job; 404 when unknown. */
-int job_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *err, size_t errlen);
+int job_get(PGconn *conn, int64_t id, char **doc, int *status, char *err, size_t errlen);
 /* True (1) when the job exists, 0 when not, -1 on error. */
 int job_exists(PGconn *conn, int64_t id, char *err, size_t errlen);
 /* The owner's user id of job id (404 when unknown). */
@@ -60,9 +62,9 @@ int job_owner(PGconn *conn, int64_t id, int64_t *owner_id, int *status, char *er
               size_t errlen);
 
 /* Newest first, ids below before_id when before_id > 0. Filters may be NULL.
- * *items is a JSON array; *next_id is the cursor id for the next page, or 0. */
+ * *items is the text of a JSON array; *next_id is the cursor id for the next page, or 0. */
 int job_list(PGconn *conn, const char *state, const char *kind, const char *owner,
-             int64_t before_id, int limit, json_t **items, int64_t *next_id, int *status,
+             int64_t before_id, int limit, char **items, int64_t *next_id, int *status,
              char *err, size_t errlen);
 
 /* Registers a worker owned by user_id. gpus_json and queues_json are JSON
@@ -77,7 +79,7 @@ int job_worker_seen(PGconn *conn, int64_t worker_id, int *gpus, int *status, cha
 /* Claims the best queued job for a worker with gpus GPUs. Returns 1 with *doc
  * (the job, lease_expires_at set), 0 when there is none, -1 on error. */
 int job_claim(PGconn *conn, int64_t worker_id, int gpus, const job_policy *policy,
-              json_t **doc, int *status, char *err, size_t errlen);
+              char **doc, int *status, char *err, size_t errlen);
 
 /* Worker calls; each requires the job to be running and held by worker_id
  * (404 unknown job, 409 otherwise). */
@@ -85,10 +87,10 @@ int job_heartbeat(PGconn *conn, int64_t id, int64_t worker_id, const char *progr
                   const job_policy *policy, json_t **doc, int *status, char *err,
                   size_t errlen);
 int job_complete(PGconn *conn, int64_t id, int64_t worker_id, const char *result_json,
-                 json_t **doc, int *status, char *err, size_t errlen);
+                 char **doc, int *status, char *err, size_t errlen);
 int job_fail(PGconn *conn, int64_t id, int64_t worker_id, const char *error, bool retryable,
-             const job_policy *policy, json_t **doc, int *status, char *err, size_t errlen);
-int job_release(PGconn *conn, int64_t id, int64_t worker_id, json_t **doc, int *status,
+             const job_policy *policy, char **doc, int *status, char *err, size_t errlen);
+int job_release(PGconn *conn, int64_t id, int64_t worker_id, char **doc, int *status,
                 char *err, size_t errlen);
 /* Checks (without changing anything) that worker_id holds job id. */
 int job_check_held(PGconn *conn, int64_t id, int64_t worker_id, int *status, char *err,
@@ -103,14 +105,14 @@ int job_logs_get(PGconn *conn, int64_t id, char **text, int *status, char *err, 
 int job_metrics_add(PGconn *conn, int64_t id, int64_t worker_id, const char *points_json,
                     int *status, char *err, size_t errlen);
 /* {"series": {name: [[step, value], ...]}} ordered by step. */
-int job_metrics_get(PGconn *conn, int64_t id, json_t **doc, int *status, char *err,
+int job_metrics_get(PGconn *conn, int64_t id, char **doc, int *status, char *err,
                     size_t errlen);
 
 /* Owner or admin actions. *http_status is 200, or 202 for a cancel that
  * waits for the running job's worker. */
-int job_cancel(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, json_t **doc,
+int job_cancel(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **doc,
                int *http_status, int *status, char *err, size_t errlen);
-int job_retry(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, json_t **doc,
+int job_retry(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **doc,
               int *status, char *err, size_t errlen);
 
 /* The reaper's pass: running jobs whose lease lapsed are cancelled (cancel
