@@ -93,6 +93,27 @@ out:
     return 0;
 }
 
+/* One line for a failed file: the database's message and the line of the
+ * file it points at ("column x does not exist (line 12)"). */
+static void migrate_describe_error(PGresult *res, const char *sql, char *msg, size_t msglen) {
+    const char *primary = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+    const char *position = PQresultErrorField(res, PG_DIAG_STATEMENT_POSITION);
+    int64_t pos = 0;
+    if (!primary) primary = "unknown error";
+    if (!position || util_parse_i64(position, 1, INT64_MAX, &pos) != 0) {
+        snprintf(msg, msglen, "%s", primary);
+        return;
+    }
+    /* the position counts characters from 1; lines are what an editor shows */
+    long line = 1;
+    int64_t chars = 0;
+    for (const char *p = sql; *p && chars < pos - 1; p++) {
+        if (((unsigned char)*p & 0xC0) != 0x80) chars++;
+        if (*p == '\n') line++;
+    }
+    snprintf(msg, msglen, "%s (line %ld)", primary, line);
+}
+
 /* Applies one file unless already recorded. Returns 1 if applied, 0 if it was
  * already there (checksum matching), -1 on error. */
 static int migrate_one(PGconn *conn, const char *dir, const char *name, int report, char *err,
@@ -151,9 +172,7 @@ static int migrate_one(PGconn *conn, const char *dir, const char *name, int repo
      * query protocol runs; it is trusted code from the source tree. */
     res = PQexec(conn, sql);
     if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-        snprintf(msg, sizeof msg, "%s", PQresultErrorMessage(res));
-        size_t n = strlen(msg);
-        while (n > 0 && msg[n - 1] == '\n') msg[--n] = '\0';
+        migrate_describe_error(res, sql, msg, sizeof msg);
         db_rollback(conn);
         err_set(err, errlen, "migration %s failed: %s", name, msg);
         goto out;
