@@ -94,6 +94,8 @@ else
     failed=1
 fi
 
+stop="make down"
+[[ $STRATA_HOME == "$REPO/var" ]] || stop="STRATA_HOME=$STRATA_HOME make down"
 cat <<EOF
 
 The base and tuned models agree in early layers and drift apart with depth.
@@ -101,6 +103,6 @@ The API is at $STRATA_URL; an admin token is in $STRATA_HOME/admin.token.
   source $STRATA_HOME/env
   curl -H "Authorization: Bearer \$STRATA_TOKEN" "\$STRATA_URL/api/v1/jobs?limit=5"
   curl -H "Authorization: Bearer \$STRATA_TOKEN" "\$STRATA_URL/api/v1/jobs/${JOBS[1]}"
-The stack keeps running; \`make down\` stops it.
+The stack keeps running; \`$stop\` stops it.
 EOF
 exit "$failed"

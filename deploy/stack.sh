@@ -36,7 +36,7 @@ alive() {
     [[ -s $file ]] || return 1
     pid=$(cat "$file")
     [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
-    tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | grep -qF "$program"
+    tr '\0' ' ' 2>/dev/null </proc/"$pid"/cmdline | grep -qF "$program"
 }
 
 # launch PIDFILE LOG CMD... : starts CMD detached (own session, survives this
@@ -143,7 +143,8 @@ up() {
 
     if [[ ! -s $STRATA_HOME/worker.token ]]; then
         local tok
-        tok=$(as_strata "$BIN/strata-server" token create --user local-workers --role worker)
+        tok=$(as_strata "$BIN/strata-server" token create --user local-workers --role worker \
+            2>>"$LOGDIR/server.log")
         [[ $tok == st_* ]] || { say "could not create a worker token: $tok"; exit 1; }
         (umask 077 && printf '%s\n' "$tok" >"$STRATA_HOME/worker.token.tmp")
         ((ROOT == 0)) || chown strata:strata "$STRATA_HOME/worker.token.tmp"
@@ -166,11 +167,13 @@ STRATA_TOKEN=$(tr -d '[:space:]' <"$STRATA_HOME/admin.token")"
         (umask 077 && printf '%s\n' "$env_text" >"$STRATA_HOME/env")
     fi
 
+    local stop="make down"
+    [[ $STRATA_HOME == "$REPO/var" ]] || stop="STRATA_HOME=$STRATA_HOME make down"
     cat <<EOF
 strata is up: $url ($WORKERS workers, PostgreSQL in $STRATA_HOME/pg)
   source $STRATA_HOME/env     # sets STRATA_URL and STRATA_TOKEN (admin)
   curl -H "Authorization: Bearer \$STRATA_TOKEN" \$STRATA_URL/api/v1/jobs
-  logs: $LOGDIR/    stop: make down
+  logs: $LOGDIR/    stop: $stop
 EOF
 }
 

@@ -166,7 +166,7 @@ spawn() {
 it_alive() {
     local pid=$1
     [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
-    tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | grep -qF "$IT_BIN/"
+    tr '\0' ' ' 2>/dev/null </proc/"$pid"/cmdline | grep -qF "$IT_BIN/"
 }
 
 # wait_exit PID WRAP TIMEOUT : waits for the program to exit; sets EXIT_CODE

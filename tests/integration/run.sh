@@ -45,7 +45,7 @@ cleanup() {
     # Whatever a test left behind: only pids of our own copies of the binaries.
     while read -r pid; do
         [[ -n $pid && -r /proc/$pid/cmdline ]] || continue
-        if tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | grep -qF "$IT_TMP/bin/"; then
+        if tr '\0' ' ' 2>/dev/null </proc/"$pid"/cmdline | grep -qF "$IT_TMP/bin/"; then
             kill -KILL "$pid" 2>/dev/null
         fi
     done <"$IT_TMP/all.pids"
