@@ -93,6 +93,8 @@ static void api_healthz(http_req *req) {
     http_reply_json(req, 200, json_pack("{s:s}", "status", "ok"));
 }
 
+/* 200 when the database answers SELECT 1, else 503 (not problem+json: this
+ * is for load balancers, outside /api/v1). */
 static void api_readyz(http_req *req) {
     char err[ERR_LEN];
     PGconn *db = db_acquire(req->srv->pool, err, sizeof err);
@@ -107,6 +109,7 @@ static void api_readyz(http_req *req) {
     http_reply_json(req, 503, json_pack("{s:s, s:s}", "status", "unavailable", "detail", err));
 }
 
+/* The Prometheus exposition; 503 while the database is away. */
 static void api_metrics(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
@@ -175,6 +178,9 @@ static void api_int_field(json_t *v, const char *field, int min, int max, int *o
     *out = (int)json_integer_value(v);
 }
 
+/* POST /api/v1/jobs: every field is checked (all errors reported at once,
+ * each naming its field) before anything is written; then the job module
+ * checks what needs the database (dependencies, referenced inputs). */
 static void api_jobs_create(http_req *req) {
     json_t *body = req->json;
     json_t *errors = json_array();
@@ -288,6 +294,8 @@ out:
     free(deps);
 }
 
+/* GET /api/v1/jobs: filters and paging parameters are checked first; the
+ * cursor is the hex id of the last job of the previous page. */
 static void api_jobs_list(http_req *req) {
     const char *state = http_query(req, "state");
     const char *kind = http_query(req, "kind");
@@ -380,6 +388,7 @@ static void api_job_retry(http_req *req) {
     http_reply_json_text(req, 200, doc);
 }
 
+/* The artifacts a job uploaded; 404 when the job does not exist. */
 static void api_job_artifacts_list(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
@@ -513,6 +522,8 @@ static void api_worker_claim(http_req *req) {
     http_reply_empty(req, 204);
 }
 
+/* Renews the lease and stores progress; the answer tells the worker whether
+ * a cancel is waiting. */
 static void api_job_heartbeat(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -540,6 +551,8 @@ static void api_job_heartbeat(http_req *req) {
     http_reply_json(req, 200, doc);
 }
 
+/* Ends the job as succeeded with its result; dependents may become queued,
+ * so waiting claims are woken. */
 static void api_job_complete(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -568,6 +581,8 @@ static void api_job_complete(http_req *req) {
     http_reply_json_text(req, 200, doc);
 }
 
+/* A failed attempt: requeued with backoff, failed, or cancelled (see
+ * job_fail). */
 static void api_job_fail(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -600,6 +615,8 @@ static void api_job_fail(http_req *req) {
     http_reply_json_text(req, 200, doc);
 }
 
+/* The worker is shutting down: the job goes back to the queue without
+ * counting the attempt. */
 static void api_job_release(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -616,6 +633,9 @@ static void api_job_release(http_req *req) {
     http_reply_json_text(req, 200, doc);
 }
 
+/* Appends log lines (any content type). A trailing newline does not make an
+ * empty line; bytes that are not UTF-8 become U+FFFD instead of losing the
+ * line. */
 static void api_job_logs_add(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -652,6 +672,7 @@ static void api_job_logs_add(http_req *req) {
     http_reply_empty(req, 204);
 }
 
+/* Stores metric points after checking every one (first 20 errors named). */
 static void api_job_metrics_add(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -766,6 +787,8 @@ static void api_store_upload(http_req *req, int64_t owner_id, int64_t job_id) {
 
 static void api_artifact_upload(http_req *req) { api_store_upload(req, req->user.id, 0); }
 
+/* A job's output: owned by the job's owner, replacing an earlier upload of
+ * the same name for that job. */
 static void api_job_artifact_upload(http_req *req) {
     int64_t worker_id, owner_id = 0;
     if (api_worker_header(req, &worker_id) != 0) return;
@@ -782,6 +805,7 @@ static void api_job_artifact_upload(http_req *req) {
     api_store_upload(req, owner_id, req->ids[0]);
 }
 
+/* Artifact metadata; 404 for an unknown id. */
 static void api_artifact_get(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
@@ -797,6 +821,8 @@ static void api_artifact_get(http_req *req) {
     http_reply_json(req, 200, doc);
 }
 
+/* Streams the stored file from disk (never read into memory); the database
+ * connection is given back before the transfer starts. */
 static void api_artifact_content(http_req *req) {
     PGconn *db = http_db(req);
     if (!db) return;
