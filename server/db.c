@@ -12,6 +12,9 @@
 #include "common/util.h"
 
 static const char DB_SQL_PING[] = "SELECT 1";
+static const char DB_SQL_BEGIN[] = "BEGIN";
+static const char DB_SQL_COMMIT[] = "COMMIT";
+static const char DB_SQL_ROLLBACK[] = "ROLLBACK";
 
 /* libpq's messages span lines ("...\n\tIs the server running...?\n"); a log
  * record and a problem detail are one line, so fold them. */
@@ -220,15 +223,15 @@ int db_exec(PGconn *conn, const char *sql, int n, const char *const *params, PGr
 }
 
 int db_begin(PGconn *conn, char *err, size_t errlen) {
-    return db_exec(conn, "BEGIN", 0, NULL, NULL, NULL, err, errlen);
+    return db_exec(conn, DB_SQL_BEGIN, 0, NULL, NULL, NULL, err, errlen);
 }
 
 int db_commit(PGconn *conn, char *err, size_t errlen) {
-    return db_exec(conn, "COMMIT", 0, NULL, NULL, NULL, err, errlen);
+    return db_exec(conn, DB_SQL_COMMIT, 0, NULL, NULL, NULL, err, errlen);
 }
 
 void db_rollback(PGconn *conn) {
-    PGresult *r = PQexec(conn, "ROLLBACK");
+    PGresult *r = PQexec(conn, DB_SQL_ROLLBACK);
     PQclear(r);
 }
 
