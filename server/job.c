@@ -119,6 +119,16 @@ static const char JOB_SQL_UNBLOCK[] =
     " AND NOT EXISTS (SELECT 1 FROM job_deps d JOIN jobs p ON p.id = d.depends_on"
     "  WHERE d.job_id = jobs.id AND p.state <> 'succeeded')"
     " RETURNING id";
+/* Locks, in id order, the blocked jobs below a failed one before they are
+ * failed, so two cascades over overlapping jobs queue up instead of
+ * deadlocking. */
+static const char JOB_SQL_LOCK_DESCENDANTS[] =
+    "WITH RECURSIVE down(id) AS ("
+    "  SELECT d.job_id FROM job_deps d WHERE d.depends_on = $1"
+    "  UNION"
+    "  SELECT d.job_id FROM job_deps d JOIN down ON d.depends_on = down.id)"
+    " SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM down) AND j.state = 'blocked'"
+    " ORDER BY j.id FOR UPDATE";
 /* A failed or cancelled job fails everything blocked below it, each with the
  * id of the dependency through which the failure reached it. */
 static const char JOB_SQL_FAIL_DEPENDENTS[] =
@@ -236,7 +246,8 @@ static int job_fail_dependents(PGconn *conn, int64_t id, int *status, char *err,
     job_id_text(id, id_text);
     const char *params[] = {id_text};
     PGresult *res = NULL;
-    if (db_exec(conn, JOB_SQL_FAIL_DEPENDENTS, 1, params, &res, NULL, err, errlen) != 0)
+    if (db_exec(conn, JOB_SQL_LOCK_DESCENDANTS, 1, params, NULL, NULL, err, errlen) != 0 ||
+        db_exec(conn, JOB_SQL_FAIL_DEPENDENTS, 1, params, &res, NULL, err, errlen) != 0)
         return job_db_error(conn, status);
     for (int i = 0; i < PQntuples(res); i++)
         log_info("job %s: blocked -> failed (dependency %s failed)", PQgetvalue(res, i, 0),
