@@ -205,12 +205,14 @@ it_server_env() {
 }
 
 # server_cmd ARGS... : runs strata-server (e.g. migrate, token create) in the
-# foreground as the unprivileged user; output to stdout/stderr.
+# foreground as the unprivileged user; output to stdout/stderr, stderr also
+# kept in logs/ so run.sh sees sanitizer reports of subcommands too.
 server_cmd() {
     if [[ $(id -u) -eq 0 ]]; then
-        (cd "$TD" && runuser -u strata -- "$IT_BIN/strata-server" "$@")
+        (cd "$TD" && runuser -u strata -- "$IT_BIN/strata-server" "$@") \
+            2> >(tee -a "$TD/logs/server-cmd.log" >&2)
     else
-        (cd "$TD" && "$IT_BIN/strata-server" "$@")
+        (cd "$TD" && "$IT_BIN/strata-server" "$@") 2> >(tee -a "$TD/logs/server-cmd.log" >&2)
     fi
 }
 

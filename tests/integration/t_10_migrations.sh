@@ -52,8 +52,8 @@ expect_eq "earlier rows untouched by the failed run" "$before" \
 # ---- two migrate at once on a fresh database: both succeed, each file once
 main_db=$IT_DB
 it_db_create "it_t_10_race"
-out1=$TD/race1.out
-out2=$TD/race2.out
+out1=$TD/logs/race1.out
+out2=$TD/logs/race2.out
 server_cmd migrate >"$out1" 2>&1 &
 p1=$!
 server_cmd migrate >"$out2" 2>&1 &
