@@ -482,8 +482,27 @@ static void api_workers_register(http_req *req) {
     http_reply_json(req, 201, doc);
 }
 
+/* A claimed job whose reply never reached the worker goes back to the queue
+ * at once (without counting the attempt) instead of waiting for its lease. */
+static void api_claim_abort(http_req *req) {
+    int64_t job_id = req->abort_arg;
+    PGconn *db = http_db(req);
+    if (!db || job_id <= 0) return;
+    char *doc = NULL;
+    int status = 500;
+    char err[ERR_LEN];
+    if (job_release(db, job_id, req->ids[0], &doc, &status, err, sizeof err) == 0)
+        log_info("job %lld released: worker %lld left before receiving it", (long long)job_id,
+                 (long long)req->ids[0]);
+    else
+        log_warn("job %lld: release after an undelivered claim failed: %s", (long long)job_id,
+                 err);
+    free(doc);
+}
+
 /* Long-polls for work: tries to claim, and while nothing fits sleeps until a
- * NOTIFY (or a second passes), holding no database connection meanwhile. */
+ * NOTIFY (or a second passes), holding no database connection meanwhile. A
+ * worker that hung up is not handed a job it would never read. */
 static void api_worker_claim(http_req *req) {
     srv_t *srv = req->srv;
     const char *wait_text = http_query(req, "wait");
@@ -502,6 +521,7 @@ static void api_worker_claim(http_req *req) {
         return;
     }
     for (;;) {
+        if (http_client_gone(req)) break;
         if (!(db = http_db(req))) return;
         char *doc = NULL;
         int got = job_claim(db, req->ids[0], gpus, &srv->policy, &doc, &status, err, sizeof err);
@@ -510,6 +530,10 @@ static void api_worker_claim(http_req *req) {
             return;
         }
         if (got > 0) {
+            json_t *job = json_loads(doc, 0, NULL);
+            req->abort_arg = json_integer_value(json_object_get(job, "id"));
+            json_decref(job);
+            req->on_abort = api_claim_abort;
             http_reply_json_text(req, 200, doc);
             return;
         }

@@ -2,6 +2,8 @@
 #include "http.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
 #include <arpa/inet.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -449,6 +451,7 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
     http_req *req = *con_cls;
     if (!req) return;
     *con_cls = NULL;
+    if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && req->on_abort) req->on_abort(req);
     http_db_release(req);
     art_upload_abort(req->upload);
     json_decref(req->json);
@@ -460,6 +463,19 @@ static void http_completed(void *cls, struct MHD_Connection *conn, void **con_cl
               toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (connection ended early)");
     atomic_fetch_sub(&req->srv->in_flight, 1);
     free(req);
+}
+
+bool http_client_gone(http_req *req) {
+    const union MHD_ConnectionInfo *info =
+        MHD_get_connection_info(req->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!info) return false;
+    struct pollfd pfd = {.fd = info->connect_fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&pfd, 1, 0) <= 0) return false;
+    if (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR)) return true;
+    /* Readable without hang-up: a pipelined request (still there) or EOF. */
+    char byte;
+    ssize_t n = recv(info->connect_fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0;
 }
 
 struct MHD_Daemon *http_start(srv_t *srv, const http_route *routes, size_t nroutes, char *err,

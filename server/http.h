@@ -65,6 +65,11 @@ struct http_req {
     char path[512];
     double started;
     char location[128];
+    /* Called when the connection ended before the reply was delivered, with
+     * the request's database connection still available (a claim uses it to
+     * give back a job its worker never received). */
+    void (*on_abort)(http_req *req);
+    int64_t abort_arg;
 };
 
 /* Starts the daemon on cfg's bind address and port with routes. Returns NULL
@@ -94,6 +99,10 @@ void http_reply_field_error(http_req *req, const char *field, const char *fmt, .
 PGconn *http_db(http_req *req);
 /* Gives the connection back early (long polls must not hold one while idle). */
 void http_db_release(http_req *req);
+
+/* True when the client has closed its end of the connection (a worker that
+ * gave up a long poll); checked before handing out work it would never read. */
+bool http_client_gone(http_req *req);
 
 const char *http_query(http_req *req, const char *key);
 const char *http_header(http_req *req, const char *name);
