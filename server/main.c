@@ -185,6 +185,10 @@ out:
 
 int main(int argc, char **argv) {
     log_init("server");
+    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
+        main_usage();
+        return 0;
+    }
     if (getuid() == 0 || geteuid() == 0) {
         fprintf(stderr, "strata-server: refusing to run as root; run it as an unprivileged "
                         "user (e.g. runuser -u strata -- strata-server ...)\n");
@@ -195,10 +199,6 @@ int main(int argc, char **argv) {
     if (argc > 1 && argv[1][0] != '-') {
         command = argv[1];
         first = 2;
-    }
-    if (argc > 1 && (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0)) {
-        main_usage();
-        return 0;
     }
     char **rest = calloc((size_t)argc + 1, sizeof *rest);
     if (!rest) return 1;
