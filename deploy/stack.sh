@@ -72,14 +72,22 @@ as_strata() {
 }
 
 # The binaries and migrations the stack runs: copies in $STRATA_HOME when
-# root (refreshed while nothing runs), the build tree otherwise.
+# root, the build tree otherwise. Copies are refreshed only while the server
+# is down, each by rename so a still-running worker's binary is never
+# overwritten in place (that would fail with "text file busy").
 prepare_binaries() {
     if ((ROOT)); then
         if ! alive "$RUNDIR/server.pid" strata-server; then
             mkdir -p "$STRATA_HOME/bin"
-            cp "$BUILD/strata-server" "$BUILD/strata-worker" "$STRATA_HOME/bin/"
+            local b
+            for b in strata-server strata-worker; do
+                cp "$BUILD/$b" "$STRATA_HOME/bin/.$b.new"
+                mv -f "$STRATA_HOME/bin/.$b.new" "$STRATA_HOME/bin/$b"
+            done
+            rm -rf "$STRATA_HOME/migrations.new"
+            cp -r "$REPO/migrations" "$STRATA_HOME/migrations.new"
             rm -rf "$STRATA_HOME/migrations"
-            cp -r "$REPO/migrations" "$STRATA_HOME/migrations"
+            mv "$STRATA_HOME/migrations.new" "$STRATA_HOME/migrations"
             chown -R strata:strata "$STRATA_HOME/bin" "$STRATA_HOME/migrations"
         fi
         BIN=$STRATA_HOME/bin

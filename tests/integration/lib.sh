@@ -435,18 +435,23 @@ npy() {
 
 trap 'it_stop_all' EXIT
 
-# slow_pair NAME : uploads an input pair big enough that an rbf CKA job over
-# it runs for several seconds (sized by IT_SLOW_N x IT_SLOW_D), so tests can
-# act on a job while it is running. Sets SLOW_SPEC (the job spec) and
-# SLOW_REF (the numpy reference {"cka", "n", "dropped_rows"}).
+# slow_pair NAME [SEED [N D [noref]]] : uploads an input pair big enough that
+# an rbf CKA job over it runs for several seconds (N x D, default IT_SLOW_N x
+# IT_SLOW_D), so tests can act on a job while it is running. Sets SLOW_SPEC
+# (the job spec) and SLOW_REF (the numpy reference {"cka", "n",
+# "dropped_rows"}; not computed with noref).
 slow_pair() {
     local name=$1 seed=${2:-99}
-    local n=${IT_SLOW_N:-5000} d=${IT_SLOW_D:-1024}
+    local n=${3:-${IT_SLOW_N:-5000}} d=${4:-${IT_SLOW_D:-1024}}
     npy gen "$TD/data/$name.x.npy" "$TD/data/$name.y.npy" --n "$n" --dx "$d" --dy "$d" \
         --dtype float32 --seed "$seed" || it_abort "gen $name"
-    SLOW_REF=$(npy ref "$TD/data/$name.x.npy" "$TD/data/$name.y.npy" --kernel rbf) || it_abort "ref $name"
+    SLOW_REF=
+    if [[ ${5:-} != noref ]]; then
+        SLOW_REF=$(npy ref "$TD/data/$name.x.npy" "$TD/data/$name.y.npy" --kernel rbf) || it_abort "ref $name"
+    fi
     upload "$name.x.npy" "$TD/data/$name.x.npy"
     local x=$ART_ID
     upload "$name.y.npy" "$TD/data/$name.y.npy"
     SLOW_SPEC='{"x": {"artifact": '$x'}, "y": {"artifact": '$ART_ID'}, "kernel": "rbf"}'
+    rm -f "$TD/data/$name.x.npy" "$TD/data/$name.y.npy"
 }

@@ -121,8 +121,10 @@ else
     fi
 fi
 
-# ---- cancel of a running job: 202, the worker stops at its next heartbeat
-slow_pair big
+# ---- cancel of a running job: 202, the worker stops at its next heartbeat.
+# The job is sized to run well past a heartbeat even on a fast machine (it is
+# never allowed to finish, so it needs no reference value).
+slow_pair big 51 7000 1024 noref
 submit '{"kind": "cka", "name": "to-stop", "spec": '"$SLOW_SPEC"'}'
 S=$JOB_ID
 wait_for_state "$S" running 60
