@@ -6,6 +6,7 @@ source "$(dirname "$0")/lib.sh"
 
 it_db_create
 export STRATA_MAX_BODY=4096
+export STRATA_MAX_UPLOAD=100000
 it_server_env
 start_server
 
@@ -63,6 +64,31 @@ bad_job "gpus out of range" '{"kind": "cka", "spec": '"$good_spec"', "resources"
 big=$(head -c 8000 /dev/zero | tr '\0' 'a')
 TOKEN=$ALICE api_json POST /api/v1/jobs '{"kind": "cka", "name": "'"$big"'", "spec": '"$good_spec"'}'
 expect_problem "body over the limit" 413
+
+# ---- 413: upload over STRATA_MAX_UPLOAD; the temp file goes away
+head -c 300000 /dev/urandom >"$TD/data/big.bin"
+TOKEN=$ALICE api POST "/api/v1/artifacts?name=big.bin" -H 'Content-Type: application/octet-stream' \
+    --data-binary "@$TD/data/big.bin"
+expect_problem "upload over the limit" 413
+
+# ---- worker protocol misuse
+TOKEN=$W1 api_json POST /api/v1/workers '{"name": "probe", "hostname": "h", "gpus": [], "queues": []}'
+expect_status "register a worker" 201
+WID=$(jbody .id)
+TOKEN=$W1 api POST "/api/v1/workers/$WID/claim?wait=100"
+expect_problem "claim with wait over 60" 400 wait
+TOKEN=$W1 api POST "/api/v1/workers/999999/claim?wait=0"
+expect_problem "claim as an unknown worker" 404
+TOKEN=$W1 api_json POST "/api/v1/jobs/$ALICE_JOB/heartbeat" '{}' -H "Strata-Worker: $WID"
+expect_problem "heartbeat on a job this worker does not hold" 409
+TOKEN=$W1 api_json POST "/api/v1/jobs/$ALICE_JOB/complete" '{"result": {"cka": 1}}' -H "Strata-Worker: $WID"
+expect_problem "complete a job this worker does not hold" 409
+TOKEN=$W1 api_json POST "/api/v1/jobs/$DONE_JOB/fail" '{"error": "x", "retryable": false}' -H "Strata-Worker: $WID"
+expect_problem "fail a finished job" 409
+TOKEN=$ALICE api_json POST "/api/v1/jobs/$ALICE_JOB/complete" '{"result": {}}' -H "Strata-Worker: $WID"
+expect_problem "a user token on the worker protocol" 403
+TOKEN=$ALICE api DELETE "/api/v1/jobs/$ALICE_JOB"
+expect_problem "a method the route does not have" 405
 
 # ---- 401: no token, bad token
 TOKEN= api_json POST /api/v1/jobs '{"kind": "cka", "spec": '"$good_spec"'}'
