@@ -99,4 +99,55 @@ bench: all
 clean:
 	rm -rf build build-address build-undefined
 
+# --- fuzz targets (tests/fuzz/, see its README) --------------------------------
+# fuzz-replay: each tests/fuzz/fuzz_<t>.c linked by $(CC) with the replay driver
+# into $(BUILD)/fuzz/ (so with this build's SANITIZER) and run over its committed
+# corpus tests/fuzz/corpus/<t>/; `make unit` runs it first.
+# fuzz: the same targets under clang's libFuzzer with ASan and UBSan in
+# build/fuzz-clang/, each run for FUZZ_SECONDS; what they find goes to
+# build/fuzz-work/<t>/ (crashes as build/fuzz-work/<t>-crash-*), never into the
+# committed corpus.
+FUZZ_NAMES      := $(patsubst tests/fuzz/fuzz_%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_REPLAY_BIN := $(patsubst %,$(BUILD)/fuzz/replay_%,$(FUZZ_NAMES))
+FUZZ_SECONDS    ?= 60
+FUZZ_CC         ?= clang-14
+FUZZ_DIR        := build/fuzz-clang
+FUZZ_WORK       := build/fuzz-work
+FUZZ_CFLAGS     := -O1 -g -std=c11 -D_GNU_SOURCE -pthread -Wall -Wextra -Werror -Wshadow \
+                   -Wformat=2 -Wstrict-prototypes -Wmissing-prototypes -fno-strict-aliasing \
+                   -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+                   -fno-sanitize-recover=undefined -I. $(shell pkg-config --cflags $(PKGS))
+
+.PHONY: fuzz-replay fuzz
+# Kept: make would otherwise delete these objects as intermediates.
+.SECONDARY: $(call obj,$(patsubst %,tests/fuzz/fuzz_%.c,$(FUZZ_NAMES)) tests/fuzz/replay.c)
+unit: fuzz-replay
+
+$(BUILD)/fuzz/replay_http: $(call obj,tests/fuzz/fuzz_http.c tests/fuzz/replay.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/fuzz/replay_%: $(call obj,tests/fuzz/fuzz_%.c tests/fuzz/replay.c) $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz-replay: $(FUZZ_REPLAY_BIN)
+	@set -e; for t in $(FUZZ_NAMES); do echo "== fuzz replay $$t"; \
+	    $(BUILD)/fuzz/replay_$$t tests/fuzz/corpus/$$t; done
+
+# clang compiles the sources straight into each fuzzer (no shared objects with
+# the gcc builds); the http target needs the server's code, the others common/.
+$(FUZZ_DIR)/fuzz_http: tests/fuzz/fuzz_http.c $(SERVER_SRC) $(COMMON_SRC)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $^ $(LDLIBS)
+$(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(COMMON_SRC)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $^ $(LDLIBS)
+
+fuzz: $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_NAMES))
+	@set -e; for t in $(FUZZ_NAMES); do echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	    mkdir -p $(FUZZ_WORK)/$$t; \
+	    $(FUZZ_DIR)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	        -print_final_stats=1 -artifact_prefix=$(FUZZ_WORK)/$$t- \
+	        $(FUZZ_WORK)/$$t tests/fuzz/corpus/$$t; done
+
 -include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)

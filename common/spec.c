@@ -8,13 +8,31 @@
 #include <stdio.h>
 #include <string.h>
 
+/* Cuts s before a trailing multibyte UTF-8 character that snprintf's
+ * truncation left incomplete: jansson refuses such text, and the error that
+ * carried it would be lost (a spec with an unknown field then passed). */
+static void spec_utf8_trim(char *s) {
+    size_t n = strlen(s), start = n;
+    while (start > 0 && n - start < 3 && ((unsigned char)s[start - 1] & 0xC0) == 0x80) start--;
+    if (start == 0) return;
+    unsigned char lead = (unsigned char)s[start - 1];
+    size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+    if (n - (start - 1) < need) s[start - 1] = '\0';
+}
+
 void spec_error(json_t *errors, const char *field, const char *fmt, ...) {
-    char message[512];
+    char message[512], name[256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
-    json_array_append_new(errors, json_pack("{s:s, s:s}", "field", field, "message", message));
+    snprintf(name, sizeof name, "%s", field);
+    spec_utf8_trim(message);
+    spec_utf8_trim(name);
+    json_t *e = json_pack("{s:s, s:s}", "field", name, "message", message);
+    /* Still not UTF-8 (a caller's text was not): the error must not vanish. */
+    if (!e) e = json_pack("{s:s, s:s}", "field", "spec", "message", "invalid (not UTF-8)");
+    json_array_append_new(errors, e);
 }
 
 static bool spec_is_positive_id(json_t *v) {
