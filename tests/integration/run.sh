@@ -82,7 +82,7 @@ if ! STRATA_HOME=$IT_TMP "$REPO/deploy/pg.sh" start; then
     exit 1
 fi
 
-export IT_TMP IT_REPO=$REPO IT_BIN=$IT_TMP/bin IT_MIGRATIONS=$IT_TMP/migrations
+export IT_TMP IT_REPO=$REPO IT_BIN=$IT_TMP/bin IT_MIGRATIONS=$IT_TMP/migrations IT_BUILD=$BUILD
 export IT_PG_SOCK=$IT_TMP/pg/run
 if [[ $(id -u) -eq 0 ]]; then IT_PG_USER=strata; else IT_PG_USER=$(id -un); fi
 export IT_PG_USER

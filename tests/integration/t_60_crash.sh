@@ -4,7 +4,8 @@
 # The server restarted (SIGTERM, drain) with jobs queued and running: all end
 # succeeded. PostgreSQL restarted with a worker idle and with a job running:
 # /readyz goes 503 then 200 with no manual step, later jobs succeed. A worker
-# sent SIGTERM mid-job finishes the job and exits 0.
+# sent SIGTERM mid-job finishes the job and exits 0; sent it twice, it hands
+# the job back and another worker runs it.
 source "$(dirname "$0")/lib.sh"
 
 it_db_create
@@ -112,6 +113,25 @@ job_get "$G"
 expect_eq "job finished by the draining worker" succeeded "$(jbody .state)"
 expect_eq "drained job: one attempt" 1 "$(jbody .attempt)"
 expect_near "drained job cka" "$SLOW_CKA" "$(jbody '.result.layers[0].cka')" 1e-6
+
+# ---- a second SIGTERM: the worker cancels its job, hands it back (release,
+# no attempt counted) and exits 0; another worker then runs it.
+start_worker w3
+submit '{"kind": "cka", "name": "released", "spec": '"$SLOW_SPEC"'}'
+H=$JOB_ID
+wait_for_state "$H" running 60
+kill -TERM "${WPID[w3]}"
+sleep 0.5
+kill -TERM "${WPID[w3]}"
+wait_exit "${WPID[w3]}" "${WWRAP[w3]}" 60
+expect_eq "worker exit status after a second SIGTERM" 0 "$EXIT_CODE"
+unset 'WPID[w3]'
+job_get "$H"
+expect_eq "released job is queued again" queued "$(jbody .state)"
+start_worker w4
+wait_for_state "$H" succeeded 120
+expect_eq "released job: the hand-back did not count as an attempt" 1 "$(jbody .attempt)"
+expect_near "released job cka" "$SLOW_CKA" "$(jbody '.result.layers[0].cka')" 1e-6
 
 stop_server
 it_done
