@@ -59,6 +59,16 @@ static int api_worker_header(http_req *req, int64_t *worker_id) {
                            "this call needs the Strata-Worker header with the worker's id", NULL);
         return -1;
     }
+    /* A worker token speaks only for the workers it registered. */
+    PGconn *db = http_db(req);
+    if (!db) return -1;
+    int status = 500;
+    char err[ERR_LEN];
+    if (job_worker_check(db, *worker_id, req->user.id, req->user.role == AUTH_ADMIN, 409, &status,
+                         err, sizeof err) != 0) {
+        api_fail(req, status, err);
+        return -1;
+    }
     return 0;
 }
 
@@ -516,7 +526,8 @@ static void api_worker_claim(http_req *req) {
     int status = 500, gpus = 0;
     PGconn *db = http_db(req);
     if (!db) return;
-    if (job_worker_seen(db, req->ids[0], &gpus, &status, err, sizeof err) != 0) {
+    if (job_worker_seen(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &gpus,
+                        &status, err, sizeof err) != 0) {
         api_fail(req, status, err);
         return;
     }

@@ -49,7 +49,9 @@ static const char JOB_SQL_WORKER_REGISTER[] =
     " 'queues', queues, 'registered_at', strata_time(registered_at))";
 static const char JOB_SQL_WORKER_SEEN[] =
     "UPDATE workers SET last_seen_at = now() WHERE id = $1"
+    " AND (user_id = $2 OR $3::boolean)"
     " RETURNING CASE WHEN jsonb_typeof(gpus) = 'array' THEN jsonb_array_length(gpus) ELSE 0 END";
+static const char JOB_SQL_WORKER_OWNER[] = "SELECT user_id FROM workers WHERE id = $1";
 
 /* The scheduler in one statement: highest priority first, then the owner
  * with the fewest running jobs (fair share), then the oldest. SKIP LOCKED
@@ -538,20 +540,42 @@ int job_worker_register(PGconn *conn, int64_t user_id, const char *name, const c
     return 0;
 }
 
-int job_worker_seen(PGconn *conn, int64_t worker_id, int *gpus, int *status, char *err,
-                    size_t errlen) {
+int job_worker_seen(PGconn *conn, int64_t worker_id, int64_t user_id, bool is_admin, int *gpus,
+                    int *status, char *err, size_t errlen) {
+    char id_text[24], user_text[24];
+    job_id_text(worker_id, id_text);
+    job_id_text(user_id, user_text);
+    const char *params[] = {id_text, user_text, is_admin ? "true" : "false"};
+    PGresult *res = NULL;
+    if (db_exec(conn, JOB_SQL_WORKER_SEEN, 3, params, &res, NULL, err, errlen) != 0)
+        return job_db_error(conn, status);
+    int rc = 0;
+    if (PQntuples(res) == 0) {
+        PQclear(res);
+        /* Tell "no such worker" (404) from "someone else's worker" (403). */
+        return job_worker_check(conn, worker_id, user_id, is_admin, 404, status, err, errlen);
+    }
+    *gpus = (int)db_get_i64(res, 0, 0);
+    PQclear(res);
+    return rc;
+}
+
+int job_worker_check(PGconn *conn, int64_t worker_id, int64_t user_id, bool is_admin,
+                     int missing_status, int *status, char *err, size_t errlen) {
     char id_text[24];
     job_id_text(worker_id, id_text);
     const char *params[] = {id_text};
     PGresult *res = NULL;
-    if (db_exec(conn, JOB_SQL_WORKER_SEEN, 1, params, &res, NULL, err, errlen) != 0)
+    if (db_exec(conn, JOB_SQL_WORKER_OWNER, 1, params, &res, NULL, err, errlen) != 0)
         return job_db_error(conn, status);
     int rc = 0;
     if (PQntuples(res) == 0) {
-        *status = 404;
+        *status = missing_status;
         rc = err_set(err, errlen, "no worker %lld", (long long)worker_id);
-    } else {
-        *gpus = (int)db_get_i64(res, 0, 0);
+    } else if (!is_admin && db_get_i64(res, 0, 0) != user_id) {
+        *status = 403;
+        rc = err_set(err, errlen, "worker %lld was registered with another user's token",
+                     (long long)worker_id);
     }
     PQclear(res);
     return rc;

@@ -73,9 +73,14 @@ int job_worker_register(PGconn *conn, int64_t user_id, const char *name, const c
                         const char *gpus_json, const char *queues_json, json_t **doc,
                         int *status, char *err, size_t errlen);
 /* Records that worker_id is alive; *gpus receives its registered GPU count.
- * 404 when the worker is unknown. */
-int job_worker_seen(PGconn *conn, int64_t worker_id, int *gpus, int *status, char *err,
-                    size_t errlen);
+ * 404 when the worker is unknown, 403 when it was registered by another user
+ * (admins may act for any worker). */
+int job_worker_seen(PGconn *conn, int64_t worker_id, int64_t user_id, bool is_admin, int *gpus,
+                    int *status, char *err, size_t errlen);
+/* Checks that worker_id exists (else missing_status) and was registered by
+ * user_id (else 403; admins pass). Returns 0 or -1 with *status and err set. */
+int job_worker_check(PGconn *conn, int64_t worker_id, int64_t user_id, bool is_admin,
+                     int missing_status, int *status, char *err, size_t errlen);
 /* Claims the best queued job for a worker with gpus GPUs. Returns 1 with *doc
  * (the job, lease_expires_at set), 0 when there is none, -1 on error. */
 int job_claim(PGconn *conn, int64_t worker_id, int gpus, const job_policy *policy,
