@@ -22,6 +22,7 @@ static const char JOB_SQL_LOCK_DEPS[] =
     "SELECT id, state FROM jobs WHERE id = ANY($1::bigint[]) FOR SHARE";
 static const char JOB_SQL_ARTIFACT_EXISTS[] = "SELECT 1 FROM artifacts WHERE id = $1";
 static const char JOB_SQL_EXISTS[] = "SELECT 1 FROM jobs WHERE id = $1";
+static const char JOB_SQL_KIND[] = "SELECT kind FROM jobs WHERE id = $1";
 static const char JOB_SQL_INSERT[] =
     "INSERT INTO jobs (kind, name, state, spec, priority, max_attempts, resources, owner_id,"
     " error, finished_at)"
@@ -347,7 +348,9 @@ static int job_id_array(buf_t *b, const int64_t *ids, size_t n) {
 }
 
 /* Checks that the inputs a spec names ({"artifact": ID}, {"job": ID} at its
- * top level) exist, appending "spec.KEY.artifact" / "spec.KEY.job" errors. */
+ * top level) exist, appending "spec.KEY.artifact" / "spec.KEY.job" errors.
+ * A job input must be a predict job: only those write hidden_states_{layer}
+ * artifacts, and anything else would fail on a worker instead of here. */
 static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *status,
                                char *err, size_t errlen) {
     const char *key;
@@ -362,18 +365,21 @@ static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *
             job_id_text((int64_t)json_integer_value(idv), id_text);
             const char *params[] = {id_text};
             PGresult *res = NULL;
-            if (db_exec(conn, k == 0 ? JOB_SQL_ARTIFACT_EXISTS : JOB_SQL_EXISTS, 1, params, &res,
+            if (db_exec(conn, k == 0 ? JOB_SQL_ARTIFACT_EXISTS : JOB_SQL_KIND, 1, params, &res,
                         NULL, err, errlen) != 0)
                 return job_db_error(conn, status);
-            int found = PQntuples(res) > 0;
+            char field[160], message[160] = "";
+            snprintf(field, sizeof field, "spec.%s.%s", key, kinds[k]);
+            if (PQntuples(res) == 0)
+                snprintf(message, sizeof message, "no %s %s", kinds[k], id_text);
+            else if (k == 1 && strcmp(PQgetvalue(res, 0, 0), "predict") != 0)
+                snprintf(message, sizeof message,
+                         "job %s is a %s job; per-layer inputs come from a predict job", id_text,
+                         PQgetvalue(res, 0, 0));
             PQclear(res);
-            if (!found) {
-                char field[160];
-                snprintf(field, sizeof field, "spec.%s.%s", key, kinds[k]);
-                json_array_append_new(
-                    errors, json_pack("{s:s, s:s+}", "field", field, "message",
-                                      k == 0 ? "no artifact " : "no job ", id_text));
-            }
+            if (message[0])
+                json_array_append_new(errors,
+                                      json_pack("{s:s, s:s}", "field", field, "message", message));
         }
     }
     return 0;

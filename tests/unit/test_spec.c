@@ -105,6 +105,7 @@ static void test_bad_refs(void **state) {
 static void test_bad_options(void **state) {
     (void)state;
     const char *base = "\"x\": {\"artifact\": 1}, \"y\": {\"artifact\": 2}";
+    const char *jobs = "\"x\": {\"job\": 1}, \"y\": {\"job\": 2}";
     char text[256];
     snprintf(text, sizeof text, "{%s, \"kernel\": \"poly\"}", base);
     expect_one(text, SPEC_SERVER, "spec.kernel", "must be \"linear\" or \"rbf\"");
@@ -122,13 +123,17 @@ static void test_bad_options(void **state) {
     expect_one(text, SPEC_SERVER, "spec.rbf_threshold", "(0, 1e6]");
     snprintf(text, sizeof text, "{%s, \"rbf_threshold\": \"1\"}", base);
     expect_one(text, SPEC_SERVER, "spec.rbf_threshold", "(0, 1e6]");
-    snprintf(text, sizeof text, "{%s, \"layers\": []}", base);
+    snprintf(text, sizeof text, "{%s, \"layers\": []}", jobs);
     expect_one(text, SPEC_SERVER, "spec.layers", "non-empty array");
-    snprintf(text, sizeof text, "{%s, \"layers\": \"some\"}", base);
+    snprintf(text, sizeof text, "{%s, \"layers\": \"some\"}", jobs);
     expect_one(text, SPEC_SERVER, "spec.layers", "\"all\"");
-    snprintf(text, sizeof text, "{%s, \"layers\": [1, -2, 3, \"4\"]}", base);
+    snprintf(text, sizeof text, "{%s, \"layers\": [1, -2, 3, \"4\"]}", jobs);
     expect_one(text, SPEC_SERVER, "spec.layers[1]", "layer index");
     expect_one(text, SPEC_SERVER, "spec.layers[3]", "layer index");
+    /* Layers pick among per-layer files: with two single artifacts they
+     * would be ignored, so they are refused. */
+    snprintf(text, sizeof text, "{%s, \"layers\": [1]}", base);
+    expect_one(text, SPEC_SERVER, "spec.layers", "only to per-layer inputs");
     snprintf(text, sizeof text, "{%s, \"kernal\": \"rbf\"}", base);
     expect_one(text, SPEC_SERVER, "spec.kernal", "unknown field");
 }
