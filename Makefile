@@ -6,6 +6,7 @@
 #   make test                 unit tests, then integration tests (private PostgreSQL)
 #   make demo                 starts the stack and runs the demo jobs
 #   make up / make down       start / stop the local stack (writes var/env)
+#   make status               what the local stack is running
 
 SANITIZER ?=
 BUILD     ?= build$(if $(SANITIZER),-$(SANITIZER))
@@ -40,7 +41,7 @@ TEST_BIN   := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 SERVER := $(BUILD)/strata-server
 WORKER := $(BUILD)/strata-worker
 
-.PHONY: all deps test unit integration demo up down clean bench
+.PHONY: all deps test unit integration demo up down status clean bench
 all: $(SERVER) $(WORKER)
 
 $(BUILD)/obj/%.o: %.c
@@ -92,6 +93,8 @@ up: deps
 	BUILD=$(BUILD) deploy/stack.sh up
 down:
 	BUILD=$(BUILD) deploy/stack.sh down
+status:
+	BUILD=$(BUILD) deploy/stack.sh status
 
 bench: all
 	BUILD=$(BUILD) bench/run.sh
