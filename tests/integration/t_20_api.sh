@@ -78,6 +78,14 @@ TOKEN=$ALICE upload again.npy "$TD/data/a32.npy"
 expect_ne "second upload gets its own id" "$X" "$ART_ID"
 expect_eq "second upload same sha256" "$(sha256sum "$TD/data/a32.npy" | cut -d' ' -f1)" "$(jbody .sha256)"
 
+# A chunked upload (no Content-Length, as a streaming client sends it).
+head -c 150000 /dev/urandom >"$TD/data/stream.bin"
+TOKEN=$ALICE api POST "/api/v1/artifacts?name=stream.bin" -H 'Content-Type: application/octet-stream' \
+    -H 'Transfer-Encoding: chunked' --data-binary "@$TD/data/stream.bin"
+expect_status "chunked upload" 201
+expect_eq "chunked upload sha256" "$(sha256sum "$TD/data/stream.bin" | cut -d' ' -f1)" "$(jbody .sha256)"
+expect_eq "chunked upload size" 150000 "$(jbody .size)"
+
 # ---- jobs: create, get
 spec='{"x": {"artifact": '$X'}, "y": {"artifact": '$Y'}, "kernel": "linear", "debiased": false}'
 TOKEN=$ALICE api_json POST /api/v1/jobs '{"kind": "cka", "name": "first", "spec": '"$spec"', "priority": 5}'
@@ -158,6 +166,13 @@ expect_eq "kind=train count" 0 "$(jbody '.items | length')"
 
 TOKEN= api GET /metrics
 expect_match "metrics counts queued cka jobs" 'strata_jobs\{[^}]*state="queued"[^}]*\} 8(\.0+)?([^0-9.]|$)' "$BODY"
+
+expect_match "/metrics labels routes by pattern" 'route="/api/v1/jobs/\{id\}"' "$BODY"
+if grep -qE "route=\"/api/v1/jobs/$J1\"" <<<"$BODY"; then
+    it_fail "/metrics has a raw path as a route label"
+else
+    it_ok
+fi
 
 stop_server
 it_done

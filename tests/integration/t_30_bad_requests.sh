@@ -70,6 +70,9 @@ head -c 300000 /dev/urandom >"$TD/data/big.bin"
 TOKEN=$ALICE api POST "/api/v1/artifacts?name=big.bin" -H 'Content-Type: application/octet-stream' \
     --data-binary "@$TD/data/big.bin"
 expect_problem "upload over the limit" 413
+TOKEN=$ALICE api POST "/api/v1/artifacts?name=big.bin" -H 'Content-Type: application/octet-stream' \
+    -H 'Transfer-Encoding: chunked' --data-binary "@$TD/data/big.bin"
+expect_problem "chunked upload over the limit" 413
 
 # ---- worker protocol misuse
 TOKEN=$W1 api_json POST /api/v1/workers '{"name": "probe", "hostname": "h", "gpus": [], "queues": []}'

@@ -54,6 +54,12 @@ api_json POST "/api/v1/jobs/$CP/cancel" '{}'
 wait_for_state "$CC" failed 10
 expect_match "dependent of a cancelled job: error names the dependency" "$CP" "$(jbody .error)"
 
+# Priority: submitted later but higher, it is claimed first.
+submit '{"kind": "cka", "name": "low", "spec": '"$quick"', "priority": -5}'
+LOW=$JOB_ID
+submit '{"kind": "cka", "name": "high", "spec": '"$quick"', "priority": 10}'
+HIGH=$JOB_ID
+
 start_worker w1
 
 wait_for_state "$P" succeeded 60
@@ -67,6 +73,13 @@ wait_for_state "$F" failed 60
 wait_for_state "$O" failed 60
 expect_match "dependent of a failed job: error names the dependency" "dependenc.*$F|$F.*dependenc" "$(jbody .error)"
 expect_eq "dependent of a failed job never ran" null "$(jbody .started_at)"
+
+wait_for_state "$HIGH" succeeded 30
+high_started=$(jbody .started_at)
+wait_for_state "$LOW" succeeded 30
+low_started=$(jbody .started_at)
+expect_true "priority 10 ($high_started) started before priority -5 ($low_started)" \
+    test "$(date -d "$high_started" +%s.%N)" '<' "$(date -d "$low_started" +%s.%N)"
 
 # ---- non-retryable failure, then POST retry: queued again, fails again
 wait_for_state "$F" failed 5
