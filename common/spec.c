@@ -119,13 +119,15 @@ static int spec_validate_cka(json_t *spec, enum spec_mode mode, json_t *errors) 
     if (!json_object_get(spec, "y")) spec_error(errors, "spec.y", "is required");
     /* Layers select among a predict job's per-layer files; with two single
      * matrices they would be silently ignored. */
-    if (json_object_get(spec, "layers") &&
+    if (json_object_get(spec, "layers") && json_array_size(errors) == before &&
         json_object_get(json_object_get(spec, "x"), "artifact") &&
         json_object_get(json_object_get(spec, "y"), "artifact"))
         spec_error(errors, "spec.layers",
                    "applies only to per-layer inputs ({\"job\": ID}); x and y are single artifacts");
     return json_array_size(errors) > before ? -1 : 0;
 }
+
+bool spec_known_kind(const char *kind) { return kind && strcmp(kind, "cka") == 0; }
 
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors) {
     if (!json_is_object(spec)) {

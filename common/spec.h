@@ -8,6 +8,7 @@
 #define STRATA_SPEC_H
 
 #include <jansson.h>
+#include <stdbool.h>
 
 /* Where input references may point. The server accepts {"artifact": ID} and
  * {"job": ID}; a local run also accepts {"path": "..."}. */
@@ -17,6 +18,9 @@ enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
  * errors (a JSON array owned by the caller). Returns 0 when valid, -1 when
  * not (errors then holds at least one entry). */
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);
+
+/* True for the job kinds this build can validate (and so run). */
+bool spec_known_kind(const char *kind);
 
 /* Appends one {"field", "message"} error object to errors. */
 void spec_error(json_t *errors, const char *field, const char *fmt, ...)

@@ -26,7 +26,8 @@ int err_set(char *err, size_t errlen, const char *fmt, ...) {
 }
 
 int util_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
-    if (!s || !*s) return -1;
+    /* strtoll would skip leading blanks and a '+': "limit= 10" is not a number. */
+    if (!s || !(*s == '-' || (*s >= '0' && *s <= '9'))) return -1;
     errno = 0;
     char *end = NULL;
     long long v = strtoll(s, &end, 10);

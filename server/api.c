@@ -319,8 +319,8 @@ static void api_jobs_list(http_req *req) {
                                "cancelled");
         return;
     }
-    if (kind && (strlen(kind) > 100 || !api_valid_utf8(kind))) {
-        http_reply_field_error(req, "kind", "must be a job kind of at most 100 characters");
+    if (kind && !spec_known_kind(kind)) {
+        http_reply_field_error(req, "kind", "must be a job kind this server runs (cka)");
         return;
     }
     if (owner && (strlen(owner) > 100 || !api_valid_utf8(owner))) {

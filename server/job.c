@@ -441,7 +441,7 @@ int job_create(PGconn *conn, const job_new *in, json_t *errors, int64_t *id_out,
     if (job_check_spec_refs(conn, in->spec, errors, status, err, errlen) != 0) goto out;
     if (json_array_size(errors) > 0) {
         *status = 400;
-        err_set(err, errlen, "the job refers to things that do not exist");
+        err_set(err, errlen, "the job names inputs it cannot use (see errors)");
         goto out;
     }
 

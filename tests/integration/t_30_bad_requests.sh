@@ -141,7 +141,7 @@ TOKEN=$ALICE api GET /api/v1/nothing-here
 expect_problem "unknown route" 404
 
 # ---- 400 on "limit" / "cursor": bad pagination
-for q in 'limit=0' 'limit=501' 'limit=x' 'limit=-1' 'limit=10abc'; do
+for q in 'limit=0' 'limit=501' 'limit=x' 'limit=-1' 'limit=10abc' 'limit=%2010' 'limit=+10'; do
     TOKEN=$ALICE api GET "/api/v1/jobs?$q"
     expect_problem "list with $q" 400 limit
 done
@@ -149,6 +149,8 @@ TOKEN=$ALICE api GET "/api/v1/jobs?cursor=garbage%21%21"
 expect_problem "list with a garbage cursor" 400 cursor
 TOKEN=$ALICE api GET "/api/v1/jobs?state=sleeping"
 expect_problem "list with an unknown state" 400 state
+TOKEN=$ALICE api GET "/api/v1/jobs?kind=bogus"
+expect_problem "list with an unknown kind" 400 kind
 
 # ---- 409: state conflicts
 TOKEN=$ALICE api_json POST "/api/v1/jobs/$DONE_JOB/cancel" '{}'
