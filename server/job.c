@@ -845,7 +845,10 @@ int job_metrics_add(PGconn *conn, int64_t id, int64_t worker_id, const char *poi
                          errlen);
 }
 
-int job_logs_get(PGconn *conn, int64_t id, char **text, int *status, char *err, size_t errlen) {
+/* Runs a one-row, one-column read about job id (its logs, its metrics) into
+ * *out (caller frees): 404 when the job does not exist. */
+static int job_read_text(PGconn *conn, int64_t id, const char *sql, char **out, int *status,
+                         char *err, size_t errlen) {
     int found = job_exists(conn, id, err, errlen);
     if (found < 0) return job_db_error(conn, status);
     if (!found) {
@@ -856,38 +859,24 @@ int job_logs_get(PGconn *conn, int64_t id, char **text, int *status, char *err, 
     job_id_text(id, id_text);
     const char *params[] = {id_text};
     PGresult *res = NULL;
-    if (db_exec(conn, JOB_SQL_LOGS_GET, 1, params, &res, NULL, err, errlen) != 0)
+    if (db_exec(conn, sql, 1, params, &res, NULL, err, errlen) != 0)
         return job_db_error(conn, status);
-    *text = strdup(PQgetvalue(res, 0, 0));
+    *out = job_text_cell(res, 0, 0);
     PQclear(res);
-    if (!*text) {
+    if (!*out) {
         *status = 500;
         return err_set(err, errlen, "out of memory");
     }
     return 0;
 }
 
+int job_logs_get(PGconn *conn, int64_t id, char **text, int *status, char *err, size_t errlen) {
+    return job_read_text(conn, id, JOB_SQL_LOGS_GET, text, status, err, errlen);
+}
+
 int job_metrics_get(PGconn *conn, int64_t id, char **doc, int *status, char *err,
                     size_t errlen) {
-    int found = job_exists(conn, id, err, errlen);
-    if (found < 0) return job_db_error(conn, status);
-    if (!found) {
-        *status = 404;
-        return err_set(err, errlen, "no job %lld", (long long)id);
-    }
-    char id_text[24];
-    job_id_text(id, id_text);
-    const char *params[] = {id_text};
-    PGresult *res = NULL;
-    if (db_exec(conn, JOB_SQL_METRICS_GET, 1, params, &res, NULL, err, errlen) != 0)
-        return job_db_error(conn, status);
-    *doc = job_text_cell(res, 0, 0);
-    PQclear(res);
-    if (!*doc) {
-        *status = 500;
-        return err_set(err, errlen, "out of memory");
-    }
-    return 0;
+    return job_read_text(conn, id, JOB_SQL_METRICS_GET, doc, status, err, errlen);
 }
 
 /* --- owner actions -------------------------------------------------------- */

@@ -139,24 +139,6 @@ int agent_parse_queues(const char *list, json_t **out, char *err, size_t errlen)
     return 0;
 }
 
-bool agent_layer_from_name(const char *name, int *layer) {
-    static const char prefix[] = "hidden_states_", suffix[] = ".npy";
-    size_t n = strlen(name), np = sizeof prefix - 1, ns = sizeof suffix - 1;
-    if (n <= np + ns || strncmp(name, prefix, np) != 0 || strcmp(name + n - ns, suffix) != 0)
-        return false;
-    char digits[16];
-    size_t nd = n - np - ns;
-    if (nd >= sizeof digits) return false;
-    memcpy(digits, name + np, nd);
-    digits[nd] = '\0';
-    for (size_t i = 0; i < nd; i++)
-        if (digits[i] < '0' || digits[i] > '9') return false;
-    int64_t v;
-    if (util_parse_i64(digits, 0, 1000000, &v) != 0) return false;
-    *layer = (int)v;
-    return true;
-}
-
 /* A JSON call retried through outages (transient failures) until stop
  * triggers or the wall-clock deadline (0: none) passes. Returns 0 with the
  * final status in *status and the answer in *out (caller owns, NULL unless
@@ -310,7 +292,7 @@ static int agent_collect_layers(json_t *items, agent_layer_ref **refs, size_t *n
         const char *sha256 = json_string_value(json_object_get(item, "sha256"));
         json_t *idv = json_object_get(item, "id");
         int layer;
-        if (!name || !agent_layer_from_name(name, &layer)) continue;
+        if (!name || !runner_layer_from_name(name, &layer)) continue;
         if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
             return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
         int64_t id = (int64_t)json_integer_value(idv);

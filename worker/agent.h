@@ -42,8 +42,4 @@ int agent_run(const agent_config *cfg, char *err, size_t errlen);
  * rejected. Returns 0, or -1 with err set. */
 int agent_parse_queues(const char *list, json_t **out, char *err, size_t errlen);
 
-/* If name is "hidden_states_{N}.npy" with N a non-negative decimal layer
- * index, stores N and returns true. */
-bool agent_layer_from_name(const char *name, int *layer);
-
 #endif

@@ -71,24 +71,6 @@ static int local_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t p
     return 0;
 }
 
-/* hidden_states_{layer}.npy with a plain decimal layer. */
-static bool local_layer_name(const char *name, int *layer) {
-    static const char prefix[] = "hidden_states_", suffix[] = ".npy";
-    size_t n = strlen(name), np = sizeof prefix - 1, ns = sizeof suffix - 1;
-    if (n <= np + ns || strncmp(name, prefix, np) != 0 || strcmp(name + n - ns, suffix) != 0)
-        return false;
-    char digits[16];
-    size_t nd = n - np - ns;
-    if (nd >= sizeof digits || (nd > 1 && name[np] == '0')) return false;
-    memcpy(digits, name + np, nd);
-    digits[nd] = '\0';
-    int64_t v;
-    if (digits[0] < '0' || digits[0] > '9' || util_parse_i64(digits, 0, 100000, &v) != 0)
-        return false;
-    *layer = (int)v;
-    return true;
-}
-
 static int local_layer_cmp(const void *pa, const void *pb) {
     const runner_layer_file *a = pa, *b = pb;
     return (a->layer > b->layer) - (a->layer < b->layer);
@@ -111,7 +93,7 @@ static int local_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file 
     struct dirent *e;
     while ((e = readdir(d)) != NULL) {
         int layer;
-        if (!local_layer_name(e->d_name, &layer)) continue;
+        if (!runner_layer_from_name(e->d_name, &layer)) continue;
         if (n == cap) {
             size_t ncap = cap ? cap * 2 : 32;
             runner_layer_file *p = realloc(out, ncap * sizeof *p);

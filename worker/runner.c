@@ -19,6 +19,24 @@
 #include <string.h>
 #include <sys/stat.h>
 
+bool runner_layer_from_name(const char *name, int *layer) {
+    static const char prefix[] = "hidden_states_", suffix[] = ".npy";
+    size_t n = strlen(name), np = sizeof prefix - 1, ns = sizeof suffix - 1;
+    if (n <= np + ns || strncmp(name, prefix, np) != 0 || strcmp(name + n - ns, suffix) != 0)
+        return false;
+    char digits[16];
+    size_t nd = n - np - ns;
+    if (nd >= sizeof digits || (nd > 1 && name[np] == '0')) return false;
+    memcpy(digits, name + np, nd);
+    digits[nd] = '\0';
+    for (size_t i = 0; i < nd; i++)
+        if (digits[i] < '0' || digits[i] > '9') return false;
+    int64_t v;
+    if (util_parse_i64(digits, 0, 100000, &v) != 0) return false;
+    *layer = (int)v;
+    return true;
+}
+
 bool runner_supports(const char *kind) {
     return kind && strcmp(kind, "cka") == 0;
 }

@@ -47,6 +47,11 @@ struct runner_ctx {
     void *user; /* for the callbacks */
 };
 
+/* Parses a per-layer file name, hidden_states_{layer}.npy, with the layer in
+ * plain decimal (no sign, no leading zeros, at most 100000). The agent and
+ * local runs both find layers by it. */
+bool runner_layer_from_name(const char *name, int *layer);
+
 /* Checks that kind is one this worker can run. */
 bool runner_supports(const char *kind);
 

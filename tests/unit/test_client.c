@@ -21,6 +21,7 @@
 
 #include "common/util.h"
 #include "worker/agent.h"
+#include "worker/runner.h"
 #include "worker/client.h"
 
 /* ---- pure helpers ---- */
@@ -153,16 +154,17 @@ static void test_parse_queues(void **state) {
 static void test_layer_from_name(void **state) {
     (void)state;
     int layer = -1;
-    assert_true(agent_layer_from_name("hidden_states_0.npy", &layer));
+    assert_true(runner_layer_from_name("hidden_states_0.npy", &layer));
     assert_int_equal(layer, 0);
-    assert_true(agent_layer_from_name("hidden_states_32.npy", &layer));
+    assert_true(runner_layer_from_name("hidden_states_32.npy", &layer));
     assert_int_equal(layer, 32);
-    assert_false(agent_layer_from_name("hidden_states_.npy", &layer));
-    assert_false(agent_layer_from_name("hidden_states_3.npz", &layer));
-    assert_false(agent_layer_from_name("hidden_states_-1.npy", &layer));
-    assert_false(agent_layer_from_name("hidden_states_1a.npy", &layer));
-    assert_false(agent_layer_from_name("xhidden_states_1.npy", &layer));
-    assert_false(agent_layer_from_name("hidden_states_99999999999999.npy", &layer));
+    assert_false(runner_layer_from_name("hidden_states_.npy", &layer));
+    assert_false(runner_layer_from_name("hidden_states_3.npz", &layer));
+    assert_false(runner_layer_from_name("hidden_states_-1.npy", &layer));
+    assert_false(runner_layer_from_name("hidden_states_1a.npy", &layer));
+    assert_false(runner_layer_from_name("xhidden_states_1.npy", &layer));
+    assert_false(runner_layer_from_name("hidden_states_99999999999999.npy", &layer));
+    assert_false(runner_layer_from_name("hidden_states_01.npy", &layer));
 }
 
 /* ---- transfers against a live test server ---- */
