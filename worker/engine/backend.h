@@ -1,0 +1,78 @@
+/* backend.h - the ops the LLaMA engine runs on, as a table of function
+ * pointers, so a CUDA backend slots in beside the CPU one without #ifdefs in
+ * the model code.
+ *
+ * Every float pointer an op takes is a buffer from the same backend's alloc
+ * (for the CPU backend: plain host memory); the model's weights must live in
+ * memory the backend addresses too. upload/download move bytes between host
+ * memory and such buffers. Ops do not fail: their callers check shapes and
+ * token ids first.
+ *
+ * Shapes use the engine's letters: N rows (B*T flattened), C = hidden size,
+ * FF = MLP width, NH / NKV query / key-value heads, HS = head size,
+ * V = vocabulary. Row-major throughout; weights in Hugging Face's [out, in]
+ * layout (y = x W^T).
+ *
+ * Only forward ops exist so far; the backward of each op will sit next to it
+ * in this table. */
+#ifndef STRATA_BACKEND_H
+#define STRATA_BACKEND_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+typedef struct backend {
+    const char *name; /* "cpu" */
+    /* True when alloc's buffers are plain host memory (the CPU backend), so
+     * callers may read them without download. */
+    bool host_memory;
+
+    /* bytes of backend memory, or NULL with err set; release with free_buf. */
+    void *(*alloc)(size_t bytes, char *err, size_t errlen);
+    void (*free_buf)(void *buf);
+    /* host -> backend and backend -> host copies of bytes. */
+    void (*upload)(void *dst, const void *src, size_t bytes);
+    void (*download)(void *dst, const void *src, size_t bytes);
+
+    /* out (N, out_dim) = x (N, in_dim) W^T with W (out_dim, in_dim);
+     * with accumulate, out += x W^T instead (a residual connection fused
+     * into the projection). out must not overlap x or W. */
+    void (*matmul)(float *out, const float *x, const float *w, size_t N, size_t in_dim,
+                   size_t out_dim, bool accumulate);
+
+    /* out (N, C) = x / sqrt(mean(x^2) + eps) * weight (C), per row, in fp32
+     * (the mean accumulated in double). out may equal x. */
+    void (*rmsnorm)(float *out, const float *x, const float *weight, size_t N, size_t C,
+                    float eps);
+
+    /* In place on x (N, nheads * HS): rotate-half RoPE for each row at its
+     * position pos[n] (N ints): pairs (i, i + HS/2) are rotated by
+     * pos * theta^(-2i/HS), the angle computed in fp32 as Hugging Face does.
+     * HS is even. */
+    void (*rope)(float *x, const int *pos, size_t N, int nheads, int HS, float theta);
+
+    /* Causal self-attention with a padding mask over a right-padded batch:
+     * q (B, T, NH*HS), k and v (B, T, NKV*HS) -> out (B, T, NH*HS). Query
+     * head h reads key-value head h / (NH/NKV). Row t of sequence b attends
+     * to keys j <= t with j < lengths[b] (1 <= lengths[b] <= T), so padding
+     * never reaches a real position; padding rows attend to the whole
+     * sequence, as Hugging Face's mask has them. Scores are scaled by
+     * 1/sqrt(HS); softmax in fp32. scratch holds T*T floats. */
+    void (*attention)(float *out, const float *q, const float *k, const float *v,
+                      const int *lengths, int B, int T, int NH, int NKV, int HS, float *scratch);
+
+    /* gate (n) = silu(gate) * up, in place: the SwiGLU MLP's middle. */
+    void (*swiglu)(float *gate, const float *up, size_t n);
+
+    /* out (N, C) = table (V, C) rows tokens[n]; every token is in [0, V). */
+    void (*embedding)(float *out, const int *tokens, const float *table, size_t N, size_t C);
+
+    /* x (n) += y (n). */
+    void (*residual_add)(float *x, const float *y, size_t n);
+} backend;
+
+/* The CPU backend: OpenBLAS sgemm for the matrix products (threads as
+ * OpenBLAS is configured), plain loops for the rest. A static table. */
+const backend *backend_cpu(void);
+
+#endif
