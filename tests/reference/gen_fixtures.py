@@ -6,6 +6,7 @@ files. Run: /usr/bin/python3 tests/reference/gen_fixtures.py
 See README.md for every file's layout."""
 import json
 import os
+import re
 import struct
 import sys
 
@@ -18,7 +19,7 @@ import llama_ref  # noqa: E402
 import tokenizer_ref  # noqa: E402
 
 OUT = os.path.join(HERE, "fixtures")
-LENGTHS = [7, 3, 11, 1, 5]
+LENGTHS = [7, 3, 11, 1, 5]  # random-prompt batch of the gqa, tied and sharded models
 TOL_REL = 1e-4
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 TORCH_DTYPE_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -27,9 +28,11 @@ torch.set_num_threads(1)
 
 
 def write_json(path, obj):
+    """Pretty JSON, keys sorted, lists of plain numbers kept on one line."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+    text = re.sub(r"\[([-\d\s,.eE+]*)\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def write_npy(path, arr):
@@ -68,6 +71,36 @@ def write_safetensors(path, named, st_dtype):
         for b in blobs:
             f.write(b)
     return off
+
+
+def read_safetensors(path):
+    """Parses a safetensors file back with numpy only (independently of the
+    writer) and returns {name: float32 tensor}; asserts the layout rules the
+    README states (8-aligned data, contiguous offsets, sizes match shapes)."""
+    raw = open(path, "rb").read()
+    n = struct.unpack_from("<Q", raw, 0)[0]
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n].decode("utf-8"))
+    data = raw[8 + n:]
+    size = {"F32": 4, "F16": 2, "BF16": 2}
+    out = {}
+    pos = 0
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        b, end = e["data_offsets"]
+        assert b == pos and end - b == size[e["dtype"]] * int(np.prod(e["shape"]))
+        pos = end
+        chunk = data[b:end]
+        if e["dtype"] == "F32":
+            a = np.frombuffer(chunk, "<f4")
+        elif e["dtype"] == "F16":
+            a = np.frombuffer(chunk, "<f2").astype(np.float32)
+        else:
+            a = (np.frombuffer(chunk, "<u2").astype(np.uint32) << 16).view(np.float32)
+        out[name] = torch.from_numpy(a.copy()).view(e["shape"])
+    assert pos == len(data), "%s: trailing bytes" % path
+    return out
 
 
 def make_config(C, L, NH, NKV, FF, V, tied, theta, eps, st_dtype):
@@ -130,13 +163,20 @@ def round_params(p, st_dtype):
 
 
 def make_batch(cfg, seed):
+    """Random prompts of LENGTHS, token ids in [3, V)."""
     g = torch.Generator().manual_seed(seed)
-    T = max(LENGTHS)
-    ids = torch.full((len(LENGTHS), T), cfg["pad_token_id"], dtype=torch.long)
-    mask = torch.zeros(len(LENGTHS), T, dtype=torch.long)
-    for b, n in enumerate(LENGTHS):
-        ids[b, :n] = torch.randint(3, cfg["vocab_size"], (n,), generator=g)
-        mask[b, :n] = 1
+    return pad_batch(cfg, [torch.randint(3, cfg["vocab_size"], (n,), generator=g).tolist()
+                           for n in LENGTHS])
+
+
+def pad_batch(cfg, seqs):
+    """Right-pads token id lists with pad_token_id; returns (ids, mask)."""
+    T = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), T), cfg["pad_token_id"], dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, q in enumerate(seqs):
+        ids[b, :len(q)] = torch.tensor(q, dtype=torch.long)
+        mask[b, :len(q)] = 1
     return ids, mask
 
 
@@ -151,9 +191,10 @@ def expected_outputs(params, cfg, ids, mask):
     at every real position, and measures a float32 padded run against it.
     Returns (hidden: L+1 tensors (Ntok, C), logits (Ntok, V), checks dict)."""
     L = cfg["num_hidden_layers"]
+    lengths = mask.sum(-1).tolist()
     hid = [[] for _ in range(L + 1)]
     log = []
-    for b, n in enumerate(LENGTHS):
+    for b, n in enumerate(lengths):
         hs, lg = llama_ref.forward(params, cfg, ids[b:b + 1, :n], mask[b:b + 1, :n])
         for l in range(L + 1):
             hid[l].append(hs[l][0])
@@ -170,7 +211,7 @@ def expected_outputs(params, cfg, ids, mask):
     T = ids.shape[1]
     lids = torch.full_like(ids, cfg["pad_token_id"])
     lmask = torch.zeros_like(mask)
-    for b, n in enumerate(LENGTHS):
+    for b, n in enumerate(lengths):
         lids[b, T - n:] = ids[b, :n]
         lmask[b, T - n:] = 1
     pos = (lmask.cumsum(-1) - 1).clamp(min=0)
@@ -194,16 +235,17 @@ def expected_outputs(params, cfg, ids, mask):
 
 def write_expected(d, name, cfg, st_dtype, ids, mask, hid, log, checks, extra):
     L = cfg["num_hidden_layers"]
-    offsets = [sum(LENGTHS[:b]) for b in range(len(LENGTHS))]
-    ntok = sum(LENGTHS)
+    lengths = mask.sum(-1).tolist()
+    offsets = [sum(lengths[:b]) for b in range(len(lengths))]
+    ntok = sum(lengths)
     files = {"hidden": [], "logits": "logits.npy", "last_token": [], "mean": []}
     for l in range(L + 1):
         fn = "hidden_%d.npy" % l
         write_npy(os.path.join(d, fn), hid[l].numpy())
         files["hidden"].append(fn)
-        last = torch.stack([hid[l][offsets[b] + LENGTHS[b] - 1] for b in range(len(LENGTHS))])
-        mean = torch.stack([hid[l][offsets[b]:offsets[b] + LENGTHS[b]].mean(0)
-                            for b in range(len(LENGTHS))])
+        last = torch.stack([hid[l][offsets[b] + lengths[b] - 1] for b in range(len(lengths))])
+        mean = torch.stack([hid[l][offsets[b]:offsets[b] + lengths[b]].mean(0)
+                            for b in range(len(lengths))])
         fn = "last_token_%d.npy" % l
         write_npy(os.path.join(d, fn), last.numpy())
         files["last_token"].append(fn)
@@ -221,7 +263,7 @@ def write_expected(d, name, cfg, st_dtype, ids, mask, hid, log, checks, extra):
         "batch": {
             "padding_side": "right",
             "T": int(ids.shape[1]),
-            "lengths": LENGTHS,
+            "lengths": lengths,
             "input_ids": ids.tolist(),
             "attention_mask": mask.tolist(),
         },
@@ -229,8 +271,8 @@ def write_expected(d, name, cfg, st_dtype, ids, mask, hid, log, checks, extra):
         "offsets": offsets,
         "files": files,
         "shapes": {"hidden": [ntok, cfg["hidden_size"]], "logits": [ntok, cfg["vocab_size"]],
-                   "last_token": [len(LENGTHS), cfg["hidden_size"]],
-                   "mean": [len(LENGTHS), cfg["hidden_size"]]},
+                   "last_token": [len(lengths), cfg["hidden_size"]],
+                   "mean": [len(lengths), cfg["hidden_size"]]},
         "tolerance": {"max_abs_err_over_max_abs_ref": TOL_REL,
                       "applies_to": "each .npy file separately, C float32 output vs the file"},
         "checks": checks,
@@ -329,11 +371,12 @@ def read_llama2c(path):
     return w, (C, FF, L, NH, NKV)
 
 
-def check_llama2c(path, cfg, ids, hid, log):
+def check_llama2c(path, cfg, ids, mask, hid, log):
     w, (C, FF, L, NH, NKV) = read_llama2c(path)
     worst = 0.0
-    for b, n in enumerate(LENGTHS):
-        o = sum(LENGTHS[:b])
+    lengths = mask.sum(-1).tolist()
+    for b, n in enumerate(lengths):
+        o = sum(lengths[:b])
         hs, lg = llama_ref.forward_interleaved(w, C, FF, L, NH, NKV, ids[b, :n].tolist(),
                                                eps=cfg["rms_norm_eps"])
         for l in range(L + 1):
@@ -343,7 +386,11 @@ def check_llama2c(path, cfg, ids, hid, log):
     return worst
 
 
-def gen_model(name, cfg, st_dtype, params, batch_seed, shards=1, llama2c=False):
+def gen_model(name, cfg, st_dtype, params, batch_seed, shards=1, llama2c=False, batch=None,
+              extra=None):
+    """Writes one model directory: config, weights, expected outputs (and
+    llama2.c exports when asked). batch: (ids, mask) instead of random
+    prompts; extra: more keys for expected.json."""
     d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, "config.json"), cfg)
@@ -363,13 +410,23 @@ def gen_model(name, cfg, st_dtype, params, batch_seed, shards=1, llama2c=False):
         write_json(os.path.join(d, "model.safetensors.index.json"),
                    {"metadata": {"total_size": total}, "weight_map": wmap})
     rp = round_params(params, st_dtype)
-    ids, mask = make_batch(cfg, batch_seed)
+    back = {}
+    for fn in sorted(os.listdir(d)):
+        if fn.endswith(".safetensors"):
+            back.update(read_safetensors(os.path.join(d, fn)))
+    assert sorted(back) == sorted(n for n, _ in named), "tensor names differ on read-back"
+    for n, t in llama_ref.hf_tensors(rp, cfg):
+        assert torch.equal(back[n], t), "%s differs on read-back" % n
+    if batch is None:
+        ids, mask = make_batch(cfg, batch_seed)
+    else:
+        ids, mask = batch
     hid, log, checks = expected_outputs(rp, cfg, ids, mask)
-    extra = {}
+    extra = dict(extra or {})
     if llama2c:
         write_llama2c(d, rp, cfg)
         for fn in ["llama2c.bin", "llama2c_v1.bin"]:
-            checks[fn + "_f64_max_rel"] = check_llama2c(os.path.join(d, fn), cfg, ids, hid, log)
+            checks[fn + "_f64_max_rel"] = check_llama2c(os.path.join(d, fn), cfg, ids, mask, hid, log)
         extra["llama2c"] = {"legacy": "llama2c.bin", "v1": "llama2c_v1.bin",
                             "note": "float32 export of this model; same expected outputs"}
     write_expected(d, name, cfg, st_dtype, ids, mask, hid, log, checks, extra)
@@ -447,6 +504,37 @@ def gen_tokenizer():
         "note": "ids are add_special_tokens=False; with BOS, prepend 1",
         "cases": cases})
     print("tokenizer: vocab %d, merges %d, cases %d" % (len(vocab), len(merges), len(cases)))
+    return tok, merges
+
+
+CHAT_TEXTS = [
+    "Hello world",
+    "The model reads the text layer by layer.",
+    "<s>[INST] hello [/INST]",
+    "naïve café",
+    "line one\nline two\n",
+    "a",
+]
+
+
+def gen_chat(tok, merges):
+    """A tiny model whose vocab is the tokenizer's, with the tokenizer files
+    beside it, and expected outputs for BOS + encode(text) of CHAT_TEXTS (no
+    extra BOS where the text starts with <s>): text in, hidden states out."""
+    V = len(tok.vocab)
+    cfg = make_config(32, 2, 4, 1, 86, V, True, 10000.0, 1e-6, "BF16")
+    seqs = []
+    for text in CHAT_TEXTS:
+        ids = tok.encode(text)
+        seqs.append(ids if text.startswith("<s>") else [1] + ids)
+    gen_model("chat", cfg, "BF16", make_params(cfg, 2468), 0, batch=pad_batch(cfg, seqs),
+              extra={"texts": CHAT_TEXTS, "text_ids": "BOS (1) + encode(text); no extra BOS "
+                     "when the text starts with <s>"})
+    d = os.path.join(OUT, "chat")
+    write_json(os.path.join(d, "tokenizer.json"), tok.to_json(merges))
+    src = os.path.join(OUT, "tokenizer", "tokenizer_config.json")
+    with open(src, "rb") as f, open(os.path.join(d, "tokenizer_config.json"), "wb") as g:
+        g.write(f.read())
 
 
 def main():
@@ -457,7 +545,8 @@ def main():
     gen_model("tied", tied, "BF16", make_params(tied, 5678), 8765)
     sh = dict(gqa, torch_dtype="float16")
     gen_model("sharded", sh, "F16", pg, 4321, shards=2)
-    gen_tokenizer()
+    tok, merges = gen_tokenizer()
+    gen_chat(tok, merges)
 
 
 if __name__ == "__main__":
