@@ -1,0 +1,73 @@
+/* forward.h - the LLaMA forward pass (Hugging Face's LlamaForCausalLM) over a
+ * right-padded batch, on any backend (backend.h).
+ *
+ * Semantics (ARCHITECTURE.md, "Engine semantics"): RMSNorm in fp32 with the
+ * config's eps; rotate-half RoPE with rope_theta at positions 0..len-1 of
+ * each sequence; grouped-query attention, causal, with keys past a
+ * sequence's length masked; SwiGLU MLP down(silu(gate(x)) * up(x)); tied or
+ * untied head. An example's results do not depend on what else is in its
+ * batch or how far it is padded.
+ *
+ * Hidden states follow output_hidden_states=True: index 0 is the token
+ * embeddings, index i (1 <= i < L) the output of decoder layer i, index L the
+ * last layer's output after the final RMSNorm. */
+#ifndef STRATA_FORWARD_H
+#define STRATA_FORWARD_H
+
+#include "worker/engine/backend.h"
+#include "worker/engine/model.h"
+
+#include <stddef.h>
+
+/* Activations for batches of up to B sequences of up to T tokens, sized once
+ * and reused by every llama_forward call. Float buffers are slices of one
+ * backend allocation (acts); ints of another (ints). */
+typedef struct {
+    const backend *be;
+    int B, T;                /* capacity */
+    int C, FF, NH, NKV, HS, V, L; /* the config the buffers were sized for */
+    float *acts;             /* the one float allocation */
+    float *x;                /* (B, T, C) residual stream */
+    float *xn;               /* (B, T, C) normalised block input; attention output */
+    float *q;                /* (B, T, NH*HS) */
+    float *k, *v;            /* (B, T, NKV*HS) */
+    float *gate, *up;        /* (B, T, FF) */
+    float *scores;           /* (T, T) attention scratch */
+    int *ints;               /* the one int allocation (backend memory) */
+    int *tokens, *pos;       /* (B, T) */
+    int *lengths;            /* (B) */
+    int *host_ints;          /* host copy of ints, built then uploaded */
+    float *host_hidden;      /* (B, T, C) host staging; only for non-host backends */
+    float *dev_logits;       /* (B, T, V) backend logits; only for non-host backends */
+} llama_state;
+
+/* Sizes s for cfg on backend be, batches of up to B x T. Returns 0, or -1
+ * with err set (dimensions out of range, out of memory); s is then zeroed
+ * and needs no llama_state_free. */
+int llama_state_init(llama_state *s, const backend *be, const llama_config *cfg, int B, int T,
+                     char *err, size_t errlen);
+
+/* Releases s's buffers (safe on a zeroed state). */
+void llama_state_free(llama_state *s);
+
+/* Called for every hidden-state index layer = 0..L with x (B, T, C) in host
+ * memory, valid only during the call. Return 0 to continue, or -1 with err
+ * set to stop the forward (llama_forward then returns -1 with that err). */
+typedef int (*llama_hook)(void *user, int layer, const float *x, int B, int T, int C, char *err,
+                          size_t errlen);
+
+/* Runs the model over tokens (B, T), right-padded: sequence b's tokens are
+ * tokens[b*T .. b*T + lengths[b]), 1 <= lengths[b] <= T; what sits in the
+ * padding is ignored (ids outside [0, V) are allowed there). B <= s->B,
+ * T <= s->T; be and m's config must be the ones s was sized with. Calls hook (if
+ * not NULL) for layers 0..L in order, and writes logits (B, T, V) in host
+ * memory when logits is not NULL. Rows at padding positions of the hidden
+ * states and logits are computed as Hugging Face computes them for a
+ * right-padded batch (positions continue past the length, attending to the
+ * whole sequence); they never influence real positions. Returns 0, or -1
+ * with err set (bad arguments, a token id out of range, the hook's error). */
+int llama_forward(const backend *be, const llama_model *m, llama_state *s, const int *tokens,
+                  const int *lengths, int B, int T, llama_hook hook, void *user, float *logits,
+                  char *err, size_t errlen);
+
+#endif
