@@ -10,6 +10,13 @@
 #include <jansson.h>
 #include <stdbool.h>
 
+/* Bounds of spec values (predict: samples, batch, generated tokens; any
+ * kind: layer indices). */
+#define SPEC_MAX_LAYER 100000
+#define SPEC_MAX_SAMPLES 100000000
+#define SPEC_MAX_BATCH 1024
+#define SPEC_MAX_NEW_TOKENS 4096
+
 /* Where input references may point. The server accepts {"artifact": ID} and
  * {"job": ID}; a local run also accepts {"path": "..."}. */
 enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
@@ -19,7 +26,12 @@ enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
  * not (errors then holds at least one entry). */
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);
 
-/* True for the job kinds this build can validate (and so run). */
+/* True for the job kinds the server accepts and workers run (cka).
+ * spec_validate also knows "predict" (model, adapter, dataset, template,
+ * max_samples, pool, layers, dtype, batch_size, generate, format: see
+ * docs/api.md), so that its rules are settled and tested before the predict
+ * runner exists; until then the server refuses predict jobs as an unknown
+ * kind, and workers fail them as a kind they cannot run. */
 bool spec_known_kind(const char *kind);
 
 /* Appends one {"field", "message"} error object to errors. */

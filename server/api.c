@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "common/spec.h"
 #include "server/metrics.h"
+#include "server/registry.h"
 
 #define API_MAX_NAME 200
 #define API_MAX_DEPS 1000
@@ -275,7 +276,12 @@ static void api_jobs_create(http_req *req) {
 
     json_t *spec = json_object_get(body, "spec");
     in.spec = spec ? spec : empty_spec;
-    if (in.kind) spec_validate(in.kind, in.spec, SPEC_SERVER, errors);
+    /* spec_validate knows kinds (predict) before this server runs them;
+     * until a runner exists such jobs are refused as unknown. */
+    if (in.kind && !spec_known_kind(in.kind))
+        spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka)", in.kind);
+    else if (in.kind)
+        spec_validate(in.kind, in.spec, SPEC_SERVER, errors);
 
 reply:
     if (json_array_size(errors) > 0) {
@@ -884,6 +890,134 @@ static void api_artifact_content(http_req *req) {
     http_reply_file(req, fd, (uint64_t)st.st_size, "application/octet-stream");
 }
 
+/* --- models and datasets ---------------------------------------------------- */
+
+/* Replies with a page of a list: {"items": [...], "next_cursor": "hex" | null}.
+ * Takes items (JSON array text). */
+static void api_reply_page(http_req *req, char *items, int64_t next) {
+    char next_text[24];
+    api_cursor_format(next, next_text, sizeof next_text);
+    buf_t b;
+    buf_init(&b, strlen(items) + 64);
+    int w = buf_printf(&b, "{\"items\":%s,\"next_cursor\":", items);
+    if (w == 0) w = next > 0 ? buf_printf(&b, "\"%s\"}", next_text) : buf_printf(&b, "null}");
+    free(items);
+    http_reply_json_text(req, 200, w == 0 ? buf_steal(&b) : NULL);
+}
+
+/* The answer to a registration: 201 with Location, or the problem (field
+ * errors go with 400 and 409, which name the field at fault). */
+static void api_reg_created(http_req *req, enum reg_kind kind, int rc, int64_t id, char *doc,
+                            int status, const char *err, json_t **errors) {
+    if (rc != 0) {
+        bool fields = status == 400 || status == 409;
+        http_reply_problem(req, status, err, fields ? *errors : NULL);
+        if (fields) *errors = NULL;
+        return;
+    }
+    char location[64];
+    snprintf(location, sizeof location, "/api/v1/%ss/%lld", reg_kind_name(kind), (long long)id);
+    http_set_location(req, location);
+    http_reply_json_text(req, 201, doc);
+}
+
+/* POST /api/v1/models: a model folder (hf) or checkpoint (llama2c) by path
+ * or by uploaded artifacts. */
+static void api_models_create(http_req *req) {
+    json_t *errors = json_array();
+    reg_model_new in = {.owner_id = req->user.id};
+    if (reg_model_check(req->json, &in, errors) != 0) {
+        http_reply_problem(req, 400, "invalid model", errors);
+        reg_model_new_free(&in);
+        return;
+    }
+    PGconn *db = http_db(req);
+    if (db) {
+        char *doc = NULL;
+        int64_t id = 0;
+        int status = 500;
+        char err[ERR_LEN];
+        int rc = reg_model_create(db, &in, errors, &id, &doc, &status, err, sizeof err);
+        api_reg_created(req, REG_MODEL, rc, id, doc, status, err, &errors);
+    }
+    json_decref(errors);
+    reg_model_new_free(&in);
+}
+
+/* POST /api/v1/datasets: alpaca JSON or Flan JSONL by path or artifact. */
+static void api_datasets_create(http_req *req) {
+    json_t *errors = json_array();
+    reg_dataset_new in = {.owner_id = req->user.id};
+    if (reg_dataset_check(req->json, &in, errors) != 0) {
+        http_reply_problem(req, 400, "invalid dataset", errors);
+        return;
+    }
+    PGconn *db = http_db(req);
+    if (db) {
+        char *doc = NULL;
+        int64_t id = 0;
+        int status = 500;
+        char err[ERR_LEN];
+        int rc = reg_dataset_create(db, &in, errors, &id, &doc, &status, err, sizeof err);
+        api_reg_created(req, REG_DATASET, rc, id, doc, status, err, &errors);
+    }
+    json_decref(errors);
+}
+
+/* GET /api/v1/models and /api/v1/datasets: paged like jobs, with an exact
+ * ?name= filter to look one up by name. */
+static void api_reg_list(http_req *req, enum reg_kind kind) {
+    const char *name = http_query(req, "name");
+    const char *limit_text = http_query(req, "limit");
+    const char *cursor = http_query(req, "cursor");
+    int64_t limit = 50, before = 0;
+    if (name && (strlen(name) > REG_MAX_NAME || !api_valid_utf8(name))) {
+        http_reply_field_error(req, "name", "must be a name of at most %d characters",
+                               REG_MAX_NAME);
+        return;
+    }
+    if (limit_text && util_parse_i64(limit_text, 1, 500, &limit) != 0) {
+        http_reply_field_error(req, "limit", "must be an integer from 1 to 500");
+        return;
+    }
+    if (cursor && api_cursor_parse(cursor, &before) != 0) {
+        http_reply_field_error(req, "cursor", "is not a cursor this server issued");
+        return;
+    }
+    PGconn *db = http_db(req);
+    if (!db) return;
+    char *items = NULL;
+    int64_t next = 0;
+    int status = 500;
+    char err[ERR_LEN];
+    if (reg_list(db, kind, name, before, (int)limit, &items, &next, &status, err, sizeof err) !=
+        0) {
+        api_fail(req, status, err);
+        return;
+    }
+    api_reply_page(req, items, next);
+}
+
+static void api_models_list(http_req *req) { api_reg_list(req, REG_MODEL); }
+static void api_datasets_list(http_req *req) { api_reg_list(req, REG_DATASET); }
+
+/* One model or dataset; 404 for an unknown id. */
+static void api_reg_get(http_req *req, enum reg_kind kind) {
+    PGconn *db = http_db(req);
+    if (!db) return;
+    char *doc = NULL;
+    int status = 500;
+    char err[ERR_LEN];
+    if (reg_get(db, kind, req->ids[0], &doc, &status, err, sizeof err) != 0) {
+        api_fail(req, status, err);
+        return;
+    }
+    http_reply_json_text(req, 200, doc);
+}
+
+static void api_model_get(http_req *req) { api_reg_get(req, REG_MODEL); }
+static void api_dataset_get(http_req *req) { api_reg_get(req, REG_DATASET); }
+
 /* --- the table -------------------------------------------------------------- */
 
 #define RW (HTTP_ADMIN | HTTP_USER)
@@ -918,6 +1052,12 @@ const http_route api_routes[] = {
     {"GET", "/api/v1/artifacts/{id}", HTTP_ANYONE, HTTP_BODY_NONE, api_artifact_get, NULL},
     {"GET", "/api/v1/artifacts/{id}/content", HTTP_ANYONE, HTTP_BODY_NONE, api_artifact_content,
      NULL},
+    {"POST", "/api/v1/models", RW, HTTP_BODY_JSON, api_models_create, NULL},
+    {"GET", "/api/v1/models", HTTP_ANYONE, HTTP_BODY_NONE, api_models_list, NULL},
+    {"GET", "/api/v1/models/{id}", HTTP_ANYONE, HTTP_BODY_NONE, api_model_get, NULL},
+    {"POST", "/api/v1/datasets", RW, HTTP_BODY_JSON, api_datasets_create, NULL},
+    {"GET", "/api/v1/datasets", HTTP_ANYONE, HTTP_BODY_NONE, api_datasets_list, NULL},
+    {"GET", "/api/v1/datasets/{id}", HTTP_ANYONE, HTTP_BODY_NONE, api_dataset_get, NULL},
 };
 
 const size_t api_nroutes = sizeof api_routes / sizeof api_routes[0];

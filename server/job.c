@@ -10,6 +10,7 @@
 #include "common/util.h"
 #include "server/db.h"
 #include "server/notify.h"
+#include "server/registry.h"
 
 /* --- statements ----------------------------------------------------------- */
 
@@ -347,36 +348,45 @@ static int job_id_array(buf_t *b, const int64_t *ids, size_t n) {
     return buf_append(b, "}", 1);
 }
 
-/* Checks that the inputs a spec names ({"artifact": ID}, {"job": ID} at its
- * top level) exist, appending "spec.KEY.artifact" / "spec.KEY.job" errors.
- * A job input must be a predict job: only those write hidden_states_{layer}
- * artifacts, and anything else would fail on a worker instead of here. */
+/* Checks that the inputs a spec names ({"artifact": ID}, {"job": ID},
+ * {"model": ID}, {"dataset": ID} at its top level) exist, appending
+ * "spec.KEY.artifact" / "spec.KEY.job" / ... errors. A job input must be a
+ * predict job (only those write hidden_states_{layer} artifacts), except a
+ * predict spec's "adapter", which comes from a train job: anything else
+ * would fail on a worker instead of here. */
 static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *status,
                                char *err, size_t errlen) {
     const char *key;
     json_t *ref;
     json_object_foreach(spec, key, ref) {
         if (!json_is_object(ref)) continue;
-        static const char *const kinds[] = {"artifact", "job"};
-        for (int k = 0; k < 2; k++) {
+        static const char *const kinds[] = {"artifact", "job", "model", "dataset"};
+        for (int k = 0; k < 4; k++) {
             json_t *idv = json_object_get(ref, kinds[k]);
             if (!json_is_integer(idv)) continue;
-            char id_text[24];
+            char id_text[24], field[160], message[160] = "";
             job_id_text((int64_t)json_integer_value(idv), id_text);
-            const char *params[] = {id_text};
-            PGresult *res = NULL;
-            if (db_exec(conn, k == 0 ? JOB_SQL_ARTIFACT_EXISTS : JOB_SQL_KIND, 1, params, &res,
-                        NULL, err, errlen) != 0)
-                return job_db_error(conn, status);
-            char field[160], message[160] = "";
             snprintf(field, sizeof field, "spec.%s.%s", key, kinds[k]);
-            if (PQntuples(res) == 0)
-                snprintf(message, sizeof message, "no %s %s", kinds[k], id_text);
-            else if (k == 1 && strcmp(PQgetvalue(res, 0, 0), "predict") != 0)
-                snprintf(message, sizeof message,
-                         "job %s is a %s job; per-layer inputs come from a predict job", id_text,
-                         PQgetvalue(res, 0, 0));
-            PQclear(res);
+            if (k >= 2) {
+                int found = reg_exists(conn, k == 2 ? REG_MODEL : REG_DATASET,
+                                       (int64_t)json_integer_value(idv), err, errlen);
+                if (found < 0) return job_db_error(conn, status);
+                if (found == 0) snprintf(message, sizeof message, "no %s %s", kinds[k], id_text);
+            } else {
+                const char *params[] = {id_text};
+                PGresult *res = NULL;
+                if (db_exec(conn, k == 0 ? JOB_SQL_ARTIFACT_EXISTS : JOB_SQL_KIND, 1, params,
+                            &res, NULL, err, errlen) != 0)
+                    return job_db_error(conn, status);
+                const char *want = strcmp(key, "adapter") == 0 ? "train" : "predict";
+                if (PQntuples(res) == 0)
+                    snprintf(message, sizeof message, "no %s %s", kinds[k], id_text);
+                else if (k == 1 && strcmp(PQgetvalue(res, 0, 0), want) != 0)
+                    snprintf(message, sizeof message, "job %s is a %s job; %s come from a %s job",
+                             id_text, PQgetvalue(res, 0, 0),
+                             strcmp(want, "train") == 0 ? "adapters" : "per-layer inputs", want);
+                PQclear(res);
+            }
             if (message[0])
                 json_array_append_new(errors,
                                       json_pack("{s:s, s:s}", "field", field, "message", message));

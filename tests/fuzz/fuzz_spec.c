@@ -10,7 +10,7 @@
  * when it added errors (the server creates the job when it added none), every
  * error is a {"field", "message"} pair of strings that serialises, a spec valid
  * for the server is valid locally (local runs accept more), and a valid cka
- * spec names both inputs. */
+ * spec names both inputs (a valid predict spec its model and dataset). */
 #include "tests/fuzz/fuzz.h"
 
 #include <jansson.h>
@@ -25,6 +25,13 @@ static const char *const fuzz_spec_kinds[] = {"cka", "train", "predict", "", "CK
 static const char *const fuzz_spec_cka_keys[] = {"x",        "y",      "kernel", "debiased",
                                                  "rbf_threshold", "layers", NULL};
 static const char *const fuzz_spec_ref_keys[] = {"artifact", "job", "path", NULL};
+/* The same for predict specs and their references. */
+static const char *const fuzz_spec_predict_keys[] = {
+    "model", "adapter", "dataset", "template", "max_samples", "pool", "layers", "dtype",
+    "batch_size", "generate", "format", NULL};
+static const char *const fuzz_spec_model_keys[] = {"model", "path", NULL};
+static const char *const fuzz_spec_adapter_keys[] = {"job", "artifact", "path", NULL};
+static const char *const fuzz_spec_dataset_keys[] = {"dataset", "path", NULL};
 
 static void fuzz_spec_check_known(json_t *object, const char *const *known) {
     const char *key;
@@ -57,7 +64,18 @@ static int fuzz_spec_run(const char *kind, json_t *spec, enum spec_mode mode) {
     FUZZ_CHECK(text != NULL);
     free(text);
     json_decref(errors);
-    if (rc == 0) {
+    if (rc == 0 && kind && strcmp(kind, "predict") == 0) {
+        fuzz_spec_check_known(spec, fuzz_spec_predict_keys);
+        FUZZ_CHECK(json_is_object(json_object_get(spec, "model")));
+        FUZZ_CHECK(json_is_object(json_object_get(spec, "dataset")));
+        fuzz_spec_check_known(json_object_get(spec, "model"), fuzz_spec_model_keys);
+        fuzz_spec_check_known(json_object_get(spec, "dataset"), fuzz_spec_dataset_keys);
+        json_t *adapter = json_object_get(spec, "adapter");
+        if (json_is_object(adapter))
+            fuzz_spec_check_known(adapter, fuzz_spec_adapter_keys);
+        else
+            FUZZ_CHECK(!adapter || json_is_null(adapter));
+    } else if (rc == 0) {
         FUZZ_CHECK(kind && strcmp(kind, "cka") == 0);
         fuzz_spec_check_known(spec, fuzz_spec_cka_keys);
         FUZZ_CHECK(json_is_object(json_object_get(spec, "x")));

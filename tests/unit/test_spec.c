@@ -169,11 +169,186 @@ static void test_bad_kind_and_shape(void **state) {
     json_decref(errors);
 }
 
+/* --- predict ------------------------------------------------------------------ */
+
+static void expect_predict(const char *text, enum spec_mode mode, const char *field,
+                           const char *needle) {
+    int rc;
+    json_t *errors = validate("predict", text, mode, &rc);
+    assert_int_equal(rc, -1);
+    expect_error(errors, field, needle);
+    json_decref(errors);
+}
+
+static void expect_predict_ok(const char *text, enum spec_mode mode) {
+    int rc;
+    json_t *errors = validate("predict", text, mode, &rc);
+    if (rc != 0 || json_array_size(errors) != 0) {
+        char *dump = json_dumps(errors, JSON_COMPACT);
+        fail_msg("rejected (%s): %s: %s", mode == SPEC_LOCAL ? "local" : "server", text,
+                 dump ? dump : "?");
+    }
+    json_decref(errors);
+}
+
+static void test_predict_good(void **state) {
+    (void)state;
+    /* The example, every field set. */
+    const char *full = "{\"model\": {\"model\": 3}, \"adapter\": {\"job\": 12}, \"dataset\": "
+                       "{\"dataset\": 5}, \"template\": \"llama2\", \"max_samples\": 10000, "
+                       "\"pool\": \"last_token\", \"layers\": \"all\", \"dtype\": \"float16\", "
+                       "\"batch_size\": 8, \"generate\": {\"max_new_tokens\": 64}}";
+    const char *server[] = {
+        full,
+        "{\"model\": {\"model\": 1}, \"dataset\": {\"dataset\": 2}}",
+        "{\"model\": {\"model\": 1}, \"dataset\": {\"dataset\": 2}, \"adapter\": {\"artifact\": "
+        "9}, \"template\": \"alpaca\", \"pool\": \"mean\", \"layers\": [0, 16, 32], \"dtype\": "
+        "\"float32\", \"batch_size\": 1}",
+        "{\"model\": {\"model\": 1}, \"dataset\": {\"dataset\": 2}, \"adapter\": null, "
+        "\"template\": \"vanilla\", \"pool\": \"mean_after_system\", \"batch_size\": 1024, "
+        "\"generate\": {\"max_new_tokens\": 4096}, \"max_samples\": 1}",
+        "{\"model\": {\"model\": 1}, \"dataset\": {\"dataset\": 2}, \"template\": \"default\", "
+        "\"generate\": {\"max_new_tokens\": 1}, \"layers\": [0]}",
+    };
+    for (size_t i = 0; i < sizeof server / sizeof server[0]; i++) {
+        expect_predict_ok(server[i], SPEC_SERVER);
+        expect_predict_ok(server[i], SPEC_LOCAL);
+    }
+    /* Local runs name folders and files; "format" tells a dataset file's layout. */
+    expect_predict_ok("{\"model\": {\"path\": \"models/tiny\"}, \"dataset\": {\"path\": "
+                      "\"data/alpaca.json\"}}",
+                      SPEC_LOCAL);
+    expect_predict_ok("{\"model\": {\"path\": \"m\"}, \"dataset\": {\"path\": \"flan.jsonl\"}, "
+                      "\"format\": \"flan\", \"adapter\": {\"path\": \"lora\"}}",
+                      SPEC_LOCAL);
+    expect_predict_ok("{\"model\": {\"path\": \"m\"}, \"dataset\": {\"path\": \"a.json\"}, "
+                      "\"format\": \"alpaca\"}",
+                      SPEC_LOCAL);
+}
+
+static void test_predict_refs(void **state) {
+    (void)state;
+    const char *ds = "\"dataset\": {\"dataset\": 5}";
+    const char *md = "\"model\": {\"model\": 3}";
+    char text[512];
+    expect_predict("{\"dataset\": {\"dataset\": 5}}", SPEC_SERVER, "spec.model", "is required");
+    expect_predict("{\"model\": {\"model\": 3}}", SPEC_SERVER, "spec.dataset", "is required");
+    snprintf(text, sizeof text, "{\"model\": 3, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model", "must be an object such as {\"model\": 3}");
+    snprintf(text, sizeof text, "{\"model\": {}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model", "needs \"model\"");
+    expect_predict(text, SPEC_LOCAL, "spec.model", "needs one of \"model\" or \"path\"");
+    snprintf(text, sizeof text, "{\"model\": {\"model\": 0}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.model", "positive integer id");
+    snprintf(text, sizeof text, "{\"model\": {\"model\": \"3\"}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.model", "positive integer id");
+    /* An artifact is not a model; a path is for local runs only. */
+    snprintf(text, sizeof text, "{\"model\": {\"artifact\": 3}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.artifact", "unknown field");
+    snprintf(text, sizeof text, "{\"model\": {\"path\": \"/m\"}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.path", "unknown field");
+    snprintf(text, sizeof text, "{\"model\": {\"model\": 3, \"path\": \"/m\"}, %s}", ds);
+    expect_predict(text, SPEC_LOCAL, "spec.model", "exactly one input");
+    snprintf(text, sizeof text, "{\"model\": {\"path\": \"\"}, %s}", ds);
+    expect_predict(text, SPEC_LOCAL, "spec.model.path", "non-empty file path");
+
+    snprintf(text, sizeof text, "{%s, \"dataset\": {\"dataset\": -5}}", md);
+    expect_predict(text, SPEC_SERVER, "spec.dataset.dataset", "positive integer id");
+    snprintf(text, sizeof text, "{%s, \"dataset\": {\"job\": 5}}", md);
+    expect_predict(text, SPEC_SERVER, "spec.dataset.job", "unknown field");
+    snprintf(text, sizeof text, "{%s, \"dataset\": [5]}", md);
+    expect_predict(text, SPEC_SERVER, "spec.dataset", "must be an object");
+
+    snprintf(text, sizeof text, "{%s, %s, \"adapter\": {}}", md, ds);
+    expect_predict(text, SPEC_SERVER, "spec.adapter", "needs one of \"job\" or \"artifact\"");
+    snprintf(text, sizeof text, "{%s, %s, \"adapter\": {\"job\": 1, \"artifact\": 2}}", md, ds);
+    expect_predict(text, SPEC_SERVER, "spec.adapter", "exactly one input");
+    snprintf(text, sizeof text, "{%s, %s, \"adapter\": {\"model\": 1}}", md, ds);
+    expect_predict(text, SPEC_SERVER, "spec.adapter.model", "unknown field");
+    snprintf(text, sizeof text, "{%s, %s, \"adapter\": \"lora\"}", md, ds);
+    expect_predict(text, SPEC_SERVER, "spec.adapter", "must be an object");
+    snprintf(text, sizeof text, "{%s, %s, \"adapter\": {\"path\": \"lora\"}}", md, ds);
+    expect_predict(text, SPEC_SERVER, "spec.adapter.path", "unknown field");
+}
+
+static void test_predict_options(void **state) {
+    (void)state;
+    const char *base = "\"model\": {\"model\": 3}, \"dataset\": {\"dataset\": 5}";
+    char text[512];
+    static const struct {
+        const char *field_json; /* appended to base */
+        const char *field;
+        const char *needle;
+    } cases[] = {
+        {"\"template\": \"chatml\"", "spec.template", "\"llama2\" (default)"},
+        {"\"template\": 2", "spec.template", "\"vanilla\""},
+        {"\"max_samples\": 0", "spec.max_samples", "from 1 to 100000000"},
+        {"\"max_samples\": 100000001", "spec.max_samples", "from 1 to"},
+        {"\"max_samples\": 2.5", "spec.max_samples", "from 1 to"},
+        {"\"max_samples\": \"10\"", "spec.max_samples", "from 1 to"},
+        {"\"pool\": \"first_token\"", "spec.pool", "\"last_token\" (default)"},
+        {"\"pool\": null", "spec.pool", "\"mean_after_system\""},
+        {"\"layers\": []", "spec.layers", "non-empty array"},
+        {"\"layers\": \"last\"", "spec.layers", "\"all\""},
+        {"\"layers\": [0, -1]", "spec.layers[1]", "layer index"},
+        {"\"layers\": [1, 2, 1]", "spec.layers[2]", "repeats layer 1"},
+        {"\"layers\": [100001]", "spec.layers[0]", "layer index"},
+        {"\"dtype\": \"bfloat16\"", "spec.dtype", "\"float16\" (default) or \"float32\""},
+        {"\"batch_size\": 0", "spec.batch_size", "from 1 to 1024"},
+        {"\"batch_size\": 1025", "spec.batch_size", "from 1 to 1024"},
+        {"\"batch_size\": true", "spec.batch_size", "from 1 to 1024"},
+        {"\"generate\": 64", "spec.generate", "{\"max_new_tokens\": 64}"},
+        {"\"generate\": {}", "spec.generate.max_new_tokens", "is required"},
+        {"\"generate\": {\"max_new_tokens\": 0}", "spec.generate.max_new_tokens",
+         "from 1 to 4096"},
+        {"\"generate\": {\"max_new_tokens\": 4097}", "spec.generate.max_new_tokens",
+         "from 1 to 4096"},
+        {"\"generate\": {\"max_new_tokens\": 8, \"temperature\": 0.7}",
+         "spec.generate.temperature", "unknown field"},
+        {"\"format\": \"sharegpt\"", "spec.format", "\"alpaca\" or \"flan\""},
+        /* a registered dataset has its format */
+        {"\"format\": \"flan\"", "spec.format", "only to a local dataset file"},
+        {"\"pooling\": \"mean\"", "spec.pooling", "unknown field"},
+        {"\"kernel\": \"linear\"", "spec.kernel", "unknown field"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(text, sizeof text, "{%s, %s}", base, cases[i].field_json);
+        expect_predict(text, SPEC_SERVER, cases[i].field, cases[i].needle);
+        expect_predict(text, SPEC_LOCAL, cases[i].field, cases[i].needle);
+    }
+}
+
+/* All problems at once, each under its own field; and "predict" is not (yet)
+ * a kind the server accepts. */
+static void test_predict_reports_all(void **state) {
+    (void)state;
+    int rc;
+    json_t *errors = validate("predict",
+                              "{\"model\": {\"path\": \"/m\"}, \"pool\": \"max\", \"dtype\": 16, "
+                              "\"batch_size\": 0, \"layers\": [3, 3]}",
+                              SPEC_SERVER, &rc);
+    assert_int_equal(rc, -1);
+    assert_int_equal(json_array_size(errors), 7);
+    expect_error(errors, "spec.model.path", "unknown field");
+    expect_error(errors, "spec.model", "needs \"model\"");
+    expect_error(errors, "spec.pool", "\"last_token\"");
+    expect_error(errors, "spec.dtype", "\"float32\"");
+    expect_error(errors, "spec.batch_size", "from 1 to 1024");
+    expect_error(errors, "spec.layers[1]", "repeats layer 3");
+    expect_error(errors, "spec.dataset", "is required");
+    json_decref(errors);
+    assert_true(spec_known_kind("cka"));
+    assert_false(spec_known_kind("predict"));
+    assert_false(spec_known_kind(NULL));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_specs),  cmocka_unit_test(test_bad_refs),
         cmocka_unit_test(test_bad_options), cmocka_unit_test(test_reports_all),
-        cmocka_unit_test(test_bad_kind_and_shape),
+        cmocka_unit_test(test_bad_kind_and_shape), cmocka_unit_test(test_predict_good),
+        cmocka_unit_test(test_predict_refs),       cmocka_unit_test(test_predict_options),
+        cmocka_unit_test(test_predict_reports_all),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
