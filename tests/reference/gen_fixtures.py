@@ -475,6 +475,13 @@ TOKENIZER_TEXTS = [
     "text with <s in it and s> too",
     "Numbers: 12345, 2024!",
     "UPPER lower MiXeD",
+    "the the the",
+    "layerlayerlayer",
+    "eee",
+    "  ",
+    "Hello\n\nworld",
+    "<s><s>",
+    "<unk>text",
 ]
 
 
@@ -522,12 +529,13 @@ def gen_chat(tok, merges):
     beside it, and expected outputs for BOS + encode(text) of CHAT_TEXTS (no
     extra BOS where the text starts with <s>): text in, hidden states out."""
     V = len(tok.vocab)
-    cfg = make_config(32, 2, 4, 1, 86, V, True, 10000.0, 1e-6, "BF16")
+    cfg = make_config(16, 2, 2, 1, 44, V, True, 10000.0, 1e-5, "BF16")
     seqs = []
     for text in CHAT_TEXTS:
         ids = tok.encode(text)
         seqs.append(ids if text.startswith("<s>") else [1] + ids)
     gen_model("chat", cfg, "BF16", make_params(cfg, 2468), 0, batch=pad_batch(cfg, seqs),
+              llama2c=True,
               extra={"texts": CHAT_TEXTS, "text_ids": "BOS (1) + encode(text); no extra BOS "
                      "when the text starts with <s>"})
     d = os.path.join(OUT, "chat")
