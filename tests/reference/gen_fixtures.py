@@ -387,10 +387,11 @@ def check_llama2c(path, cfg, ids, mask, hid, log):
 
 
 def gen_model(name, cfg, st_dtype, params, batch_seed, shards=1, llama2c=False, batch=None,
-              extra=None):
+              extra=None, greedy=False):
     """Writes one model directory: config, weights, expected outputs (and
     llama2.c exports when asked). batch: (ids, mask) instead of random
-    prompts; extra: more keys for expected.json."""
+    prompts; extra: more keys for expected.json; greedy: also record greedy
+    continuations of every prompt."""
     d = os.path.join(OUT, name)
     os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, "config.json"), cfg)
@@ -423,6 +424,9 @@ def gen_model(name, cfg, st_dtype, params, batch_seed, shards=1, llama2c=False, 
         ids, mask = batch
     hid, log, checks = expected_outputs(rp, cfg, ids, mask)
     extra = dict(extra or {})
+    if greedy:
+        extra["greedy"] = [greedy_generate(rp, cfg, ids[b, :n].tolist(), GREEDY_NEW_TOKENS)
+                           for b, n in enumerate(mask.sum(-1).tolist())]
     if llama2c:
         write_llama2c(d, rp, cfg)
         for fn in ["llama2c.bin", "llama2c_v1.bin"]:
@@ -524,6 +528,35 @@ CHAT_TEXTS = [
 ]
 
 
+GREEDY_NEW_TOKENS = 8
+
+
+def greedy_generate(params, cfg, prompt, max_new):
+    """Greedy decoding as HF generate(do_sample=False) does it: append the
+    argmax of the last position's logits, stop after eos_token_id or max_new
+    tokens. Recomputes the whole sequence each step (float64). Returns
+    {"new_ids", "stopped_at_eos", "min_top2_gap"}; the gap (top logit minus
+    the runner-up, smallest over the steps) says how safe the argmax is."""
+    seq = list(prompt)
+    new = []
+    gap = float("inf")
+    eos = False
+    for _ in range(max_new):
+        ids = torch.tensor([seq])
+        _, lg = llama_ref.forward(params, cfg, ids, torch.ones_like(ids))
+        last = lg[0, -1]
+        top = torch.topk(last, 2)
+        gap = min(gap, float(top.values[0] - top.values[1]))
+        nxt = int(top.indices[0])
+        new.append(nxt)
+        seq.append(nxt)
+        if nxt == cfg["eos_token_id"]:
+            eos = True
+            break
+    assert gap > 1e-3, "greedy step too close to a tie for a float32 engine: %g" % gap
+    return {"new_ids": new, "stopped_at_eos": eos, "min_top2_gap": gap}
+
+
 def gen_chat(tok, merges):
     """A tiny model whose vocab is the tokenizer's, with the tokenizer files
     beside it, and expected outputs for BOS + encode(text) of CHAT_TEXTS (no
@@ -534,10 +567,14 @@ def gen_chat(tok, merges):
     for text in CHAT_TEXTS:
         ids = tok.encode(text)
         seqs.append(ids if text.startswith("<s>") else [1] + ids)
-    gen_model("chat", cfg, "BF16", make_params(cfg, 2468), 0, batch=pad_batch(cfg, seqs),
-              llama2c=True,
+    params = make_params(cfg, 2468)
+    greedy = [greedy_generate(round_params(params, "BF16"), cfg, q, GREEDY_NEW_TOKENS)
+              for q in seqs]
+    for gr, q in zip(greedy, seqs):
+        gr["predict"] = tok.decode(gr["new_ids"], skip_special=True)
+    gen_model("chat", cfg, "BF16", params, 0, batch=pad_batch(cfg, seqs), llama2c=True,
               extra={"texts": CHAT_TEXTS, "text_ids": "BOS (1) + encode(text); no extra BOS "
-                     "when the text starts with <s>"})
+                     "when the text starts with <s>", "greedy": greedy})
     d = os.path.join(OUT, "chat")
     write_json(os.path.join(d, "tokenizer.json"), tok.to_json(merges))
     src = os.path.join(OUT, "tokenizer", "tokenizer_config.json")
@@ -548,7 +585,7 @@ def gen_chat(tok, merges):
 def main():
     gqa = make_config(64, 3, 4, 2, 172, 300, False, 10000.0, 1e-5, "F32")
     pg = make_params(gqa, 1234)
-    gen_model("gqa", gqa, "F32", pg, 4321, llama2c=True)
+    gen_model("gqa", gqa, "F32", pg, 4321, llama2c=True, greedy=True)
     tied = make_config(48, 2, 6, 6, 128, 260, True, 500000.0, 1e-6, "BF16")
     gen_model("tied", tied, "BF16", make_params(tied, 5678), 8765)
     sh = dict(gqa, torch_dtype="float16")
