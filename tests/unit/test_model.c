@@ -820,6 +820,97 @@ static void test_reference_fixtures(void **state) {
     llama_free(&other);
 }
 
+/* --- memory ------------------------------------------------------------- */
+
+static long status_kib(const char *field) {
+    FILE *f = fopen("/proc/self/status", "r");
+    assert_non_null(f);
+    char line[256];
+    long v = -1;
+    size_t n = strlen(field);
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, field, n) == 0 && line[n] == ':') v = strtol(line + n + 1, NULL, 10);
+    fclose(f);
+    assert_true(v >= 0);
+    return v;
+}
+
+/* The loader's promise: one float32 copy resident, not the mapped file as
+ * well. A 34 MB F32 model is written in chunks; the peak resident size
+ * (VmHWM, reset through clear_refs just before the load) may grow by the
+ * parameters plus slack, while mapping the file and keeping its pages would
+ * double it. The slack (half the parameters) leaves room for ASan's shadow. */
+static void test_load_peak_memory(void **state) {
+    (void)state;
+    write_text("config.json",
+               "{\"hidden_size\": 256, \"intermediate_size\": 512, \"num_hidden_layers\": 1, "
+               "\"num_attention_heads\": 4, \"vocab_size\": 16384, "
+               "\"max_position_embeddings\": 64, \"tie_word_embeddings\": false}");
+    static const struct {
+        const char *name;
+        size_t rows, cols;
+    } t[] = {
+        {"model.embed_tokens.weight", 16384, 256},
+        {"model.layers.0.input_layernorm.weight", 256, 0},
+        {"model.layers.0.self_attn.q_proj.weight", 256, 256},
+        {"model.layers.0.self_attn.k_proj.weight", 256, 256},
+        {"model.layers.0.self_attn.v_proj.weight", 256, 256},
+        {"model.layers.0.self_attn.o_proj.weight", 256, 256},
+        {"model.layers.0.post_attention_layernorm.weight", 256, 0},
+        {"model.layers.0.mlp.gate_proj.weight", 512, 256},
+        {"model.layers.0.mlp.up_proj.weight", 512, 256},
+        {"model.layers.0.mlp.down_proj.weight", 256, 512},
+        {"model.norm.weight", 256, 0},
+        {"lm_head.weight", 16384, 256},
+    };
+    size_t nt = sizeof t / sizeof t[0];
+    char hdr[4096];
+    size_t used = (size_t)snprintf(hdr, sizeof hdr, "{"), off = 0;
+    for (size_t i = 0; i < nt; i++) {
+        size_t count = t[i].rows * (t[i].cols ? t[i].cols : 1);
+        char shape[32];
+        if (t[i].cols) snprintf(shape, sizeof shape, "%zu,%zu", t[i].rows, t[i].cols);
+        else snprintf(shape, sizeof shape, "%zu", t[i].rows);
+        used += (size_t)snprintf(hdr + used, sizeof hdr - used,
+                                 "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%s],"
+                                 "\"data_offsets\":[%zu,%zu]}",
+                                 i ? "," : "", t[i].name, shape, off, off + 4 * count);
+        off += 4 * count;
+    }
+    used += (size_t)snprintf(hdr + used, sizeof hdr - used, "}");
+    assert_true(used < sizeof hdr);
+    char path[PATH_MAX], err[ERR_LEN];
+    in_dir(path, sizeof path, "model.safetensors");
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    unsigned char len8[8];
+    for (int i = 0; i < 8; i++) len8[i] = (unsigned char)((uint64_t)used >> (8 * i));
+    fwrite(len8, 1, 8, f);
+    fwrite(hdr, 1, used, f);
+    float chunk[4096];
+    for (size_t done = 0; done < off / 4;) {
+        size_t k = off / 4 - done < 4096 ? off / 4 - done : 4096;
+        for (size_t i = 0; i < k; i++) chunk[i] = (float)((done + i) % 1000) * 0.001f + 0.25f;
+        assert_int_equal(fwrite(chunk, sizeof(float), k, f), k);
+        done += k;
+    }
+    fclose(f);
+
+    /* Reset the peak to the current size (Linux >= 4.0). */
+    FILE *cr = fopen("/proc/self/clear_refs", "w");
+    if (!cr || fputs("5", cr) < 0 || fclose(cr) != 0) skip();
+    long before = status_kib("VmRSS");
+    llama_model m;
+    if (llama_load_hf(test_dir, &m, err, sizeof err) != 0) fail_msg("%s", err);
+    long grew = status_kib("VmHWM") - before;
+    long params_kib = (long)(m.nparams * sizeof(float) / 1024);
+    if (grew > params_kib * 3 / 2)
+        fail_msg("peak resident grew by %ld KiB for %ld KiB of parameters", grew, params_kib);
+    assert_true(m.w.lm_head[16384 * 256 - 1] == (float)((off / 4 - 1) % 1000) * 0.001f + 0.25f);
+    assert_true(m.w.embed[1001] == 1 * 0.001f + 0.25f);
+    llama_free(&m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_config_values_and_defaults, setup_dir, teardown_dir),
@@ -830,6 +921,7 @@ int main(void) {
         cmocka_unit_test_setup_teardown(test_load_hf_errors, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_llama2c, setup_dir, teardown_dir),
         cmocka_unit_test(test_reference_fixtures),
+        cmocka_unit_test_setup_teardown(test_load_peak_memory, setup_dir, teardown_dir),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
