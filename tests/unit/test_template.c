@@ -1,0 +1,222 @@
+/* test_template.c - prompt templates: the exact text of each template with
+ * and without a system prompt (through the byte-level tokenizer, whose ids
+ * are the text's bytes), BOS and EOS placement, LLaMA-Factory's piece-by-
+ * piece tokenization with a Llama 2 kind tokenizer (each piece gets its own
+ * "▁"), and the errors. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/util.h"
+#include "worker/engine/template.h"
+#include "worker/engine/tok.h"
+
+static char tiny_path[PATH_MAX];
+
+static void find_fixtures(void) {
+    char src[PATH_MAX];
+    snprintf(src, sizeof src, "%s", __FILE__);
+    char *slash = strrchr(src, '/');
+    if (slash)
+        *slash = '\0';
+    else
+        snprintf(src, sizeof src, ".");
+    snprintf(tiny_path, sizeof tiny_path, "%.*s/../fixtures/tok/tiny.json",
+             (int)(sizeof tiny_path - 64), src);
+}
+
+/* Encodes an example with the byte tokenizer and checks the prompt is
+ * [BOS] + want_prompt's bytes and the response is its bytes + EOS. */
+static void expect_bytes(enum tmpl_kind k, const char *system, const char *query, bool bos,
+                         const char *want_prompt) {
+    tok_tokenizer *t = tok_byte_new();
+    tok_ids p, r;
+    tok_ids_init(&p, 1 << 16);
+    tok_ids_init(&r, 1 << 16);
+    char err[ERR_LEN];
+    if (tmpl_encode(k, t, system, query, "The answer.", &p, &r, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    size_t n = strlen(want_prompt), off = bos ? 1 : 0;
+    if (p.len != n + off) fail_msg("%s: %zu prompt ids, want %zu", tmpl_name(k), p.len, n + off);
+    if (bos) assert_int_equal(p.v[0], TOK_BYTE_BOS);
+    for (size_t i = 0; i < n; i++)
+        if (p.v[off + i] != (unsigned char)want_prompt[i])
+            fail_msg("%s: prompt byte %zu is %d, want '%c'", tmpl_name(k), i, p.v[off + i], want_prompt[i]);
+    const char *resp = "The answer.";
+    assert_int_equal(r.len, strlen(resp) + 1);
+    for (size_t i = 0; i < strlen(resp); i++) assert_int_equal(r.v[i], (unsigned char)resp[i]);
+    assert_int_equal(r.v[r.len - 1], TOK_BYTE_EOS);
+    /* tmpl_prompt_text is the same text without BOS */
+    char *text;
+    assert_int_equal(tmpl_prompt_text(k, system, query, &text, err, sizeof err), 0);
+    assert_string_equal(text, want_prompt);
+    assert_int_equal(tmpl_has_bos(k), bos);
+    free(text);
+    tok_ids_free(&p);
+    tok_ids_free(&r);
+    tok_free(t);
+}
+
+static void test_texts(void **state) {
+    (void)state;
+    char want[4096];
+    snprintf(want, sizeof want, "[INST] <<SYS>>\n%s\n<</SYS>>\n\nWhat is 2+2?\n4 or 5 [/INST]",
+             tmpl_llama2_system);
+    expect_bytes(TMPL_LLAMA2, NULL, "What is 2+2?\n4 or 5", true, want);
+    expect_bytes(TMPL_LLAMA2, "", "What is 2+2?\n4 or 5", true, want);
+    expect_bytes(TMPL_LLAMA2, "Be brief.", "Hi", true, "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]");
+    expect_bytes(TMPL_ALPACA, NULL, "Add 2 and 2.", false,
+                 "Below is an instruction that describes a task. Write a response that "
+                 "appropriately completes the request.\n\n### Instruction:\nAdd 2 and 2.\n\n"
+                 "### Response:\n");
+    expect_bytes(TMPL_ALPACA, "Sys.", "Q", false, "Sys.### Instruction:\nQ\n\n### Response:\n");
+    expect_bytes(TMPL_DEFAULT, NULL, "Q", false, "Human: Q\nAssistant: ");
+    expect_bytes(TMPL_DEFAULT, "Sys.", "Q", false, "Sys.\nHuman: Q\nAssistant: ");
+    expect_bytes(TMPL_VANILLA, NULL, "Just this.", true, "Just this.");
+    expect_bytes(TMPL_VANILLA, "Sys. ", "Q", true, "Sys. Q");
+}
+
+/* Llama 2's default system prompt, word for word as Meta and LLaMA-Factory
+ * spell it (two paragraphs, no trailing newline). */
+static void test_default_system(void **state) {
+    (void)state;
+    assert_int_equal(strncmp(tmpl_llama2_system, "You are a helpful, respectful and honest assistant. "
+                                                 "Always answer as helpfully as possible, while being safe. ",
+                             110),
+                     0);
+    assert_non_null(strstr(tmpl_llama2_system, "socially unbiased and positive in nature.\n\nIf a question"));
+    const char *tail = "please don't share false information.";
+    size_t n = strlen(tmpl_llama2_system);
+    assert_string_equal(tmpl_llama2_system + n - strlen(tail), tail);
+    assert_int_equal(n, 507);
+}
+
+static void encode_text(const tok_tokenizer *t, const char *text, tok_ids *out) {
+    char err[ERR_LEN];
+    if (tok_encode(t, text, strlen(text), out, err, sizeof err) != 0) fail_msg("%s", err);
+}
+
+static bool ids_equal(const tok_ids *a, const tok_ids *b) {
+    return a->len == b->len && memcmp(a->v, b->v, a->len * sizeof a->v[0]) == 0;
+}
+
+/* With a Llama 2 kind tokenizer each piece is tokenized on its own. */
+static void test_pieces_llama_tokenizer(void **state) {
+    (void)state;
+    tok_tokenizer *t;
+    char err[ERR_LEN];
+    if (tok_load_hf(tiny_path, &t, err, sizeof err) != 0) fail_msg("%s", err);
+    tok_ids p, r, want, joined;
+    tok_ids_init(&p, 1 << 16);
+    tok_ids_init(&r, 1 << 16);
+    tok_ids_init(&want, 1 << 16);
+    tok_ids_init(&joined, 1 << 16);
+    assert_int_equal(tmpl_encode(TMPL_ALPACA, t, "hello", "world", "hello world", &p, &r, err,
+                                 sizeof err),
+                     0);
+    encode_text(t, "hello", &want);
+    encode_text(t, "### Instruction:\nworld\n\n### Response:\n", &want);
+    assert_true(ids_equal(&p, &want));
+    encode_text(t, "hello### Instruction:\nworld\n\n### Response:\n", &joined);
+    assert_false(ids_equal(&p, &joined)); /* not the concatenated text */
+    /* response: its own pieces, then EOS */
+    assert_int_equal(r.len, 3);
+    assert_int_equal(r.v[0], tok_piece_id(t, "\xe2\x96\x81hello"));
+    assert_int_equal(r.v[1], tok_piece_id(t, "\xe2\x96\x81world"));
+    assert_int_equal(r.v[2], tok_eos_id(t));
+    /* llama2: BOS, then one piece */
+    p.len = want.len = 0;
+    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, "hello", "world", NULL, &p, &r, err, sizeof err), 0);
+    assert_int_equal(tok_ids_push(&want, tok_bos_id(t)), 0);
+    encode_text(t, "[INST] <<SYS>>\nhello\n<</SYS>>\n\nworld [/INST]", &want);
+    assert_true(ids_equal(&p, &want));
+    assert_int_equal(r.len, 3); /* no response asked for: untouched */
+    /* the ids are appended: a second prompt follows the first */
+    size_t first = p.len;
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, err, sizeof err), 0);
+    assert_int_equal(p.len, first + 2);
+    assert_int_equal(p.v[first], tok_bos_id(t));
+    assert_int_equal(p.v[first + 1], tok_piece_id(t, "\xe2\x96\x81hello"));
+    tok_ids_free(&p);
+    tok_ids_free(&r);
+    tok_ids_free(&want);
+    tok_ids_free(&joined);
+    tok_free(t);
+}
+
+static void test_errors(void **state) {
+    (void)state;
+    enum tmpl_kind k;
+    assert_int_equal(tmpl_parse("llama2", &k), 0);
+    assert_int_equal(k, TMPL_LLAMA2);
+    assert_int_equal(tmpl_parse("vanilla", &k), 0);
+    assert_int_equal(k, TMPL_VANILLA);
+    assert_string_equal(tmpl_name(TMPL_DEFAULT), "default");
+    assert_int_equal(tmpl_parse("chatml", &k), -1);
+    assert_int_equal(tmpl_parse("", &k), -1);
+
+    /* a tokenizer without BOS or EOS (tokenizer_config.json says so) */
+    char dir[] = "/tmp/strata-tmpl-XXXXXX", path[PATH_MAX], cfg[PATH_MAX], err[ERR_LEN];
+    assert_non_null(mkdtemp(dir));
+    char *data;
+    size_t len;
+    if (util_read_file(tiny_path, 1 << 20, &data, &len, err, sizeof err) != 0) fail_msg("%s", err);
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    snprintf(cfg, sizeof cfg, "%s/tokenizer_config.json", dir);
+    const char *cfg_text = "{\"bos_token\": null, \"eos_token\": null}";
+    assert_int_equal(util_write_file_atomic(path, data, len, 0644, err, sizeof err), 0);
+    assert_int_equal(util_write_file_atomic(cfg, cfg_text, strlen(cfg_text), 0644, err, sizeof err), 0);
+    free(data);
+    tok_tokenizer *t;
+    if (tok_load_hf(path, &t, err, sizeof err) != 0) fail_msg("%s", err);
+    tok_ids p, r;
+    tok_ids_init(&p, 1 << 16);
+    tok_ids_init(&r, 1 << 16);
+    /* no BOS: left out, as LLaMA-Factory does */
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, err, sizeof err), 0);
+    assert_int_equal(p.len, 1);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", "world", &p, &r, err, sizeof err), -1);
+    assert_non_null(strstr(err, "no EOS"));
+    tok_ids_free(&p);
+    tok_ids_free(&r);
+    tok_free(t);
+    unlink(path);
+    unlink(cfg);
+    rmdir(dir);
+
+    /* the id arrays' maximum is enforced */
+    t = tok_byte_new();
+    tok_ids_init(&p, 8);
+    assert_int_equal(tmpl_encode(TMPL_DEFAULT, t, NULL, "query", NULL, &p, NULL, err, sizeof err), -1);
+    assert_non_null(strstr(err, "too many tokens"));
+    tok_ids_free(&p);
+    tok_ids_init(&p, 1);
+    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, NULL, "query", NULL, &p, NULL, err, sizeof err), -1);
+    tok_ids_free(&p);
+    tok_ids_init(&p, 64);
+    tok_ids_init(&r, 3);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "q", "abc", &p, &r, err, sizeof err), -1);
+    assert_non_null(strstr(err, "response over 3 tokens"));
+    tok_ids_free(&p);
+    tok_ids_free(&r);
+    tok_free(t);
+}
+
+int main(void) {
+    find_fixtures();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_texts),
+        cmocka_unit_test(test_default_system),
+        cmocka_unit_test(test_pieces_llama_tokenizer),
+        cmocka_unit_test(test_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

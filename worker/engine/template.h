@@ -1,0 +1,48 @@
+/* template.h - prompt templates, shaped as LLaMA-Factory (the version the
+ * seed used) shapes them, and their tokenization.
+ *
+ *   llama2   BOS "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{query} [/INST]"
+ *            ({system} is Llama 2's default system prompt when the example
+ *            has none)
+ *   alpaca   "{system}" "### Instruction:\n{query}\n\n### Response:\n"
+ *            ({system} defaults to "Below is an instruction ...\n\n")
+ *   default  "{system}\n" (only when the example has one)
+ *            "Human: {query}\nAssistant: "
+ *   vanilla  BOS "{system}" (only when the example has one) "{query}"
+ *
+ * Each quoted piece is tokenized on its own, as LLaMA-Factory does (so with
+ * Llama 2's tokenizer each gets its own leading "▁"); BOS is the tokenizer's
+ * BOS id and is left out when the tokenizer has none. The response is
+ * tokenized separately and followed by EOS. vanilla's BOS follows
+ * ARCHITECTURE.md ("the query as it is, after BOS"). */
+#ifndef STRATA_TEMPLATE_H
+#define STRATA_TEMPLATE_H
+
+#include "worker/engine/tok.h"
+
+enum tmpl_kind { TMPL_LLAMA2 = 0, TMPL_ALPACA, TMPL_DEFAULT, TMPL_VANILLA };
+
+/* Llama 2's default system prompt and alpaca's default system text. */
+extern const char tmpl_llama2_system[];
+extern const char tmpl_alpaca_system[];
+
+/* Parses a template name ("llama2", "alpaca", "default", "vanilla").
+ * Returns 0 or -1. */
+int tmpl_parse(const char *name, enum tmpl_kind *out);
+const char *tmpl_name(enum tmpl_kind k);
+
+/* The prompt as text: the pieces above joined, BOS left out (whether the
+ * prompt starts with BOS is tmpl_has_bos). system may be NULL or "" (none).
+ * Returns 0 with *text (caller frees), or -1 with err. */
+int tmpl_prompt_text(enum tmpl_kind k, const char *system, const char *query, char **text,
+                     char *err, size_t errlen);
+bool tmpl_has_bos(enum tmpl_kind k);
+
+/* Tokenizes one example: APPENDS the prompt's ids to prompt and, when
+ * response is not NULL, the response's ids followed by EOS to response_ids
+ * (an error when the tokenizer has no EOS). Returns 0, or -1 with err. */
+int tmpl_encode(enum tmpl_kind k, const tok_tokenizer *t, const char *system, const char *query,
+                const char *response, tok_ids *prompt, tok_ids *response_ids, char *err,
+                size_t errlen);
+
+#endif
