@@ -818,6 +818,23 @@ static void test_reference_fixtures(void **state) {
     }
     assert_true(nonzero > other.nparams * 9 / 10);
     llama_free(&other);
+
+    /* A tied multi-query (NKV = 1) bf16 model and its llama2.c exports with a
+     * shared classifier. */
+    load_ref("chat", &f32);
+    assert_true(f32.cfg.tie_word_embeddings);
+    assert_int_equal(f32.cfg.num_key_value_heads, 1);
+    static const char *const chat_exports[] = {REF_DIR "/chat/llama2c.bin",
+                                               REF_DIR "/chat/llama2c_v1.bin"};
+    for (int i = 0; i < 2; i++) {
+        if (llama_load_llama2c(chat_exports[i], &other, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        assert_true(other.cfg.tie_word_embeddings && other.w.lm_head == other.w.embed);
+        assert_int_equal(other.nparams, f32.nparams);
+        assert_memory_equal(other.params, f32.params, f32.nparams * sizeof(float));
+        llama_free(&other);
+    }
+    llama_free(&f32);
 }
 
 /* --- memory ------------------------------------------------------------- */
