@@ -129,6 +129,12 @@ unit: fuzz-replay
 $(BUILD)/fuzz/replay_http: $(call obj,tests/fuzz/fuzz_http.c tests/fuzz/replay.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/fuzz/replay_tok: $(call obj,tests/fuzz/fuzz_tok.c tests/fuzz/replay.c worker/engine/tok.c) $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(BUILD)/fuzz/replay_dataset: $(call obj,tests/fuzz/fuzz_dataset.c tests/fuzz/replay.c worker/engine/dataset.c) $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 $(BUILD)/fuzz/replay_%: $(call obj,tests/fuzz/fuzz_%.c tests/fuzz/replay.c) $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -140,6 +146,12 @@ fuzz-replay: $(FUZZ_REPLAY_BIN)
 # clang compiles the sources straight into each fuzzer (no shared objects with
 # the gcc builds); the http target needs the server's code, the others common/.
 $(FUZZ_DIR)/fuzz_http: tests/fuzz/fuzz_http.c $(SERVER_SRC) $(COMMON_SRC)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $^ $(LDLIBS)
+$(FUZZ_DIR)/fuzz_tok: tests/fuzz/fuzz_tok.c worker/engine/tok.c $(COMMON_SRC)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $^ $(LDLIBS)
+$(FUZZ_DIR)/fuzz_dataset: tests/fuzz/fuzz_dataset.c worker/engine/dataset.c $(COMMON_SRC)
 	@mkdir -p $(dir $@)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ $^ $(LDLIBS)
 $(FUZZ_DIR)/fuzz_%: tests/fuzz/fuzz_%.c $(COMMON_SRC)
