@@ -36,13 +36,14 @@ static void find_fixtures(void) {
 /* Encodes an example with the byte tokenizer and checks the prompt is
  * [BOS] + want_prompt's bytes and the response is its bytes + EOS. */
 static void expect_bytes(enum tmpl_kind k, const char *system, const char *query, bool bos,
-                         const char *want_prompt) {
+                         const char *want_prompt, size_t want_sys) {
     tok_tokenizer *t = tok_byte_new();
     tok_ids p, r;
     tok_ids_init(&p, 1 << 16);
     tok_ids_init(&r, 1 << 16);
     char err[ERR_LEN];
-    if (tmpl_encode(k, t, system, query, "The answer.", &p, &r, err, sizeof err) != 0)
+    size_t sys;
+    if (tmpl_encode(k, t, system, query, "The answer.", &p, &r, &sys, err, sizeof err) != 0)
         fail_msg("%s", err);
     size_t n = strlen(want_prompt), off = bos ? 1 : 0;
     if (p.len != n + off) fail_msg("%s: %zu prompt ids, want %zu", tmpl_name(k), p.len, n + off);
@@ -54,6 +55,7 @@ static void expect_bytes(enum tmpl_kind k, const char *system, const char *query
     assert_int_equal(r.len, strlen(resp) + 1);
     for (size_t i = 0; i < strlen(resp); i++) assert_int_equal(r.v[i], (unsigned char)resp[i]);
     assert_int_equal(r.v[r.len - 1], TOK_BYTE_EOS);
+    assert_int_equal(sys, want_sys);
     /* tmpl_prompt_text is the same text without BOS */
     char *text;
     assert_int_equal(tmpl_prompt_text(k, system, query, &text, err, sizeof err), 0);
@@ -70,18 +72,20 @@ static void test_texts(void **state) {
     char want[4096];
     snprintf(want, sizeof want, "[INST] <<SYS>>\n%s\n<</SYS>>\n\nWhat is 2+2?\n4 or 5 [/INST]",
              tmpl_llama2_system);
-    expect_bytes(TMPL_LLAMA2, NULL, "What is 2+2?\n4 or 5", true, want);
-    expect_bytes(TMPL_LLAMA2, "", "What is 2+2?\n4 or 5", true, want);
-    expect_bytes(TMPL_LLAMA2, "Be brief.", "Hi", true, "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]");
+    size_t llama2_sys = 1 + strlen(want) - strlen("What is 2+2?\n4 or 5 [/INST]");
+    expect_bytes(TMPL_LLAMA2, NULL, "What is 2+2?\n4 or 5", true, want, llama2_sys);
+    expect_bytes(TMPL_LLAMA2, "", "What is 2+2?\n4 or 5", true, want, llama2_sys);
+    expect_bytes(TMPL_LLAMA2, "Be brief.", "Hi", true, "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]", 36);
     expect_bytes(TMPL_ALPACA, NULL, "Add 2 and 2.", false,
                  "Below is an instruction that describes a task. Write a response that "
                  "appropriately completes the request.\n\n### Instruction:\nAdd 2 and 2.\n\n"
-                 "### Response:\n");
-    expect_bytes(TMPL_ALPACA, "Sys.", "Q", false, "Sys.### Instruction:\nQ\n\n### Response:\n");
-    expect_bytes(TMPL_DEFAULT, NULL, "Q", false, "Human: Q\nAssistant: ");
-    expect_bytes(TMPL_DEFAULT, "Sys.", "Q", false, "Sys.\nHuman: Q\nAssistant: ");
-    expect_bytes(TMPL_VANILLA, NULL, "Just this.", true, "Just this.");
-    expect_bytes(TMPL_VANILLA, "Sys. ", "Q", true, "Sys. Q");
+                 "### Response:\n",
+                 strlen(tmpl_alpaca_system));
+    expect_bytes(TMPL_ALPACA, "Sys.", "Q", false, "Sys.### Instruction:\nQ\n\n### Response:\n", 4);
+    expect_bytes(TMPL_DEFAULT, NULL, "Q", false, "Human: Q\nAssistant: ", 0);
+    expect_bytes(TMPL_DEFAULT, "Sys.", "Q", false, "Sys.\nHuman: Q\nAssistant: ", 5);
+    expect_bytes(TMPL_VANILLA, NULL, "Just this.", true, "Just this.", 1);
+    expect_bytes(TMPL_VANILLA, "Sys. ", "Q", true, "Sys. Q", 6);
 }
 
 /* Llama 2's default system prompt, word for word as Meta and LLaMA-Factory
@@ -119,8 +123,8 @@ static void test_pieces_llama_tokenizer(void **state) {
     tok_ids_init(&r, 1 << 16);
     tok_ids_init(&want, 1 << 16);
     tok_ids_init(&joined, 1 << 16);
-    assert_int_equal(tmpl_encode(TMPL_ALPACA, t, "hello", "world", "hello world", &p, &r, err,
-                                 sizeof err),
+    assert_int_equal(tmpl_encode(TMPL_ALPACA, t, "hello", "world", "hello world", &p, &r, NULL,
+                                 err, sizeof err),
                      0);
     encode_text(t, "hello", &want);
     encode_text(t, "### Instruction:\nworld\n\n### Response:\n", &want);
@@ -134,14 +138,34 @@ static void test_pieces_llama_tokenizer(void **state) {
     assert_int_equal(r.v[2], tok_eos_id(t));
     /* llama2: BOS, then one piece */
     p.len = want.len = 0;
-    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, "hello", "world", NULL, &p, &r, err, sizeof err), 0);
+    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, "hello", "world", NULL, &p, &r, NULL, err, sizeof err), 0);
     assert_int_equal(tok_ids_push(&want, tok_bos_id(t)), 0);
     encode_text(t, "[INST] <<SYS>>\nhello\n<</SYS>>\n\nworld [/INST]", &want);
     assert_true(ids_equal(&p, &want));
     assert_int_equal(r.len, 3); /* no response asked for: untouched */
+    /* llama2's system part: BOS plus the ids of "[INST] <<SYS>>\nhello\n<</SYS>>\n\n" */
+    size_t sys;
+    tok_ids prefix;
+    tok_ids_init(&prefix, 1 << 16);
+    encode_text(t, "[INST] <<SYS>>\nhello\n<</SYS>>\n\n", &prefix);
+    p.len = 0;
+    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, "hello", "world", NULL, &p, NULL, &sys, err,
+                                 sizeof err),
+                     0);
+    assert_int_equal(sys, 1 + prefix.len);
+    assert_true(sys < p.len);
+    assert_memory_equal(p.v + 1, prefix.v, prefix.len * sizeof prefix.v[0]);
+    tok_ids_free(&prefix);
+    /* alpaca's: the system piece, tokenized on its own */
+    p.len = 0;
+    assert_int_equal(tmpl_encode(TMPL_ALPACA, t, "hello", "world", NULL, &p, NULL, &sys, err,
+                                 sizeof err),
+                     0);
+    assert_int_equal(sys, 1);
+    assert_int_equal(p.v[0], tok_piece_id(t, "\xe2\x96\x81hello"));
     /* the ids are appended: a second prompt follows the first */
     size_t first = p.len;
-    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, err, sizeof err), 0);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, NULL, err, sizeof err), 0);
     assert_int_equal(p.len, first + 2);
     assert_int_equal(p.v[first], tok_bos_id(t));
     assert_int_equal(p.v[first + 1], tok_piece_id(t, "\xe2\x96\x81hello"));
@@ -181,9 +205,9 @@ static void test_errors(void **state) {
     tok_ids_init(&p, 1 << 16);
     tok_ids_init(&r, 1 << 16);
     /* no BOS: left out, as LLaMA-Factory does */
-    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, err, sizeof err), 0);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", NULL, &p, NULL, NULL, err, sizeof err), 0);
     assert_int_equal(p.len, 1);
-    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", "world", &p, &r, err, sizeof err), -1);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "hello", "world", &p, &r, NULL, err, sizeof err), -1);
     assert_non_null(strstr(err, "no EOS"));
     tok_ids_free(&p);
     tok_ids_free(&r);
@@ -195,15 +219,15 @@ static void test_errors(void **state) {
     /* the id arrays' maximum is enforced */
     t = tok_byte_new();
     tok_ids_init(&p, 8);
-    assert_int_equal(tmpl_encode(TMPL_DEFAULT, t, NULL, "query", NULL, &p, NULL, err, sizeof err), -1);
+    assert_int_equal(tmpl_encode(TMPL_DEFAULT, t, NULL, "query", NULL, &p, NULL, NULL, err, sizeof err), -1);
     assert_non_null(strstr(err, "too many tokens"));
     tok_ids_free(&p);
     tok_ids_init(&p, 1);
-    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, NULL, "query", NULL, &p, NULL, err, sizeof err), -1);
+    assert_int_equal(tmpl_encode(TMPL_LLAMA2, t, NULL, "query", NULL, &p, NULL, NULL, err, sizeof err), -1);
     tok_ids_free(&p);
     tok_ids_init(&p, 64);
     tok_ids_init(&r, 3);
-    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "q", "abc", &p, &r, err, sizeof err), -1);
+    assert_int_equal(tmpl_encode(TMPL_VANILLA, t, NULL, "q", "abc", &p, &r, NULL, err, sizeof err), -1);
     assert_non_null(strstr(err, "response over 3 tokens"));
     tok_ids_free(&p);
     tok_ids_free(&r);

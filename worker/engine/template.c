@@ -120,19 +120,57 @@ out:
     return rc;
 }
 
+/* The number of ids llama2's system part takes at the start of ids[0..n):
+ * the leading ids that the system prefix encoded alone shares with them. */
+static int tmpl_llama2_system_len(const tok_tokenizer *t, const char *system,
+                                  const int32_t *ids, size_t n, size_t *len, char *err,
+                                  size_t errlen) {
+    bool has_system = system && *system;
+    char *prefix = tmpl_concat("[INST] <<SYS>>\n", has_system ? system : tmpl_llama2_system,
+                               "\n<</SYS>>\n\n", (const char *)NULL);
+    if (!prefix) return err_set(err, errlen, "prompt over %u bytes (or out of memory)", TOK_MAX_TEXT);
+    tok_ids alone;
+    tok_ids_init(&alone, n + 1);
+    int rc = tok_encode(t, prefix, strlen(prefix), &alone, err, errlen);
+    /* a prefix that encodes to more ids than the whole piece has failed with
+     * "too many tokens": then it shares at most n */
+    size_t k = 0;
+    while (k < alone.len && k < n && alone.v[k] == ids[k]) k++;
+    *len = k;
+    if (rc != 0 && alone.len == alone.max) rc = 0;
+    tok_ids_free(&alone);
+    free(prefix);
+    return rc;
+}
+
 int tmpl_encode(enum tmpl_kind k, const tok_tokenizer *t, const char *system, const char *query,
-                const char *response, tok_ids *prompt, tok_ids *response_ids, char *err,
-                size_t errlen) {
+                const char *response, tok_ids *prompt, tok_ids *response_ids, size_t *system_len,
+                char *err, size_t errlen) {
     char *piece[2];
     int rc = -1;
+    size_t start = prompt->len, sys = 0;
     if (tmpl_pieces(k, system, query, piece, err, errlen) != 0) goto out;
-    if (tmpl_has_bos(k) && tok_bos_id(t) >= 0 && tok_ids_push(prompt, tok_bos_id(t)) != 0) {
-        err_set(err, errlen, "prompt over %zu tokens", prompt->max);
-        goto out;
+    if (tmpl_has_bos(k) && tok_bos_id(t) >= 0) {
+        if (tok_ids_push(prompt, tok_bos_id(t)) != 0) {
+            err_set(err, errlen, "prompt over %zu tokens", prompt->max);
+            goto out;
+        }
+        sys = 1;
     }
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
+        size_t before = prompt->len;
         if (piece[i] && tok_encode(t, piece[i], strlen(piece[i]), prompt, err, errlen) != 0)
             goto out;
+        if (i == 0) sys += prompt->len - before;
+    }
+    if (system_len && k == TMPL_LLAMA2) {
+        size_t body = start + sys, in_piece = 0;
+        if (tmpl_llama2_system_len(t, system, prompt->v + body, prompt->len - body, &in_piece, err,
+                                   errlen) != 0)
+            goto out;
+        sys += in_piece;
+    }
+    if (system_len) *system_len = sys;
     if (response) {
         if (tok_eos_id(t) < 0) {
             err_set(err, errlen, "the tokenizer has no EOS token to end the response with");

@@ -40,9 +40,14 @@ bool tmpl_has_bos(enum tmpl_kind k);
 
 /* Tokenizes one example: APPENDS the prompt's ids to prompt and, when
  * response is not NULL, the response's ids followed by EOS to response_ids
- * (an error when the tokenizer has no EOS). Returns 0, or -1 with err. */
+ * (an error when the tokenizer has no EOS). When system_len is not NULL it
+ * receives how many of the appended prompt ids are BOS and the system part
+ * (0 when the prompt has neither), for pooling "mean_after_system": for
+ * llama2, whose system part shares a piece with the query, that is the
+ * number of leading ids that encoding "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n"
+ * alone has in common with the whole piece's ids. Returns 0, or -1 with err. */
 int tmpl_encode(enum tmpl_kind k, const tok_tokenizer *t, const char *system, const char *query,
-                const char *response, tok_ids *prompt, tok_ids *response_ids, char *err,
-                size_t errlen);
+                const char *response, tok_ids *prompt, tok_ids *response_ids, size_t *system_len,
+                char *err, size_t errlen);
 
 #endif
