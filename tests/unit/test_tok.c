@@ -305,6 +305,29 @@ static void test_malformed(void **state) {
     free(tiny);
 }
 
+/* A model directory: tokenizer.json when there is one, else the byte-level
+ * tokenizer for a 259-entry vocabulary; ids past the model's are refused. */
+static void test_load_dir(void **state) {
+    (void)state;
+    char *tiny = tiny_text(), path[PATH_MAX], err[ERR_LEN];
+    tok_tokenizer *t;
+    assert_int_equal(tok_load_dir(tmp_dir, TOK_BYTE_VOCAB, &t, err, sizeof err), 0);
+    assert_int_equal(tok_vocab_size(t), TOK_BYTE_VOCAB);
+    assert_int_equal(tok_bos_id(t), TOK_BYTE_BOS);
+    tok_free(t);
+    assert_int_equal(tok_load_dir(tmp_dir, 32000, &t, err, sizeof err), -1);
+    assert_non_null(strstr(err, "no tokenizer.json"));
+    assert_null(t);
+    write_text("tokenizer.json", tiny, path, sizeof path);
+    assert_int_equal(tok_load_dir(tmp_dir, 32000, &t, err, sizeof err), 0);
+    assert_int_equal(tok_vocab_size(t), SP_SP + 1);
+    tok_free(t);
+    assert_int_equal(tok_load_dir(tmp_dir, SP_SP, &t, err, sizeof err), -1);
+    assert_non_null(strstr(err, "ids up to 277 but the model's vocab_size is 277"));
+    unlink(path);
+    free(tiny);
+}
+
 static void test_byte_tokenizer(void **state) {
     (void)state;
     tok_tokenizer *t = tok_byte_new();
@@ -345,6 +368,7 @@ int main(void) {
         cmocka_unit_test(test_tiny_encode),      cmocka_unit_test(test_tiny_decode),
         cmocka_unit_test(test_reference_cases),  cmocka_unit_test(test_tokenizer_config),
         cmocka_unit_test(test_malformed),        cmocka_unit_test(test_byte_tokenizer),
+        cmocka_unit_test(test_load_dir),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     rmdir(tmp_dir);

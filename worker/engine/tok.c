@@ -563,6 +563,41 @@ out:
     return rc;
 }
 
+int tok_load_dir(const char *dir, int vocab_size, tok_tokenizer **out, char *err, size_t errlen) {
+    *out = NULL;
+    size_t plen = strlen(dir) + sizeof "/tokenizer.json";
+    char *path = malloc(plen);
+    if (!path) return err_set(err, errlen, "out of memory");
+    snprintf(path, plen, "%s/tokenizer.json", dir);
+    tok_tokenizer *t = NULL;
+    int rc = -1;
+    if (access(path, F_OK) == 0) {
+        if (tok_load_hf(path, &t, err, errlen) != 0) goto out;
+    } else if (vocab_size == TOK_BYTE_VOCAB) {
+        t = tok_byte_new();
+        if (!t) {
+            err_set(err, errlen, "out of memory");
+            goto out;
+        }
+    } else {
+        err_set(err, errlen, "%s: no tokenizer.json, and a vocab_size of %d is not the byte-level "
+                "tokenizer's %d", dir, vocab_size, TOK_BYTE_VOCAB);
+        goto out;
+    }
+    if (tok_vocab_size(t) > vocab_size) {
+        err_set(err, errlen, "%s: the tokenizer has ids up to %d but the model's vocab_size is %d",
+                path, tok_vocab_size(t) - 1, vocab_size);
+        goto out;
+    }
+    *out = t;
+    t = NULL;
+    rc = 0;
+out:
+    tok_free(t);
+    free(path);
+    return rc;
+}
+
 /* ---- encoding ----------------------------------------------------------- */
 
 /* Length of the UTF-8 character at s[0..n), or 0 when it is not valid UTF-8

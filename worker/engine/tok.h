@@ -62,6 +62,13 @@ int tok_load_hf(const char *path, tok_tokenizer **out, char *err, size_t errlen)
 int tok_load_hf_buffer(const char *data, size_t len, tok_tokenizer **out, char *err,
                        size_t errlen);
 
+/* The tokenizer of a model directory: dir/tokenizer.json (and its
+ * tokenizer_config.json) when present, else the byte-level tokenizer when
+ * the model's vocab_size is TOK_BYTE_VOCAB. The tokenizer's ids must all be
+ * below vocab_size (the model's embedding rows). Returns 0 with *out (caller
+ * frees), or -1 with err naming the directory or file. */
+int tok_load_dir(const char *dir, int vocab_size, tok_tokenizer **out, char *err, size_t errlen);
+
 /* The byte-level tokenizer described above. Returns NULL when out of memory. */
 tok_tokenizer *tok_byte_new(void);
 
