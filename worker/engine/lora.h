@@ -12,8 +12,8 @@
  * and gate_proj up_proj down_proj (mlp); F32, F16 or BF16.
  *
  * adapter_config.json fields used: r, lora_alpha, use_rslora,
- * target_modules (a list of module names, each matched as PEFT does, by name
- * or dotted suffix such as "self_attn.q_proj"; or a string: "all-linear", or
+ * target_modules (a list of module names, "q_proj" or "self_attn.q_proj"
+ * (PEFT's suffix match, limited to these two spellings); or a string: "all-linear", or
  * a regular expression PEFT full-matches against module names like
  * "model.layers.0.self_attn.q_proj", taken here as a POSIX extended regex),
  * layers_to_transform (an int or a list; only with a list of target modules,
