@@ -278,6 +278,8 @@ static void test_malformed(void **state) {
         {"\"unk_token\": \"<unk>\"", "\"unk_token\": \"<nope>\"", "model.unk_token: \"<nope>\" not in"},
         {"\"merges\": [", "\"merges_\": [", "model.merges: missing"},
         {"\"model\": {", "\"model_\": {", "model: missing"},
+        {"\"ignore_merges\": false", "\"ignore_merges\": true", "model.ignore_merges"},
+        {"\"single_word\": false", "\"single_word\": true", "added_tokens[0]: single_word"},
     };
     char err[ERR_LEN];
     tok_tokenizer *t = (tok_tokenizer *)1;
@@ -328,6 +330,26 @@ static void test_load_dir(void **state) {
     free(tiny);
 }
 
+/* lstrip and rstrip added tokens swallow the whitespace beside them. */
+static void test_strip_flags(void **state) {
+    (void)state;
+    char *tiny = tiny_text(), err[ERR_LEN];
+    /* </s> is the third added token: its flags are the third occurrences */
+    char *p = tiny;
+    for (int i = 0; i < 3; i++) p = strstr(p + 1, "\"lstrip\": false");
+    assert_non_null(p);
+    memcpy(p, "\"lstrip\": true ", 15);
+    p = strstr(p, "\"rstrip\": false");
+    assert_non_null(p);
+    memcpy(p, "\"rstrip\": true ", 15);
+    tok_tokenizer *t;
+    if (tok_load_hf_buffer(tiny, strlen(tiny), &t, err, sizeof err) != 0) fail_msg("%s", err);
+    ENC(t, "hello \n </s> \t world", SP_HELLO, 2, SP_WORLD);
+    ENC(t, "hello<s> world", SP_HELLO, 1, SP, SP_WORLD); /* <s> swallows nothing */
+    tok_free(t);
+    free(tiny);
+}
+
 static void test_byte_tokenizer(void **state) {
     (void)state;
     tok_tokenizer *t = tok_byte_new();
@@ -368,7 +390,7 @@ int main(void) {
         cmocka_unit_test(test_tiny_encode),      cmocka_unit_test(test_tiny_decode),
         cmocka_unit_test(test_reference_cases),  cmocka_unit_test(test_tokenizer_config),
         cmocka_unit_test(test_malformed),        cmocka_unit_test(test_byte_tokenizer),
-        cmocka_unit_test(test_load_dir),
+        cmocka_unit_test(test_load_dir),         cmocka_unit_test(test_strip_flags),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     rmdir(tmp_dir);

@@ -423,6 +423,11 @@ static int tok_load_model(tok_tokenizer *t, const json_t *root, char *err, size_
         if (!tok_json_none(v) && !tok_json_str_is(v, ""))
             return err_set(err, errlen, "model.%s: must be null (Llama 2's tokenizer has none)", affix[i]);
     }
+    /* ignore_merges takes a word found whole in the vocabulary as it is,
+     * which Llama 2's tokenizer does not do */
+    const json_t *im = json_object_get(model, "ignore_merges");
+    if (!tok_json_none(im) && !json_is_false(im))
+        return err_set(err, errlen, "model.ignore_merges: must be false (Llama 2's tokenizer merges every word)");
     const json_t *bf = json_object_get(model, "byte_fallback"), *fu = json_object_get(model, "fuse_unk");
     if ((!tok_json_none(bf) && !json_is_boolean(bf)) || (!tok_json_none(fu) && !json_is_boolean(fu)))
         return err_set(err, errlen, "model.byte_fallback and model.fuse_unk: must be booleans");
