@@ -234,6 +234,30 @@ static void test_errors(void **state) {
     tok_free(t);
 }
 
+/* LLaMA-Factory's infer_max_len, worked by hand (and checked in Python). */
+static void test_cutoff(void **state) {
+    (void)state;
+    const struct {
+        size_t prompt, response, cutoff, reserved, keep_prompt, keep_response;
+    } cases[] = {
+        {10, 5, 1024, 1, 10, 5},          /* fits: nothing cut */
+        {1000, 100, 1024, 1, 931, 93},    /* 1024 * 100/1100 = 93.09 -> 93 */
+        {3000, 3000, 1024, 1, 512, 512},
+        {2000, 0, 1024, 1, 1024, 0},      /* no response: the reserve is not used */
+        {2000, 1, 1024, 1, 1023, 1},
+        {7, 15, 22, 1, 7, 14},            /* 22 * (15/22) = 14.999999999999998 */
+        {0, 0, 1024, 1, 0, 0},
+        {50, 50, 10, 20, 0, 20},          /* a reserve over the cutoff leaves no prompt */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        size_t kp, kr;
+        tmpl_cutoff(cases[i].prompt, cases[i].response, cases[i].cutoff, cases[i].reserved, &kp, &kr);
+        if (kp != cases[i].keep_prompt || kr != cases[i].keep_response)
+            fail_msg("case %zu: kept %zu and %zu, want %zu and %zu", i, kp, kr, cases[i].keep_prompt,
+                     cases[i].keep_response);
+    }
+}
+
 int main(void) {
     find_fixtures();
     const struct CMUnitTest tests[] = {
@@ -241,6 +265,7 @@ int main(void) {
         cmocka_unit_test(test_default_system),
         cmocka_unit_test(test_pieces_llama_tokenizer),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_cutoff),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

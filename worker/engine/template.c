@@ -188,3 +188,18 @@ out:
     free(piece[1]);
     return rc;
 }
+
+void tmpl_cutoff(size_t prompt_len, size_t response_len, size_t cutoff_len,
+                 size_t reserved_label_len, size_t *keep_prompt, size_t *keep_response) {
+    size_t total = prompt_len + response_len, max_response = 0;
+    if (total > 0) {
+        /* the same double operations, in the same order, as the Python */
+        double share = (double)cutoff_len * ((double)response_len / (double)total);
+        max_response = (size_t)share;
+    }
+    if (max_response < reserved_label_len) max_response = reserved_label_len;
+    size_t taken = max_response < response_len ? max_response : response_len;
+    size_t max_prompt = cutoff_len > taken ? cutoff_len - taken : 0;
+    *keep_prompt = prompt_len < max_prompt ? prompt_len : max_prompt;
+    *keep_response = response_len < max_response ? response_len : max_response;
+}

@@ -50,4 +50,18 @@ int tmpl_encode(enum tmpl_kind k, const tok_tokenizer *t, const char *system, co
                 const char *response, tok_ids *prompt, tok_ids *response_ids, size_t *system_len,
                 char *err, size_t errlen);
 
+/* LLaMA-Factory's cut of a prompt and response to cutoff_len tokens (its
+ * infer_max_len, applied to every example): the response may keep its share
+ * of cutoff_len in proportion to its length (float64 arithmetic truncated,
+ * as Python's int() does), at least reserved_label_len; the prompt keeps
+ * the rest, counted from its start, so an over-long prompt loses its end.
+ * Writes how many ids of each are kept (never more than there are). Note
+ * the float rounding can drop a response's last id even when both fit
+ * (prompt 7, response 15, cutoff 22 keeps 7 and 14), as LLaMA-Factory does.
+ * Its defaults: cutoff_len 1024, reserved_label_len 1. A reserved_label_len
+ * over cutoff_len leaves the prompt nothing here (Python's negative slice
+ * would keep part of it). */
+void tmpl_cutoff(size_t prompt_len, size_t response_len, size_t cutoff_len,
+                 size_t reserved_label_len, size_t *keep_prompt, size_t *keep_response);
+
 #endif
