@@ -28,7 +28,8 @@ void buf_reset(buf_t *b) {
 static int buf_reserve(buf_t *b, size_t extra) {
     if (extra > b->max || b->len > b->max - extra) return -1;
     size_t need = b->len + extra;
-    if (need <= b->cap) return 0;
+    /* data must exist even for an empty append, for the terminator. */
+    if (need <= b->cap && b->data) return 0;
     size_t cap = b->cap ? b->cap : 256;
     while (cap < need) cap = cap > b->max / 2 ? b->max : cap * 2;
     char *p = realloc(b->data, cap + 1);
