@@ -32,6 +32,21 @@ struct runner_ctx {
      * sorted by layer; the caller frees it. */
     int (*resolve_layers)(runner_ctx *ctx, json_t *ref, runner_layer_file **files, size_t *n,
                           char *err, size_t errlen);
+    /* Resolves a model reference ({"model": ID} on the server, {"path": ...}
+     * locally) to a local path: a Hugging Face model directory (config.json,
+     * model.safetensors[.index.json], tokenizer.json) or a llama2.c .bin file.
+     * Returns 0, or -1 with err set. */
+    int (*resolve_model)(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                         size_t errlen);
+    /* Resolves a dataset reference ({"dataset": ID} / {"path": ...}) to a local
+     * file and its format ("alpaca", "flan" or "auto" when unknown; formatlen
+     * >= 16). */
+    int (*resolve_dataset)(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                           char *format, size_t formatlen, char *err, size_t errlen);
+    /* Resolves an adapter reference to a local directory holding
+     * adapter_config.json and adapter_model.safetensors. */
+    int (*resolve_adapter)(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                           size_t errlen);
     /* Reports progress (may be NULL). */
     void (*progress)(runner_ctx *ctx, int64_t step, int64_t total, const char *message);
     /* Appends one line to the job's log (may be NULL). */
