@@ -6,7 +6,7 @@
 # libraries, the Makefile's flags) into $BUILD/bench/forward_bench, then runs
 # bench_forward.py, which writes the model into a temporary directory (about
 # 400 MB; BENCH_KEEP=DIR keeps and reuses it), runs both sides and compares.
-# Env: BUILD (build), BENCH_THREADS (nproc), BENCH_ITERS (3), BENCH_B (8),
+# Env: BUILD (build), BENCH_THREADS (nproc), BENCH_ITERS (3), BENCH_ROUNDS (2), BENCH_B (8),
 #      BENCH_T (256), BENCH_NKV (4), BENCH_KEEP. Needs Debian's /usr/bin/python3
 #      with numpy and python3-torch.
 set -eu
