@@ -41,7 +41,13 @@ static void local_usage(FILE *out) {
             "  strata-worker run --kind cka --spec '{\"x\": {\"path\": \"a.npy\"}, "
             "\"y\": {\"path\": \"b.npy\"}}'\n"
             "\n"
-            "  --kind KIND   job kind (cka)\n"
+            "  strata-worker run --kind predict --spec '{\"model\": {\"path\": \"model_dir\"}, "
+            "\"dataset\": {\"path\": \"data.json\"}}' --out DIR\n"
+            "Models are a Hugging Face directory or a llama2.c .bin; datasets an alpaca JSON\n"
+            "or Flan JSONL file (\"format\" tells them apart when the content does not);\n"
+            "an adapter is {\"path\": \"dir\"} with adapter_config.json.\n"
+            "\n"
+            "  --kind KIND   job kind (cka, predict)\n"
             "  --spec SPEC   the job spec as JSON, or @FILE to read it from FILE\n"
             "  --out DIR     where the job's output artifacts go (created if missing)\n"
             "Exit status: 0 success, 2 bad arguments/spec/input, 1 other failure.\n");
@@ -69,6 +75,52 @@ static int local_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t p
     if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "path too long: %s", p);
     st->bad_input = false;
     return 0;
+}
+
+/* A {"path": ...} that exists; dir_ok / file_ok say which kinds may be
+ * there. Copies it to path. */
+static int local_resolve_existing(runner_ctx *ctx, json_t *ref, const char *what, bool dir_ok,
+                                  bool file_ok, char *path, size_t pathlen, char *err,
+                                  size_t errlen) {
+    local_state *st = ctx->user;
+    struct stat sb;
+    const char *p = local_ref_path(ref, err, errlen);
+    st->bad_input = true;
+    if (!p) return -1;
+    if (stat(p, &sb) != 0) return err_set(err, errlen, "%s %s: %s", what, p, strerror(errno));
+    bool ok = (dir_ok && S_ISDIR(sb.st_mode)) || (file_ok && S_ISREG(sb.st_mode));
+    if (!ok)
+        return err_set(err, errlen, "%s %s is not a %s", what, p,
+                       dir_ok && file_ok ? "directory or regular file"
+                       : dir_ok         ? "directory"
+                                        : "regular file");
+    int n = snprintf(path, pathlen, "%s", p);
+    if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "path too long: %s", p);
+    st->bad_input = false;
+    return 0;
+}
+
+/* A model: a Hugging Face directory or a llama2.c .bin file. */
+static int local_resolve_model(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                               char *err, size_t errlen) {
+    return local_resolve_existing(ctx, ref, "model", true, true, path, pathlen, err, errlen);
+}
+
+/* A dataset file; its format is left to the content ("auto") unless the
+ * spec's "format" says (predict reads that itself). */
+static int local_resolve_dataset(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                 char *format, size_t formatlen, char *err, size_t errlen) {
+    if (local_resolve_existing(ctx, ref, "dataset", false, true, path, pathlen, err, errlen) != 0)
+        return -1;
+    snprintf(format, formatlen, "auto");
+    return 0;
+}
+
+/* An adapter: a directory with adapter_config.json and
+ * adapter_model.safetensors (checked by the LoRA loader). */
+static int local_resolve_adapter(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                 char *err, size_t errlen) {
+    return local_resolve_existing(ctx, ref, "adapter", true, false, path, pathlen, err, errlen);
 }
 
 static int local_layer_cmp(const void *pa, const void *pb) {
@@ -280,7 +332,7 @@ int local_main(int argc, char **argv) {
         return 2;
     }
     if (!runner_supports(kind)) {
-        fprintf(stderr, "strata-worker run: unknown job kind \"%s\" (this worker runs: cka)\n",
+        fprintf(stderr, "strata-worker run: unknown job kind \"%s\" (this worker runs: cka, predict)\n",
                 kind);
         return 2;
     }
@@ -326,6 +378,9 @@ int local_main(int argc, char **argv) {
     handler = sigaction(SIGINT, &sa, &old_int) == 0;
     runner_ctx ctx = {.resolve_file = local_resolve_file,
                       .resolve_layers = local_resolve_layers,
+                      .resolve_model = local_resolve_model,
+                      .resolve_dataset = local_resolve_dataset,
+                      .resolve_adapter = local_resolve_adapter,
                       .progress = local_progress,
                       .log = local_log,
                       .add_artifact = local_add_artifact,

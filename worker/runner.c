@@ -1,4 +1,5 @@
-/* runner.c - see runner.h. Kinds this worker runs: cka.
+/* runner.c - see runner.h. Kinds this worker runs: cka and predict
+ * (worker/predict.c).
  *
  * A cka input is either one matrix ({"artifact": ID}, or {"path": FILE}
  * locally) or a set of per-layer matrices ({"job": ID}, or {"path": DIR}
@@ -12,6 +13,7 @@
 #include "common/util.h"
 #include "worker/engine/blas.h"
 #include "worker/engine/cka.h"
+#include "worker/predict.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -38,7 +40,7 @@ bool runner_layer_from_name(const char *name, int *layer) {
 }
 
 bool runner_supports(const char *kind) {
-    return kind && strcmp(kind, "cka") == 0;
+    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0);
 }
 
 static void runner_log(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -325,5 +327,7 @@ int runner_run(const char *kind, json_t *spec, runner_ctx *ctx, json_t **result,
     }
     json_decref(errors);
     if (!runner_supports(kind)) return err_set(err, errlen, "this worker cannot run %s jobs", kind);
+    if (strcmp(kind, "predict") == 0)
+        return predict_run(spec, ctx, result, retryable, cancelled, err, errlen);
     return runner_cka(spec, ctx, result, retryable, cancelled, err, errlen);
 }
