@@ -87,7 +87,7 @@ static int local_resolve_existing(runner_ctx *ctx, json_t *ref, const char *what
     const char *p = local_ref_path(ref, err, errlen);
     st->bad_input = true;
     if (!p) return -1;
-    if (stat(p, &sb) != 0) return err_set(err, errlen, "%s %s: %s", what, p, strerror(errno));
+    if (stat(p, &sb) != 0) return err_set(err, errlen, "%s: %s", p, strerror(errno));
     bool ok = (dir_ok && S_ISDIR(sb.st_mode)) || (file_ok && S_ISREG(sb.st_mode));
     if (!ok)
         return err_set(err, errlen, "%s %s is not a %s", what, p,
