@@ -273,7 +273,9 @@ static int spec_validate_predict(json_t *spec, enum spec_mode mode, json_t *erro
     return json_array_size(errors) > before ? -1 : 0;
 }
 
-bool spec_known_kind(const char *kind) { return kind && strcmp(kind, "cka") == 0; }
+bool spec_known_kind(const char *kind) {
+    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0);
+}
 
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors) {
     if (!json_is_object(spec)) {
@@ -282,7 +284,7 @@ int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *e
     }
     if (kind && strcmp(kind, "cka") == 0) return spec_validate_cka(spec, mode, errors);
     if (kind && strcmp(kind, "predict") == 0) return spec_validate_predict(spec, mode, errors);
-    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka)",
+    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict)",
                kind ? kind : "");
     return -1;
 }

@@ -26,12 +26,11 @@ enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
  * not (errors then holds at least one entry). */
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);
 
-/* True for the job kinds the server accepts and workers run (cka).
- * spec_validate also knows "predict" (model, adapter, dataset, template,
- * max_samples, pool, layers, dtype, batch_size, generate, format: see
- * docs/api.md), so that its rules are settled and tested before the predict
- * runner exists; until then the server refuses predict jobs as an unknown
- * kind, and workers fail them as a kind they cannot run. */
+/* True for the job kinds the server accepts and workers run: cka and
+ * predict (model, adapter, dataset, template, max_samples, pool, layers,
+ * dtype, batch_size, generate, format: see docs/api.md). A kind is added
+ * here only once runner_supports() knows it, so the server never queues a
+ * job no worker can run. */
 bool spec_known_kind(const char *kind);
 
 /* Appends one {"field", "message"} error object to errors. */

@@ -276,10 +276,11 @@ static void api_jobs_create(http_req *req) {
 
     json_t *spec = json_object_get(body, "spec");
     in.spec = spec ? spec : empty_spec;
-    /* spec_validate knows kinds (predict) before this server runs them;
-     * until a runner exists such jobs are refused as unknown. */
+    /* spec_known_kind lists only the kinds workers run, so a kind that
+     * spec_validate might learn first is still refused here. */
     if (in.kind && !spec_known_kind(in.kind))
-        spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka)", in.kind);
+        spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict)",
+                   in.kind);
     else if (in.kind)
         spec_validate(in.kind, in.spec, SPEC_SERVER, errors);
 
@@ -326,7 +327,7 @@ static void api_jobs_list(http_req *req) {
         return;
     }
     if (kind && !spec_known_kind(kind)) {
-        http_reply_field_error(req, "kind", "must be a job kind this server runs (cka)");
+        http_reply_field_error(req, "kind", "must be a job kind this server runs (cka, predict)");
         return;
     }
     if (owner && (strlen(owner) > 100 || !api_valid_utf8(owner))) {

@@ -64,11 +64,13 @@ typedef struct {
     atomic_int cancel;     /* ctx->cancel */
     atomic_int reason;     /* enum agent_stop_reason */
     atomic_int beat_abort; /* stops an in-flight heartbeat when the job ends */
+    bool input_permanent;  /* an input failed in a way no retry fixes (main thread) */
 
     pthread_mutex_t lock; /* guards everything below */
     pthread_cond_t wake;
     bool done;
     bool has_progress;
+    bool progress_sent; /* the server has the latest progress */
     int64_t step, total;
     char message[512];
     double lease_expires; /* wall clock, seconds since the epoch */
@@ -236,38 +238,71 @@ static int agent_download(agent_job *job, int64_t artifact_id, const char *sha25
     return 0;
 }
 
-static int agent_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
-                              char *err, size_t errlen) {
-    agent_job *job = ctx->user;
-    int rc = -1;
-    json_t *meta = NULL;
-    int64_t id;
-    if (agent_ref_id(ref, "artifact", &id, err, errlen) != 0) return -1;
-
-    char url[128];
+/* GETs a JSON document (an artifact's, model's or dataset's metadata) at
+ * url. Returns 0 with *doc (caller owns), or -1 with err set; a 404 (the
+ * thing does not exist: retrying cannot help) also sets job->input_permanent. */
+static int agent_get_doc(agent_job *job, const char *url, json_t **doc, char *err,
+                         size_t errlen) {
     long status = 0;
-    snprintf(url, sizeof url, "/api/v1/artifacts/%lld", (long long)id);
+    *doc = NULL;
     if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
-                   agent_job_stop_cond(job), 0, &status, &meta, err, errlen) != 0)
-        goto out;
-    if (status != 200) goto out;
-    const char *sha256 = json_string_value(json_object_get(meta, "sha256"));
-    const char *name = json_string_value(json_object_get(meta, "name"));
-    if (!sha256 || strlen(sha256) != SHA256_HEX_LEN - 1) {
+                   agent_job_stop_cond(job), 0, &status, doc, err, errlen) != 0)
+        return -1;
+    if (status == 404) job->input_permanent = true;
+    if (status != 200 || !json_is_object(*doc)) {
+        if (status == 200) err_set(err, errlen, "GET %s: the answer is not a JSON object", url);
+        json_decref(*doc);
+        *doc = NULL;
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads artifact id's metadata: its sha256 (for checking the download) and,
+ * when name is non-NULL, its own name ("" when that is not a safe file
+ * name). Returns 0, or -1 with err set. */
+static int agent_artifact_meta(agent_job *job, int64_t id, char sha256[SHA256_HEX_LEN],
+                               char *name, size_t namelen, char *err, size_t errlen) {
+    json_t *meta = NULL;
+    char url[128];
+    snprintf(url, sizeof url, "/api/v1/artifacts/%lld", (long long)id);
+    if (agent_get_doc(job, url, &meta, err, errlen) != 0) return -1;
+    int rc = -1;
+    const char *sum = json_string_value(json_object_get(meta, "sha256"));
+    const char *own = json_string_value(json_object_get(meta, "name"));
+    if (!sum || strlen(sum) != SHA256_HEX_LEN - 1) {
         err_set(err, errlen, "artifact %lld: metadata has no sha256", (long long)id);
         goto out;
     }
-    /* Keep the artifact's own name (its suffix tells the format) when safe. */
-    int n = snprintf(path, pathlen, "%s/artifact-%lld-%s", job->work_dir, (long long)id,
-                     name && util_valid_name(name) ? name : "data");
-    if (n < 0 || (size_t)n >= pathlen) {
-        err_set(err, errlen, "work directory path too long");
-        goto out;
-    }
-    rc = agent_download(job, id, sha256, path, err, errlen);
+    snprintf(sha256, SHA256_HEX_LEN, "%s", sum);
+    if (name) snprintf(name, namelen, "%s", own && util_valid_name(own) ? own : "");
+    rc = 0;
 out:
     json_decref(meta);
     return rc;
+}
+
+/* Downloads artifact id to path, checked against its recorded sha256.
+ * Returns 0, or -1 with err set. */
+static int agent_fetch_artifact(agent_job *job, int64_t id, const char *path, char *err,
+                                size_t errlen) {
+    char sha256[SHA256_HEX_LEN];
+    if (agent_artifact_meta(job, id, sha256, NULL, 0, err, errlen) != 0) return -1;
+    return agent_download(job, id, sha256, path, err, errlen);
+}
+
+static int agent_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                              char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int64_t id;
+    if (agent_ref_id(ref, "artifact", &id, err, errlen) != 0) return -1;
+    char sha256[SHA256_HEX_LEN], name[256];
+    if (agent_artifact_meta(job, id, sha256, name, sizeof name, err, errlen) != 0) return -1;
+    /* Keep the artifact's own name (its suffix tells the format) when safe. */
+    int n = snprintf(path, pathlen, "%s/artifact-%lld-%s", job->work_dir, (long long)id,
+                     name[0] ? name : "data");
+    if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "work directory path too long");
+    return agent_download(job, id, sha256, path, err, errlen);
 }
 
 typedef struct {
@@ -318,20 +353,16 @@ static int agent_collect_layers(json_t *items, agent_layer_ref **refs, size_t *n
     return 0;
 }
 
-static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file **files,
-                                size_t *nfiles, char *err, size_t errlen) {
-    agent_job *job = ctx->user;
-    int rc = -1;
-    agent_layer_ref *refs = NULL;
-    size_t n = 0, cap = 0;
-    runner_layer_file *out = NULL;
+/* Called with each page of a job's artifact list (the "items" array). */
+typedef int (*agent_page_fn)(json_t *items, void *state, char *err, size_t errlen);
+
+/* Walks every page of job source's artifact list, calling visit on each.
+ * Returns 0, or -1 with err set (the listing failed or visit did). */
+static int agent_list_job_artifacts(agent_job *job, int64_t source, agent_page_fn visit,
+                                    void *state, char *err, size_t errlen) {
     json_t *page = NULL;
     char cursor[512] = "";
-    int64_t source;
-    *files = NULL;
-    *nfiles = 0;
-    if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
-
+    int rc = -1;
     for (;;) {
         char url[2048], escaped[1600] = "";
         long status = 0;
@@ -346,13 +377,14 @@ static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file 
         if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
                        agent_job_stop_cond(job), 0, &status, &page, err, errlen) != 0)
             goto out;
+        if (status == 404) job->input_permanent = true;
         if (status != 200) goto out;
         json_t *items = json_object_get(page, "items");
         if (!json_is_array(items)) {
             err_set(err, errlen, "job %lld: artifact list has no items", (long long)source);
             goto out;
         }
-        if (agent_collect_layers(items, &refs, &n, &cap, err, errlen) != 0) goto out;
+        if (visit(items, state, err, errlen) != 0) goto out;
         const char *next = json_string_value(json_object_get(page, "next_cursor"));
         if (!next || !*next) break;
         if (strlen(next) >= sizeof cursor) {
@@ -361,6 +393,36 @@ static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file 
         }
         snprintf(cursor, sizeof cursor, "%s", next);
     }
+    rc = 0;
+out:
+    json_decref(page);
+    return rc;
+}
+
+typedef struct {
+    agent_layer_ref *refs;
+    size_t n, cap;
+} agent_layer_set;
+
+static int agent_layer_page(json_t *items, void *state, char *err, size_t errlen) {
+    agent_layer_set *set = state;
+    return agent_collect_layers(items, &set->refs, &set->n, &set->cap, err, errlen);
+}
+
+static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file **files,
+                                size_t *nfiles, char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int rc = -1;
+    agent_layer_set set = {0};
+    runner_layer_file *out = NULL;
+    int64_t source;
+    *files = NULL;
+    *nfiles = 0;
+    if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
+
+    if (agent_list_job_artifacts(job, source, agent_layer_page, &set, err, errlen) != 0) goto out;
+    size_t n = set.n;
+    agent_layer_ref *refs = set.refs;
     if (n == 0) {
         err_set(err, errlen, "job %lld has no hidden_states_{layer}.npy artifacts",
                 (long long)source);
@@ -389,15 +451,295 @@ static int agent_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file 
     rc = 0;
 out:
     free(out);
-    free(refs);
-    json_decref(page);
+    free(set.refs);
     return rc;
+}
+
+/* Writes dir/name into path; -1 with err when it does not fit. */
+static int agent_join(char *path, size_t pathlen, const char *dir, const char *name, char *err,
+                      size_t errlen) {
+    int n = snprintf(path, pathlen, "%s/%s", dir, name);
+    if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "work directory path too long");
+    return 0;
+}
+
+/* A registration given by path: the path must exist on this worker, as a
+ * directory (want_dir) or a regular file. Missing is permanent: the
+ * registration promised a filesystem every worker shares, and this one does
+ * not see it, so no retry here will. */
+static int agent_shared_path(agent_job *job, const char *what, const char *path, bool want_dir,
+                             char *err, size_t errlen) {
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        job->input_permanent = true;
+        return err_set(err, errlen, "%s: %s: %s on this worker (registered by path: it must be "
+                       "on a filesystem every worker shares)", what, path, strerror(errno));
+    }
+    if (want_dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) {
+        job->input_permanent = true;
+        return err_set(err, errlen, "%s: %s is not a %s", what, path,
+                       want_dir ? "directory" : "regular file");
+    }
+    return 0;
+}
+
+/* {"model": ID}: GETs the registration, then uses its path as it is, or
+ * downloads its files ("files": into work_dir/model-ID/ under their names;
+ * "file", llama2c: to work_dir/model-ID.bin). Nothing is cached across jobs:
+ * the work directory goes with the job. */
+static int agent_resolve_model(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                               char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int64_t id;
+    json_t *doc = NULL;
+    int rc = -1;
+    char url[128], what[64];
+    if (agent_ref_id(ref, "model", &id, err, errlen) != 0) return -1;
+    snprintf(url, sizeof url, "/api/v1/models/%lld", (long long)id);
+    snprintf(what, sizeof what, "model %lld", (long long)id);
+    if (agent_get_doc(job, url, &doc, err, errlen) != 0) goto out;
+
+    const char *format = json_string_value(json_object_get(doc, "format"));
+    const char *shared = json_string_value(json_object_get(doc, "path"));
+    json_t *files = json_object_get(doc, "files");
+    json_t *file = json_object_get(doc, "file");
+    bool hf = format && strcmp(format, "hf") == 0;
+    bool l2c = format && strcmp(format, "llama2c") == 0;
+    job->input_permanent = true; /* until the downloads: a bad document stays bad */
+    if (!hf && !l2c) {
+        err_set(err, errlen, "%s: unknown format \"%s\"", what, format ? format : "");
+        goto out;
+    }
+    if (shared) {
+        if (agent_shared_path(job, what, shared, hf, err, errlen) != 0) goto out;
+        if (strlen(shared) >= pathlen) {
+            err_set(err, errlen, "%s: path too long", what);
+            goto out;
+        }
+        snprintf(path, pathlen, "%s", shared);
+        rc = 0;
+        goto out;
+    }
+    if (hf && json_is_object(files) && json_object_size(files) > 0) {
+        char dir[PATH_MAX];
+        snprintf(what, sizeof what, "model-%lld", (long long)id);
+        if (agent_join(dir, sizeof dir, job->work_dir, what, err, errlen) != 0) goto out;
+        snprintf(what, sizeof what, "model %lld", (long long)id);
+        const char *name;
+        json_t *idv;
+        json_object_foreach(files, name, idv) {
+            if (!util_valid_name(name) || !json_is_integer(idv) || json_integer_value(idv) <= 0) {
+                err_set(err, errlen, "%s: bad file entry \"%s\"", what, name);
+                goto out;
+            }
+        }
+        if (util_mkdirs(dir, 0700, err, errlen) != 0) {
+            job->input_permanent = false;
+            goto out;
+        }
+        job->input_permanent = false;
+        json_object_foreach(files, name, idv) {
+            char file_path[PATH_MAX];
+            if (agent_join(file_path, sizeof file_path, dir, name, err, errlen) != 0) goto out;
+            if (agent_fetch_artifact(job, (int64_t)json_integer_value(idv), file_path, err,
+                                     errlen) != 0) {
+                char reason[ERR_LEN];
+                snprintf(reason, sizeof reason, "%s", err);
+                err_set(err, errlen, "%s: %s: %s", what, name, reason);
+                goto out;
+            }
+        }
+        if (strlen(dir) >= pathlen) {
+            err_set(err, errlen, "work directory path too long");
+            goto out;
+        }
+        snprintf(path, pathlen, "%s", dir);
+        rc = 0;
+        goto out;
+    }
+    if (l2c && json_is_integer(file) && json_integer_value(file) > 0) {
+        job->input_permanent = false;
+        int n = snprintf(path, pathlen, "%s/model-%lld.bin", job->work_dir, (long long)id);
+        if (n < 0 || (size_t)n >= pathlen) {
+            err_set(err, errlen, "work directory path too long");
+            goto out;
+        }
+        if (agent_fetch_artifact(job, (int64_t)json_integer_value(file), path, err, errlen) != 0) {
+            char reason[ERR_LEN];
+            snprintf(reason, sizeof reason, "%s", err);
+            err_set(err, errlen, "%s: %s", what, reason);
+            goto out;
+        }
+        rc = 0;
+        goto out;
+    }
+    err_set(err, errlen, "%s: the registration has no %s", what,
+            hf ? "\"path\" or \"files\"" : "\"path\" or \"file\"");
+out:
+    json_decref(doc);
+    return rc;
+}
+
+/* LLaMA-Factory's default alpaca columns; a registration that maps a column
+ * elsewhere cannot be honoured through the runner interface (which carries a
+ * file and a format, not a column map), so it is refused rather than read
+ * with the wrong fields. */
+static int agent_check_columns(json_t *info, const char *what, char *err, size_t errlen) {
+    static const char *const keys[] = {"prompt", "query", "response", "system"};
+    static const char *const defaults[] = {"instruction", "input", "output", "system"};
+    json_t *columns = json_object_get(info, "columns");
+    if (!json_is_object(columns)) return 0;
+    const char *key;
+    json_t *v;
+    json_object_foreach(columns, key, v) {
+        const char *want = NULL;
+        for (size_t i = 0; i < 4; i++)
+            if (strcmp(key, keys[i]) == 0) want = defaults[i];
+        const char *got = json_string_value(v);
+        if (!want || !got || strcmp(got, want) != 0)
+            return err_set(err, errlen, "%s: dataset_info maps column \"%s\" to \"%s\"; this "
+                           "worker reads only the default alpaca columns (instruction, input, "
+                           "output, system)", what, key, got ? got : "?");
+    }
+    return 0;
+}
+
+/* {"dataset": ID}: GETs the registration; its path is used as it is, an
+ * uploaded artifact is downloaded to work_dir/dataset-ID.json (alpaca) or
+ * .jsonl (flan). format receives the registration's format. */
+static int agent_resolve_dataset(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                 char *format, size_t formatlen, char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    int64_t id;
+    json_t *doc = NULL;
+    int rc = -1;
+    char url[128], what[64];
+    if (agent_ref_id(ref, "dataset", &id, err, errlen) != 0) return -1;
+    snprintf(url, sizeof url, "/api/v1/datasets/%lld", (long long)id);
+    snprintf(what, sizeof what, "dataset %lld", (long long)id);
+    if (agent_get_doc(job, url, &doc, err, errlen) != 0) goto out;
+
+    const char *fmt = json_string_value(json_object_get(doc, "format"));
+    const char *shared = json_string_value(json_object_get(doc, "path"));
+    json_t *artifact = json_object_get(doc, "artifact");
+    job->input_permanent = true;
+    if (!fmt || (strcmp(fmt, "alpaca") != 0 && strcmp(fmt, "flan") != 0)) {
+        err_set(err, errlen, "%s: unknown format \"%s\"", what, fmt ? fmt : "");
+        goto out;
+    }
+    if (strlen(fmt) >= formatlen) {
+        err_set(err, errlen, "%s: format buffer too small", what);
+        goto out;
+    }
+    if (agent_check_columns(json_object_get(doc, "dataset_info"), what, err, errlen) != 0)
+        goto out;
+    if (shared) {
+        if (agent_shared_path(job, what, shared, false, err, errlen) != 0) goto out;
+        if (strlen(shared) >= pathlen) {
+            err_set(err, errlen, "%s: path too long", what);
+            goto out;
+        }
+        snprintf(path, pathlen, "%s", shared);
+    } else if (json_is_integer(artifact) && json_integer_value(artifact) > 0) {
+        job->input_permanent = false;
+        int n = snprintf(path, pathlen, "%s/dataset-%lld.%s", job->work_dir, (long long)id,
+                         strcmp(fmt, "flan") == 0 ? "jsonl" : "json");
+        if (n < 0 || (size_t)n >= pathlen) {
+            err_set(err, errlen, "work directory path too long");
+            goto out;
+        }
+        if (agent_fetch_artifact(job, (int64_t)json_integer_value(artifact), path, err,
+                                 errlen) != 0) {
+            char reason[ERR_LEN];
+            snprintf(reason, sizeof reason, "%s", err);
+            err_set(err, errlen, "%s: %s", what, reason);
+            goto out;
+        }
+    } else {
+        err_set(err, errlen, "%s: the registration has no \"path\" or \"artifact\"", what);
+        goto out;
+    }
+    snprintf(format, formatlen, "%s", fmt);
+    rc = 0;
+out:
+    json_decref(doc);
+    return rc;
+}
+
+/* The two files of a PEFT adapter, as a train job publishes them. */
+static const char *const agent_adapter_files[] = {"adapter_config.json",
+                                                  "adapter_model.safetensors"};
+
+typedef struct {
+    int64_t ids[2];
+    char sha256[2][SHA256_HEX_LEN];
+} agent_adapter_refs;
+
+/* Keeps the newest artifact of each adapter file name. */
+static int agent_adapter_page(json_t *items, void *state, char *err, size_t errlen) {
+    agent_adapter_refs *refs = state;
+    size_t i;
+    json_t *item;
+    json_array_foreach(items, i, item) {
+        const char *name = json_string_value(json_object_get(item, "name"));
+        const char *sha256 = json_string_value(json_object_get(item, "sha256"));
+        json_t *idv = json_object_get(item, "id");
+        for (int k = 0; k < 2 && name; k++) {
+            if (strcmp(name, agent_adapter_files[k]) != 0) continue;
+            if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
+                return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
+            int64_t id = (int64_t)json_integer_value(idv);
+            if (id < refs->ids[k]) continue;
+            refs->ids[k] = id;
+            snprintf(refs->sha256[k], SHA256_HEX_LEN, "%s", sha256);
+        }
+    }
+    return 0;
+}
+
+/* {"job": ID} (a train job; the server has checked the kind): downloads its
+ * adapter_config.json and adapter_model.safetensors into
+ * work_dir/adapter-job-ID/. {"artifact": ID} is refused: an adapter is two
+ * files, and one artifact cannot carry them; adapters come from train jobs,
+ * or from a local path with `strata-worker run`. */
+static int agent_resolve_adapter(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                 char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    if (json_object_get(ref, "artifact")) {
+        job->input_permanent = true;
+        return err_set(err, errlen, "an adapter cannot be one artifact (a PEFT adapter is "
+                       "adapter_config.json plus adapter_model.safetensors): name the train job "
+                       "that wrote it ({\"job\": ID}), or run locally with {\"path\": DIR}");
+    }
+    int64_t source;
+    if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
+    agent_adapter_refs refs = {{0, 0}, {"", ""}};
+    if (agent_list_job_artifacts(job, source, agent_adapter_page, &refs, err, errlen) != 0)
+        return -1;
+    for (int k = 0; k < 2; k++)
+        if (refs.ids[k] == 0) {
+            job->input_permanent = true;
+            return err_set(err, errlen, "job %lld has no %s artifact", (long long)source,
+                           agent_adapter_files[k]);
+        }
+    int n = snprintf(path, pathlen, "%s/adapter-job-%lld", job->work_dir, (long long)source);
+    if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "work directory path too long");
+    if (util_mkdirs(path, 0700, err, errlen) != 0) return -1;
+    for (int k = 0; k < 2; k++) {
+        char file_path[PATH_MAX];
+        if (agent_join(file_path, sizeof file_path, path, agent_adapter_files[k], err, errlen) != 0)
+            return -1;
+        if (agent_download(job, refs.ids[k], refs.sha256[k], file_path, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 static void agent_progress(runner_ctx *ctx, int64_t step, int64_t total, const char *message) {
     agent_job *job = ctx->user;
     pthread_mutex_lock(&job->lock);
     job->has_progress = true;
+    job->progress_sent = false;
     job->step = step;
     job->total = total;
     snprintf(job->message, sizeof job->message, "%s", message ? message : "");
@@ -532,6 +874,7 @@ static void agent_heartbeat(agent_job *job) {
         json_object_set_new(body, "progress",
                             json_pack("{s:I, s:I, s:s}", "step", (json_int_t)job->step, "total",
                                       (json_int_t)job->total, "message", job->message));
+    int64_t sent_step = job->step, sent_total = job->total;
     pthread_mutex_unlock(&job->lock);
 
     char url[128], err[ERR_LEN];
@@ -554,6 +897,9 @@ static void agent_heartbeat(agent_job *job) {
         log_warn("job %lld: heartbeat: %s", (long long)job->id, err);
         goto out;
     }
+    pthread_mutex_lock(&job->lock);
+    if (job->step == sent_step && job->total == sent_total) job->progress_sent = true;
+    pthread_mutex_unlock(&job->lock);
     double expires;
     const char *lease = json_string_value(json_object_get(answer, "lease_expires_at"));
     if (lease && client_parse_time(lease, &expires) == 0) {
@@ -743,6 +1089,9 @@ static void agent_run_job(agent *a, json_t *claimed) {
     }
     runner_ctx ctx = {.resolve_file = agent_resolve_file,
                       .resolve_layers = agent_resolve_layers,
+                      .resolve_model = agent_resolve_model,
+                      .resolve_dataset = agent_resolve_dataset,
+                      .resolve_adapter = agent_resolve_adapter,
                       .progress = agent_progress,
                       .log = agent_log_line,
                       .add_artifact = agent_add_artifact,
@@ -752,6 +1101,9 @@ static void agent_run_job(agent *a, json_t *claimed) {
     a->main_client.abort = &job.cancel; /* transfers stop when the job does */
     rc = runner_run(job.kind, spec, &ctx, &result, &retryable, &cancelled, err, sizeof err);
     a->main_client.abort = NULL;
+    /* Runners cannot tell a missing shared path or registration from an
+     * outage; the resolvers could, and no other worker would do better. */
+    if (rc != 0 && job.input_permanent) retryable = false;
 
 report:
     if (beat_started) {
@@ -763,6 +1115,12 @@ report:
         pthread_join(beat, NULL);
     }
     a->beat_client.abort = NULL;
+
+    /* A job shorter than a heartbeat period would otherwise leave no
+     * progress at all: send the last one before the outcome. */
+    if (rc == 0 && job.has_progress && !job.progress_sent &&
+        atomic_load(&job.reason) == AGENT_RUNNING)
+        agent_heartbeat(&job);
 
     int reason = atomic_load(&job.reason);
     const char *outcome;

@@ -9,7 +9,8 @@
  * too. Checked beyond "no crash, no leak": spec_validate returns -1 exactly
  * when it added errors (the server creates the job when it added none), every
  * error is a {"field", "message"} pair of strings that serialises, a spec valid
- * for the server is valid locally (local runs accept more), and a valid cka
+ * for the server is valid locally (local runs accept more), a kind with a
+ * valid spec is one the server accepts (spec_known_kind), and a valid cka
  * spec names both inputs (a valid predict spec its model and dataset). */
 #include "tests/fuzz/fuzz.h"
 
@@ -64,6 +65,7 @@ static int fuzz_spec_run(const char *kind, json_t *spec, enum spec_mode mode) {
     FUZZ_CHECK(text != NULL);
     free(text);
     json_decref(errors);
+    if (rc == 0) FUZZ_CHECK(spec_known_kind(kind));
     if (rc == 0 && kind && strcmp(kind, "predict") == 0) {
         fuzz_spec_check_known(spec, fuzz_spec_predict_keys);
         FUZZ_CHECK(json_is_object(json_object_get(spec, "model")));

@@ -3,7 +3,7 @@
 # shared filesystem and by uploaded artifacts; list (paged, by name) and get;
 # duplicate names 409; bad fields and unknown artifacts 400 naming the field;
 # a worker token reads but cannot create (403); refused requests create
-# nothing; and predict jobs are still refused as an unknown kind.
+# nothing; and predict jobs naming them are accepted (unknown ids refused).
 source "$(dirname "$0")/lib.sh"
 
 it_db_create
@@ -190,10 +190,14 @@ expect_eq "nothing created by the refused requests" "$before" "$(rows)"
 api_json POST /api/v1/datasets '{"name": "llama2-7b-chat", "format": "flan", "path": "/shared/data/f.jsonl"}'
 expect_status "a dataset may share a model's name" 201
 
-# ---- predict jobs: specs are settled, but the server does not run them yet
-jobs_before=$(count_rows jobs)
+# ---- predict jobs name registered models and datasets (t_85 runs them)
 api_json POST /api/v1/jobs '{"kind": "predict", "spec": {"model": {"model": '$m1'}, "dataset": {"dataset": '$d1'}}}'
-expect_problem "predict is not yet a kind this server runs" 400 kind
+expect_status "a predict job naming a registered model and dataset" 201
+expect_eq "it waits for a worker" queued "$(jbody .state)"
+jobs_before=$(count_rows jobs)
+api_json POST /api/v1/jobs '{"kind": "predict", "spec": {"model": {"model": 424242}, "dataset": {"dataset": 424243}}}'
+expect_problem "unknown model" 400 spec.model.model
+expect_problem "unknown dataset" 400 spec.dataset.dataset
 expect_eq "no job created" "$jobs_before" "$(count_rows jobs)"
 
 it_done

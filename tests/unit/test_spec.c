@@ -318,8 +318,8 @@ static void test_predict_options(void **state) {
     }
 }
 
-/* All problems at once, each under its own field; and "predict" is not (yet)
- * a kind the server accepts. */
+/* All problems at once, each under its own field; and the kinds the server
+ * accepts are exactly those workers run (cka, predict; not yet train). */
 static void test_predict_reports_all(void **state) {
     (void)state;
     int rc;
@@ -338,7 +338,8 @@ static void test_predict_reports_all(void **state) {
     expect_error(errors, "spec.dataset", "is required");
     json_decref(errors);
     assert_true(spec_known_kind("cka"));
-    assert_false(spec_known_kind("predict"));
+    assert_true(spec_known_kind("predict"));
+    assert_false(spec_known_kind("train"));
     assert_false(spec_known_kind(NULL));
 }
 
