@@ -41,10 +41,17 @@
 
 /* Runs a predict job (spec already validated). Returns 0 with *result (the
  * caller owns it): {"examples", "layers", "hidden_size", "dtype", "pool",
- * "template", "artifacts", "seconds", "tokens_per_second"} (plus "generated"
- * with generate). Returns -1 with err set; *retryable for I/O and memory
- * failures (not for bad specs or inputs); *cancelled when ctx->cancel was
- * set. */
+ * "template", "artifacts", "seconds", "tokens_per_second" (prompt tokens per
+ * second of the hidden-state pass), "prompt_tokens"} (plus "max_new_tokens"
+ * with generate). Returns -1 with err set; *retryable for resolver failures
+ * (the server may be unreachable), writing artifacts and running out of
+ * memory, not for bad specs or inputs (a model, tokenizer, adapter or
+ * dataset that does not load); *cancelled when ctx->cancel was set (checked
+ * between batches and between greedy steps).
+ *
+ * Memory: the model's float32 copy, the pooled rows of every requested layer
+ * ((L + 1) x N x C floats for "all") until they are written, and for float16
+ * output one N x C float64 conversion buffer. */
 int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, bool *cancelled,
                 char *err, size_t errlen);
 
