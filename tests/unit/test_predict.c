@@ -514,6 +514,9 @@ static void test_errors(void **state) {
         {"chat", "dataset.json", ", \"pool\": \"mean_after_system\", \"template\": \"llama2\"",
          "after the system part"},
         {"gqa", "dataset.json", "", "tokenizer"},
+        /* an adapter for another model (gqa's) is refused, naming it */
+        {"chat", "dataset.json", ", \"adapter\": {\"path\": \"tests/fixtures/lora/qv\"}",
+         "adapter tests/fixtures/lora/qv"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char spec[PATH_MAX * 3], err[ERR_LEN] = "";
@@ -532,6 +535,38 @@ static void test_errors(void **state) {
         assert_int_equal(run.artifacts, 0);
         run_end(&run);
     }
+}
+
+/* A job cancelled before it starts stops between batches, writes nothing
+ * and says so. */
+static void test_cancel(void **state) {
+    (void)state;
+    char spec[PATH_MAX * 3], err[ERR_LEN] = "";
+    case_spec(json_array_get(json_object_get(expected, "cases"), 0), "chat", "", spec,
+              sizeof spec);
+    json_t *js = json_loads(spec, 0, NULL);
+    assert_non_null(js);
+    test_run run;
+    run_begin(&run);
+    atomic_int cancel;
+    atomic_init(&cancel, 1);
+    runner_ctx ctx = {.resolve_model = test_resolve_path,
+                      .resolve_dataset = test_resolve_dataset,
+                      .resolve_adapter = test_resolve_path,
+                      .add_artifact = test_add_artifact,
+                      .cancel = &cancel,
+                      .work_dir = run.work,
+                      .user = &run};
+    json_t *result = NULL;
+    bool retryable = true, cancelled = false;
+    assert_int_equal(runner_run("predict", js, &ctx, &result, &retryable, &cancelled, err,
+                                sizeof err),
+                     -1);
+    assert_true(cancelled);
+    assert_null(result);
+    assert_int_equal(run.artifacts, 0);
+    json_decref(js);
+    run_end(&run);
 }
 
 /* `strata-worker run --kind predict` (local_main with local.c's path
@@ -581,6 +616,7 @@ int main(void) {
         cmocka_unit_test(test_generate),
         cmocka_unit_test(test_greedy_gqa),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_local_cli),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
