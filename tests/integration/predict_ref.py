@@ -6,7 +6,7 @@ tokenizer, and a perturbed copy of a model's weights.
       Reads the alpaca DATASET (template "vanilla", pool "last_token"), the
       job's OUT_DIR/examples.jsonl and OUT_DIR/hidden_states_{l}.npy (float32).
       Checks that every example's input_ids are BOS + encode(query) by
-      tokenizer_ref, then that each layer's rows equal the reference (each
+      tokenizer_ref and its pooled_position the last of them, then that each layer's rows equal the reference (each
       example run alone, float64) at the pooled position:
       max |c - ref| / max |ref| <= tol per layer. Prints one JSON line with
       the measured errors; exits 1 on any mismatch.
@@ -113,6 +113,9 @@ def cmd_check(args):
         want_ids = [cfg["bos_token_id"]] + tok.encode(query)
         if ex.get("index") != i:
             failures.append("example %d: index %r" % (i, ex.get("index")))
+        if ex.get("pooled_position") != len(want_ids) - 1:
+            failures.append("example %d: pooled_position %r, expected %d (the last prompt "
+                            "token)" % (i, ex.get("pooled_position"), len(want_ids) - 1))
         if ex.get("input_ids") != want_ids:
             failures.append("example %d: input_ids %r, expected %r" % (i, ex.get("input_ids"),
                                                                        want_ids))
