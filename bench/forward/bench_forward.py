@@ -30,14 +30,38 @@ import tempfile
 import time
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REF = os.path.join(HERE, "..", "..", "tests", "reference")
-sys.path.insert(0, REF)
-import gen_fixtures  # noqa: E402  (the safetensors writer)
-import llama_ref  # noqa: E402  (HF tensor names)
+
+# torch and tests/reference's modules, imported only by the gen and peer
+# commands: the orchestrator stays small, because on Linux a child forked
+# from it inherits its ru_maxrss high-water mark across exec.
+torch = F = gen_fixtures = llama_ref = None
+
+
+def load_torch():
+    global torch, F, gen_fixtures, llama_ref
+    import torch as _torch
+    import torch.nn.functional as _F
+    sys.path.insert(0, REF)
+    import gen_fixtures as _gen  # the safetensors writer
+    import llama_ref as _ref  # HF tensor names
+    torch, F, gen_fixtures, llama_ref = _torch, _F, _gen, _ref
+
+
+def peak_rss_kb():
+    """This process's own peak resident set in KiB: VmHWM from
+    /proc/self/status (reset by exec), else getrusage's ru_maxrss (which on
+    Linux carries the parent's high-water mark over fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 TOL_REL = 1e-3
 SEED = 20261128
@@ -234,7 +258,7 @@ def peer(d, iters, out_npy):
     t0 = time.perf_counter()
     W = load_weights(d)
     load_s = time.perf_counter() - t0
-    rss_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_after_load = peak_rss_kb()
     times = []
     with torch.inference_mode():
         out = peer_forward(W, cfg, ids, lens)
@@ -252,7 +276,7 @@ def peer(d, iters, out_npy):
         "mean_s": sum(times) / len(times), "best_s": min(times),
         "tokens_per_s": B * T * len(times) / sum(times), "best_tokens_per_s": B * T / min(times),
         "load_s": load_s, "rss_after_load_kb": rss_after_load,
-        "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "peak_rss_kb": peak_rss_kb(),
         "iter_s": times,
         "blas_config": [b[b.find("BLAS_INFO"):b.find(",", b.find("BLAS_INFO"))]
                         if "BLAS_INFO" in b else b for b in blas],
@@ -299,7 +323,9 @@ def run(driver):
     try:
         print("load average before: %s" % " ".join(load_avg()), flush=True)
         t0 = time.perf_counter()
-        nparams = gen(d, B, T, nkv)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "gen", d], check=True)
+        with open(os.path.join(d, "bench.json")) as f:
+            nparams = json.load(f)["params"]
         print("model: %.1fM parameters (C=768 L=12 NH=12 NKV=%d FF=2048 V=32000, tied, F32 "
               "safetensors) in %s, ready in %.1f s; batch %d x %d, lengths %s"
               % (nparams / 1e6, nkv, d, time.perf_counter() - t0, B, T, batch_lengths(B, T)),
@@ -373,9 +399,11 @@ def run(driver):
 
 def main(argv):
     if len(argv) == 3 and argv[1] == "gen":
+        load_torch()
         gen(argv[2], env_int("BENCH_B", 8), env_int("BENCH_T", 256), env_int("BENCH_NKV", 4))
         return 0
     if len(argv) == 5 and argv[1] == "peer":
+        load_torch()
         peer(argv[2], int(argv[3]), argv[4])
         return 0
     if len(argv) == 2:

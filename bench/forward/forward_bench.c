@@ -10,7 +10,7 @@
  * of every hidden-state index 0..L through the hook; the pooled rows of the
  * last run go to OUT_NPY as a ((L+1)*B, C) float32 matrix, row l*B + b.
  * Prints one JSON object on stdout: tokens/s, per-iteration seconds, per-op
- * seconds, load time, peak RSS and OpenBLAS's core and threads. */
+ * seconds, load time, peak RSS (VmHWM) and OpenBLAS's core and threads. */
 #include "common/log.h"
 #include "common/npy.h"
 #include "common/util.h"
@@ -185,8 +185,25 @@ out:
     return rc;
 }
 
-/* Peak resident set of this process in KiB (ru_maxrss), 0 if unknown. */
+/* Peak resident set of this process in KiB: VmHWM from /proc/self/status,
+ * which exec resets, else getrusage's ru_maxrss (on Linux that one keeps the
+ * high-water mark of the process that forked us across exec, so a bench
+ * started from a big parent would report the parent's). 0 if unknown. */
 static long bench_peak_rss_kb(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f) {
+        char line[256];
+        long kb = -1;
+        while (fgets(line, sizeof line, f))
+            if (strncmp(line, "VmHWM:", 6) == 0) {
+                char *end;
+                kb = strtol(line + 6, &end, 10);
+                if (end == line + 6) kb = -1;
+                break;
+            }
+        fclose(f);
+        if (kb >= 0) return kb;
+    }
     struct rusage ru;
     return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_maxrss : 0;
 }
