@@ -7,8 +7,10 @@
 # with the PyTorch reference (tests/reference/llama_ref.py, tokenizer_ref.py)
 # within 1e-4 relative; a CKA job over them gives 1 at every layer (1e-9).
 # A model with perturbed layer weights gives CKA 1 at layer 0 (same
-# embeddings) and below 1 elsewhere. A model path this worker cannot see and
-# an adapter given as one artifact fail at once, not retried, saying why.
+# embeddings) and below 1 elsewhere. The same prompts as Flan JSONL on a
+# shared path give identical rows. A model path this worker cannot see, an
+# adapter given as one artifact and remapped alpaca columns fail at once, not
+# retried, saying why.
 source "$(dirname "$0")/lib.sh"
 
 FIX=$IT_REPO/tests/reference/fixtures/chat
@@ -67,9 +69,20 @@ api_json POST /api/v1/datasets '{"name": "tiny-alpaca", "format": "alpaca", "art
 expect_status "register the dataset" 201
 d=$(jbody .id)
 
-spec() { # spec MODEL_ID [EXTRA]
+# the same queries as Flan JSONL on the shared filesystem (vanilla: the same prompts)
+jq -c '.[] | {inputs: (.instruction + (if (.input // "") != "" then "\n" + .input else "" end)),
+              targets: .output, task: "t85"}' "$TD/data/tiny.json" >"$TD/data/tiny.jsonl"
+[[ $(id -u) -ne 0 ]] || chown strata:strata "$TD/data/tiny.jsonl"
+api_json POST /api/v1/datasets '{"name": "tiny-flan", "format": "flan", "path": "'"$TD/data/tiny.jsonl"'"}'
+expect_status "register a flan dataset by path" 201
+d_flan=$(jbody .id)
+api_json POST /api/v1/datasets '{"name": "remapped", "format": "alpaca", "path": "'"$TD/data/tiny.json"'", "dataset_info": {"columns": {"prompt": "question"}}}'
+expect_status "register an alpaca dataset with remapped columns" 201
+d_cols=$(jbody .id)
+
+spec() { # spec MODEL_ID [EXTRA [DATASET_ID]]
     printf '{"model": {"model": %s}, "dataset": {"dataset": %s}, "template": "vanilla", "pool": "last_token", "dtype": "float32", "batch_size": 4%s}' \
-        "$1" "$d" "${2:-}"
+        "$1" "${3:-$d}" "${2:-}"
 }
 
 # ---- two predict jobs over the same weights
@@ -80,8 +93,10 @@ submit '{"kind": "predict", "spec": '"$(spec "$m_path")"'}'
 p2=$JOB_ID
 submit '{"kind": "predict", "spec": '"$(spec "$m_pert")"'}'
 p3=$JOB_ID
-[[ -n $p1 && -n $p2 && -n $p3 ]] || it_abort "predict jobs not accepted"
-for p in "$p1" "$p2" "$p3"; do
+submit '{"kind": "predict", "spec": '"$(spec "$m_up" "" "$d_flan")"'}'
+p4=$JOB_ID
+[[ -n $p1 && -n $p2 && -n $p3 && -n $p4 ]] || it_abort "predict jobs not accepted"
+for p in "$p1" "$p2" "$p3" "$p4"; do
     wait_for_state "$p" succeeded 180 || it_abort "predict job $p did not succeed"
 done
 
@@ -97,7 +112,7 @@ download() {
 }
 want=$(for ((l = 0; l <= L; l++)); do printf 'hidden_states_%d.npy\n' "$l"; done
        echo examples.jsonl)
-for p in "$p1" "$p2"; do
+for p in "$p1" "$p2" "$p4"; do
     download "$p" "$TD/out-$p"
     api GET "/api/v1/jobs/$p/artifacts"
     expect_eq "job $p: artifact names" "$(sort <<<"$want")" "$(jbody '.items[].name' | sort)"
@@ -105,6 +120,8 @@ done
 for ((l = 0; l <= L; l++)); do
     expect_true "layer $l: the same model gives identical rows (files vs path)" \
         cmp -s "$TD/out-$p1/hidden_states_$l.npy" "$TD/out-$p2/hidden_states_$l.npy"
+    expect_true "layer $l: the same prompts from Flan JSONL by path give identical rows" \
+        cmp -s "$TD/out-$p1/hidden_states_$l.npy" "$TD/out-$p4/hidden_states_$l.npy"
 done
 expect_eq "examples.jsonl: one line per record" 8 "$(grep -c . "$TD/out-$p1/examples.jsonl")"
 out=$("$PY" "$REF" check "$FIX" "$TD/data/tiny.json" "$TD/out-$p1" --tol 1e-4)
@@ -144,12 +161,18 @@ wait_for_state "$f2" failed 60
 expect_match "an adapter artifact is refused, saying where adapters come from" \
     'adapter cannot be one artifact.*train job' "$(jbody .error)"
 expect_eq "the adapter refusal is not retried" 1 "$(jbody .attempt)"
+submit '{"kind": "predict", "max_attempts": 3, "spec": '"$(spec "$m_up" "" "$d_cols")"'}'
+f3=$JOB_ID
+wait_for_state "$f3" failed 60
+expect_match "remapped alpaca columns are refused by name" \
+    'maps column "prompt" to "question"' "$(jbody .error)"
+expect_eq "the column refusal is not retried" 1 "$(jbody .attempt)"
 
 # ---- an unknown model or dataset is refused at submission
 api_json POST /api/v1/jobs '{"kind": "predict", "spec": {"model": {"model": 424242}, "dataset": {"dataset": '"$d"'}}}'
 expect_problem "unknown model" 400 spec.model.model
 api GET "/api/v1/jobs?kind=predict"
 expect_status "predict is a kind jobs can be listed by" 200
-expect_eq "five predict jobs listed" 5 "$(jbody '.items | length')"
+expect_eq "seven predict jobs listed" 7 "$(jbody '.items | length')"
 
 it_done
