@@ -24,6 +24,10 @@ mkdir -p "$ex/var"
 printf 'STRATA_URL=%s\nSTRATA_TOKEN=%s\n' "$URL" "$ADMIN" >"$ex/var/env"
 npy gen "$ex/base.npy" "$ex/tuned.npy" --n 300 --dx 24 --dy 16 --dtype float32 --seed 70 \
     || it_abort "gen"
+# A model folder the workers can read (the reference "chat" model) and prompts.
+cp -r "$IT_REPO/tests/reference/fixtures/chat" "$ex/chat"
+cp "$IT_REPO/tests/fixtures/predict/dataset.json" "$ex/prompts.json"
+[[ $(id -u) -ne 0 ]] || chown -R strata "$ex"
 want=$(npy ref "$ex/base.npy" "$ex/tuned.npy")
 want_rbf=$(npy ref "$ex/base.npy" "$ex/tuned.npy" --kernel rbf)
 
@@ -44,7 +48,18 @@ expect_match "README bad request names spec.kernel and spec.y" 'spec.kernel.*spe
 # The local run prints a result JSON with the rbf value.
 local_line=$(grep '"kernel":"rbf"\|"kernel": "rbf"' <<<"$out" | tail -n 1)
 expect_near "README local rbf CKA" "$(jq .cka <<<"$want_rbf")" "$(jq '.layers[0].cka' <<<"$local_line")" 1e-6
-# Nothing was created by the bad request: two artifacts, two jobs.
-expect_eq "jobs created by the README" 2 "$(count_rows jobs)"
+# The predict jobs wrote every hidden state of the 2-layer model (0..2), and float32 against
+# float16 hidden states agree to within float16 rounding at every layer.
+expect_eq "README predict artifacts" '["hidden_states_0.npy","hidden_states_1.npy","hidden_states_2.npy","examples.jsonl"]' \
+    "$(grep -F '"hidden_states_0.npy"' <<<"$out" | grep -v '"examples":' | head -n 1)"
+layers=$(grep -F '[{"layer":0,' <<<"$out" | tail -n 1)
+expect_eq "README predict CKA covers every layer" 3 "$(jq length <<<"$layers")"
+expect_true "README predict CKA float32 vs float16 > 0.999 at every layer" \
+    jq -e 'all(.[]; .cka > 0.999)' <<<"$layers"
+# The local predict run wrote its artifacts into acts/.
+expect_true "README local predict wrote hidden states" test -s "$ex/acts/hidden_states_0.npy"
+expect_true "README local predict wrote examples.jsonl" test -s "$ex/acts/examples.jsonl"
+# Nothing was created by the bad request: 2 + 3 jobs.
+expect_eq "jobs created by the README" 5 "$(count_rows jobs)"
 
 it_done
