@@ -50,6 +50,14 @@ typedef struct backend {
      * pos * theta^(-2i/HS), the angle computed in fp32 as Hugging Face does.
      * HS is even. */
     void (*rope)(float *x, const int *pos, size_t N, int nheads, int HS, float theta);
+    /* The same rotation split in two, so the angles are computed once per
+     * forward instead of per layer: rope_table fills cs (npos, HS/2, 2)
+     * with the cos and sin of pos * theta^(-2i/HS) for pos in 0..npos-1,
+     * rounded as rope rounds them; rope_cached then rotates as rope does,
+     * reading angles from cs (every pos[n] < npos). The results equal
+     * rope's. */
+    void (*rope_table)(float *cs, int npos, int HS, float theta);
+    void (*rope_cached)(float *x, const int *pos, size_t N, int nheads, int HS, const float *cs);
 
     /* Causal self-attention with a padding mask over a right-padded batch:
      * q (B, T, NH*HS), k and v (B, T, NKV*HS) -> out (B, T, NH*HS). Query
@@ -72,7 +80,8 @@ typedef struct backend {
 } backend;
 
 /* The CPU backend: OpenBLAS sgemm for the matrix products (threads as
- * OpenBLAS is configured), plain loops for the rest. A static table. */
+ * OpenBLAS is configured), the other ops split over a process-wide pool of
+ * as many threads as OpenBLAS has, started on first use. A static table. */
 const backend *backend_cpu(void);
 
 #endif

@@ -1,11 +1,18 @@
 /* cpu.c - the CPU backend (see backend.h): OpenBLAS sgemm for every matrix
- * product, plain loops for the elementwise ops. Threads are OpenBLAS's own. */
+ * product; the other ops split over a small persistent thread pool (one per
+ * process, as many threads as OpenBLAS uses, started on first use) that runs
+ * only between GEMMs, so its threads and OpenBLAS's never compete for the
+ * cores. Attention runs its per-(sequence, head) GEMMs on one OpenBLAS thread
+ * each, inside the pool. */
 #include "worker/engine/backend.h"
 
 #include "common/util.h"
 
 #include <cblas.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,91 +43,458 @@ static void cpu_matmul(float *out, const float *x, const float *w, size_t N, siz
                 x, (int)in_dim, w, (int)in_dim, accumulate ? 1.0f : 0.0f, out, (int)out_dim);
 }
 
-static void cpu_rmsnorm(float *out, const float *x, const float *weight, size_t N, size_t C,
-                        float eps) {
-    for (size_t n = 0; n < N; n++) {
-        const float *xr = x + n * C;
-        float *outr = out + n * C;
-        double sumsq = 0.0;
-        for (size_t i = 0; i < C; i++) sumsq += (double)xr[i] * xr[i];
-        /* Hugging Face rounds the mean to fp32 before adding eps. */
-        float mean = (float)(sumsq / (double)C);
-        float scale = 1.0f / sqrtf(mean + eps);
-        for (size_t i = 0; i < C; i++) outr[i] = weight[i] * (xr[i] * scale);
+/* --- the thread pool ------------------------------------------------------ */
+
+#define CPU_MAX_THREADS 64
+
+/* Runs task number task (0 <= task < ntasks) as participant worker
+ * (0 = the calling thread, 1.. = the pool's threads). */
+typedef void (*cpu_task_fn)(void *ctx, size_t task, int worker);
+
+/* One process-wide pool. A parallel section publishes fn/ctx/ntasks under mu
+ * and bumps gen; every participant then claims tasks from next until none
+ * are left, and the caller waits until no helper is still inside. run_lock
+ * lets one section at a time use the pool; a concurrent caller runs its
+ * tasks alone instead of waiting. */
+static struct {
+    pthread_once_t once;
+    pthread_mutex_t run_lock;
+    pthread_mutex_t mu;
+    pthread_cond_t wake, done;
+    int nthreads; /* participants, the caller included */
+    unsigned long gen;
+    int active; /* helpers not yet done with section gen */
+    cpu_task_fn fn;
+    void *ctx;
+    size_t ntasks;
+    atomic_size_t next;
+} cpu_pool = {.once = PTHREAD_ONCE_INIT,
+              .run_lock = PTHREAD_MUTEX_INITIALIZER,
+              .mu = PTHREAD_MUTEX_INITIALIZER,
+              .wake = PTHREAD_COND_INITIALIZER,
+              .done = PTHREAD_COND_INITIALIZER,
+              .nthreads = 1};
+
+/* Claims and runs the current section's tasks until none are left. */
+static void cpu_pool_drain(int worker) {
+    for (;;) {
+        size_t t = atomic_fetch_add_explicit(&cpu_pool.next, 1, memory_order_relaxed);
+        if (t >= cpu_pool.ntasks) return;
+        cpu_pool.fn(cpu_pool.ctx, t, worker);
     }
 }
 
-/* The frequency loop is outermost so each inverse frequency is computed once
- * per call, exactly as Hugging Face rounds it: fp32 exponent 2i/HS, fp32
- * power, fp32 reciprocal, fp32 angle pos * inv_freq. */
-static void cpu_rope(float *x, const int *pos, size_t N, int nheads, int HS, float theta) {
+/* A helper: sleeps until a section starts, works on it, reports done. The
+ * section's fields are read after observing gen under mu, and not changed
+ * until every helper has reported, so they need no further locking. */
+static void *cpu_pool_main(void *arg) {
+    int worker = (int)(intptr_t)arg;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&cpu_pool.mu);
+    for (;;) {
+        while (cpu_pool.gen == seen) pthread_cond_wait(&cpu_pool.wake, &cpu_pool.mu);
+        seen = cpu_pool.gen;
+        pthread_mutex_unlock(&cpu_pool.mu);
+        cpu_pool_drain(worker);
+        pthread_mutex_lock(&cpu_pool.mu);
+        if (--cpu_pool.active == 0) pthread_cond_signal(&cpu_pool.done);
+    }
+    return NULL;
+}
+
+/* Starts as many helpers as OpenBLAS has threads, minus the caller. The
+ * helpers block every signal, so the program's handlers run on its own
+ * threads. If a thread cannot be started the pool is simply smaller (down
+ * to the caller alone): the ops never fail. Helpers live until exit. */
+static void cpu_pool_start(void) {
+    int want = openblas_get_num_threads();
+    if (want < 1) want = 1;
+    if (want > CPU_MAX_THREADS) want = CPU_MAX_THREADS;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int n = 1;
+    pthread_attr_t attr;
+    if (want > 1 && pthread_attr_init(&attr) == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        for (; n < want; n++) {
+            pthread_t th;
+            if (pthread_create(&th, &attr, cpu_pool_main, (void *)(intptr_t)n) != 0) break;
+        }
+        pthread_attr_destroy(&attr);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    cpu_pool.nthreads = n;
+}
+
+/* Participants a parallel section may have: worker ids lie in [0, this). */
+static int cpu_pool_threads(void) {
+    pthread_once(&cpu_pool.once, cpu_pool_start);
+    return cpu_pool.nthreads;
+}
+
+/* Runs fn for tasks 0..ntasks-1 on the pool and the calling thread, and
+ * returns when all are done. Tasks must touch disjoint memory. Runs them all
+ * on the caller (worker 0) when there is one task, one thread, or another
+ * section already holds the pool. */
+static void cpu_parallel(cpu_task_fn fn, void *ctx, size_t ntasks) {
+    if (ntasks <= 1 || cpu_pool_threads() <= 1 || pthread_mutex_trylock(&cpu_pool.run_lock) != 0) {
+        for (size_t t = 0; t < ntasks; t++) fn(ctx, t, 0);
+        return;
+    }
+    pthread_mutex_lock(&cpu_pool.mu);
+    cpu_pool.fn = fn;
+    cpu_pool.ctx = ctx;
+    cpu_pool.ntasks = ntasks;
+    atomic_store_explicit(&cpu_pool.next, 0, memory_order_relaxed);
+    cpu_pool.active = cpu_pool.nthreads - 1;
+    cpu_pool.gen++;
+    pthread_cond_broadcast(&cpu_pool.wake);
+    pthread_mutex_unlock(&cpu_pool.mu);
+    cpu_pool_drain(0);
+    pthread_mutex_lock(&cpu_pool.mu);
+    while (cpu_pool.active > 0) pthread_cond_wait(&cpu_pool.done, &cpu_pool.mu);
+    pthread_mutex_unlock(&cpu_pool.mu);
+    pthread_mutex_unlock(&cpu_pool.run_lock);
+}
+
+/* Elementwise work is split into chunks of this many floats (rows for the
+ * row-wise ops are grouped to about this much): big enough that a task's
+ * cost dwarfs claiming it, small enough to balance two to a few threads. */
+#define CPU_CHUNK 16384
+
+/* Chunks of at most CPU_CHUNK elements covering n (at least one). */
+static size_t cpu_chunks(size_t n) { return n / CPU_CHUNK + 1; }
+
+/* Rows per task so that a task covers about CPU_CHUNK floats of width. */
+static size_t cpu_rows_per_task(size_t width) {
+    return width >= CPU_CHUNK ? 1 : CPU_CHUNK / (width ? width : 1);
+}
+
+/* --- exp --------------------------------------------------------------- */
+
+/* Four floats in an SSE register; GCC's vector extension, so the loops
+ * below run four lanes at a time on any x86-64 without -march flags. */
+typedef float cpu_v4f __attribute__((vector_size(16)));
+typedef int32_t cpu_v4i __attribute__((vector_size(16)));
+
+/* exp(x) for x in [-87.3, 88.3] (inputs outside are clamped: below, the
+ * result is ~1e-38 instead of smaller; above, ~2e38 instead of larger, which
+ * neither softmax, whose inputs are <= 0, nor silu can tell apart). x =
+ * k ln2 + r with k = round(x / ln2) and ln2 split in two parts (Cody and
+ * Waite), so |r| <= ln2/2 exactly enough; e^r by its degree-7 Taylor
+ * polynomial (truncation below 6e-9 relative); 2^k built in the exponent
+ * bits. Measured against double exp over the range: within 3e-7 relative,
+ * a few ulp, far inside the ops' 1e-5 tolerance against PyTorch.
+ * cpu_exp4 and cpu_exp1 are the same arithmetic, lane-wise and scalar, so
+ * a row's value does not depend on whether it falls in the vector body or
+ * the tail. */
+#define CPU_EXP_LO (-87.3f)
+#define CPU_EXP_HI 88.3f
+#define CPU_LOG2E 1.44269504088896341f
+#define CPU_LN2_HI 0.693145751953125f
+#define CPU_LN2_LO 1.42860682030941723212e-6f
+#define CPU_ROUND_MAGIC 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer */
+
+/* Lane-wise mask ? a : b, mask lanes all ones or all zeros (what vector
+ * comparisons give). */
+static inline cpu_v4f cpu_v4_select(cpu_v4i mask, cpu_v4f a, cpu_v4f b) {
+    cpu_v4i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    cpu_v4i r = (mask & ai) | (~mask & bi);
+    cpu_v4f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline cpu_v4f cpu_exp4(cpu_v4f x) {
+    const cpu_v4f lo = {CPU_EXP_LO, CPU_EXP_LO, CPU_EXP_LO, CPU_EXP_LO};
+    const cpu_v4f hi = {CPU_EXP_HI, CPU_EXP_HI, CPU_EXP_HI, CPU_EXP_HI};
+    x = cpu_v4_select(x < lo, lo, x);
+    x = cpu_v4_select(x > hi, hi, x);
+    cpu_v4f kf = (x * CPU_LOG2E + CPU_ROUND_MAGIC) - CPU_ROUND_MAGIC;
+    cpu_v4f r = (x - kf * CPU_LN2_HI) - kf * CPU_LN2_LO;
+    cpu_v4f p = {1.0f / 5040.0f, 1.0f / 5040.0f, 1.0f / 5040.0f, 1.0f / 5040.0f};
+    p = 1.0f / 720.0f + r * p;
+    p = 1.0f / 120.0f + r * p;
+    p = 1.0f / 24.0f + r * p;
+    p = 1.0f / 6.0f + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r * p;
+    p = 1.0f + r * p;
+    cpu_v4i bits = (__builtin_convertvector(kf, cpu_v4i) + 127) << 23;
+    cpu_v4f scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float cpu_exp1(float x) {
+    x = x < CPU_EXP_LO ? CPU_EXP_LO : x;
+    x = x > CPU_EXP_HI ? CPU_EXP_HI : x;
+    float kf = (x * CPU_LOG2E + CPU_ROUND_MAGIC) - CPU_ROUND_MAGIC;
+    float r = (x - kf * CPU_LN2_HI) - kf * CPU_LN2_LO;
+    float p = 1.0f / 5040.0f;
+    p = 1.0f / 720.0f + r * p;
+    p = 1.0f / 120.0f + r * p;
+    p = 1.0f / 24.0f + r * p;
+    p = 1.0f / 6.0f + r * p;
+    p = 0.5f + r * p;
+    p = 1.0f + r * p;
+    p = 1.0f + r * p;
+    int32_t bits = ((int32_t)kf + 127) * (1 << 23);
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* --- row-wise and elementwise ops ---------------------------------------- */
+
+typedef struct {
+    float *out;
+    const float *x, *weight;
+    size_t N, C, rows;
+    float eps;
+} cpu_rmsnorm_ctx;
+
+/* Rows [task*rows, ...) of rmsnorm. The sum of squares is in double over
+ * four interleaved accumulators (independent adds, not one long chain). */
+static void cpu_rmsnorm_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_rmsnorm_ctx *c = vctx;
+    size_t C = c->C, end = (task + 1) * c->rows;
+    if (end > c->N) end = c->N;
+    for (size_t n = task * c->rows; n < end; n++) {
+        const float *xr = c->x + n * C;
+        float *outr = c->out + n * C;
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        size_t i = 0;
+        for (; i + 4 <= C; i += 4) {
+            s0 += (double)xr[i] * xr[i];
+            s1 += (double)xr[i + 1] * xr[i + 1];
+            s2 += (double)xr[i + 2] * xr[i + 2];
+            s3 += (double)xr[i + 3] * xr[i + 3];
+        }
+        for (; i < C; i++) s0 += (double)xr[i] * xr[i];
+        /* Hugging Face rounds the mean to fp32 before adding eps. */
+        float mean = (float)((s0 + s1 + s2 + s3) / (double)C);
+        float scale = 1.0f / sqrtf(mean + c->eps);
+        for (i = 0; i < C; i++) outr[i] = c->weight[i] * (xr[i] * scale);
+    }
+}
+
+static void cpu_rmsnorm(float *out, const float *x, const float *weight, size_t N, size_t C,
+                        float eps) {
+    cpu_rmsnorm_ctx c = {out, x, weight, N, C, cpu_rows_per_task(C), eps};
+    cpu_parallel(cpu_rmsnorm_task, &c, (N + c.rows - 1) / c.rows);
+}
+
+/* cs (npos, HS/2, 2) = cos, sin of pos * inv_freq_i, each inverse frequency
+ * rounded exactly as Hugging Face does: fp32 exponent 2i/HS, fp32 power,
+ * fp32 reciprocal, fp32 angle pos * inv_freq. */
+static void cpu_rope_table(float *cs, int npos, int HS, float theta) {
     int half = HS / 2;
-    size_t stride = (size_t)nheads * (size_t)HS;
     for (int i = 0; i < half; i++) {
         float exponent = (float)(2 * i) / (float)HS;
         float inv_freq = 1.0f / powf(theta, exponent);
-        for (size_t n = 0; n < N; n++) {
-            float angle = (float)pos[n] * inv_freq;
-            float c = cosf(angle), s = sinf(angle);
-            float *row = x + n * stride;
-            for (int h = 0; h < nheads; h++) {
-                float *head = row + (size_t)h * (size_t)HS;
+        for (int p = 0; p < npos; p++) {
+            float angle = (float)p * inv_freq;
+            float *e = cs + ((size_t)p * (size_t)half + (size_t)i) * 2;
+            e[0] = cosf(angle);
+            e[1] = sinf(angle);
+        }
+    }
+}
+
+typedef struct {
+    float *x;
+    const int *pos;
+    const float *cs;
+    size_t N, rows;
+    int nheads, HS;
+} cpu_rope_ctx;
+
+/* Rows [task*rows, ...) of rope, angles from the table. */
+static void cpu_rope_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_rope_ctx *c = vctx;
+    int half = c->HS / 2;
+    size_t stride = (size_t)c->nheads * (size_t)c->HS, end = (task + 1) * c->rows;
+    if (end > c->N) end = c->N;
+    for (size_t n = task * c->rows; n < end; n++) {
+        const float *cs = c->cs + (size_t)c->pos[n] * (size_t)half * 2;
+        float *row = c->x + n * stride;
+        for (int h = 0; h < c->nheads; h++) {
+            float *head = row + (size_t)h * (size_t)c->HS;
+            for (int i = 0; i < half; i++) {
+                float co = cs[2 * i], si = cs[2 * i + 1];
                 float a = head[i], b = head[i + half];
-                head[i] = a * c - b * s;
-                head[i + half] = b * c + a * s;
+                head[i] = a * co - b * si;
+                head[i + half] = b * co + a * si;
             }
         }
     }
 }
 
-/* Softmax of row[0..live) in place, row[live..width) set to zero. */
+static void cpu_rope_cached(float *x, const int *pos, size_t N, int nheads, int HS,
+                            const float *cs) {
+    cpu_rope_ctx c = {x, pos, cs, N, cpu_rows_per_task((size_t)nheads * (size_t)HS), nheads, HS};
+    cpu_parallel(cpu_rope_task, &c, (N + c.rows - 1) / c.rows);
+}
+
+/* rope without a caller's table: builds one for positions 0..max(pos) on
+ * the heap and applies it; if that allocation fails, computes each angle
+ * where it is used (the same fp32 values, slower). */
+static void cpu_rope(float *x, const int *pos, size_t N, int nheads, int HS, float theta) {
+    int npos = 1;
+    for (size_t n = 0; n < N; n++)
+        if (pos[n] >= npos) npos = pos[n] + 1;
+    float *cs = malloc((size_t)npos * (size_t)HS * sizeof *cs);
+    if (cs) {
+        cpu_rope_table(cs, npos, HS, theta);
+        cpu_rope_cached(x, pos, N, nheads, HS, cs);
+        free(cs);
+        return;
+    }
+    int half = HS / 2;
+    size_t stride = (size_t)nheads * (size_t)HS;
+    for (int i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)HS);
+        for (size_t n = 0; n < N; n++) {
+            float angle = (float)pos[n] * inv_freq;
+            float co = cosf(angle), si = sinf(angle);
+            for (int h = 0; h < nheads; h++) {
+                float *head = x + n * stride + (size_t)h * (size_t)HS;
+                float a = head[i], b = head[i + half];
+                head[i] = a * co - b * si;
+                head[i + half] = b * co + a * si;
+            }
+        }
+    }
+}
+
+/* Softmax of row[0..live) in place, row[live..width) set to zero. The exps
+ * run four lanes at a time; the sum is in double (four accumulators). */
 static void cpu_softmax_row(float *row, int live, int width) {
     float max = row[0];
     for (int j = 1; j < live; j++)
         if (row[j] > max) max = row[j];
-    double sum = 0.0;
-    for (int j = 0; j < live; j++) {
-        row[j] = expf(row[j] - max);
-        sum += row[j];
+    int j = 0;
+    for (; j + 4 <= live; j += 4) {
+        cpu_v4f v;
+        memcpy(&v, row + j, sizeof v);
+        v = cpu_exp4(v - max);
+        memcpy(row + j, &v, sizeof v);
     }
-    float inv = (float)(1.0 / sum);
-    for (int j = 0; j < live; j++) row[j] *= inv;
-    for (int j = live; j < width; j++) row[j] = 0.0f;
+    for (; j < live; j++) row[j] = cpu_exp1(row[j] - max);
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (j = 0; j + 4 <= live; j += 4) {
+        s0 += row[j];
+        s1 += row[j + 1];
+        s2 += row[j + 2];
+        s3 += row[j + 3];
+    }
+    for (; j < live; j++) s0 += row[j];
+    float inv = (float)(1.0 / (s0 + s1 + s2 + s3));
+    for (j = 0; j < live; j++) row[j] *= inv;
+    for (j = live; j < width; j++) row[j] = 0.0f;
 }
 
-/* Per (sequence, head): scores = scale * Q K^T over the sequence's real keys
- * only (T x len, one sgemm), masked softmax per row, then P V (one sgemm)
- * written straight into the head's columns of out. Keys past len are never
- * touched, so what sits in the padding cannot reach any row. */
+/* Query rows per attention block: the causal triangle is cut at block
+ * granularity, so smaller blocks waste less of the upper triangle but make
+ * smaller GEMMs. */
+#define CPU_ATTN_BLOCK 64
+
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    const int *lengths;
+    int T, NH, NKV, HS, qb;
+    float scale;
+    float *scratch; /* qb * T floats per worker */
+} cpu_attn_ctx;
+
+/* One (sequence, head) pair. For each block of qb query rows starting at t0,
+ * only keys 0..min(t0 + rows, len) can be live for any of its rows (causal,
+ * and keys past the length are masked), so the scores are a rows x kend
+ * product, scaled by 1/sqrt(HS) inside the sgemm; masked softmax per row;
+ * then P V into the head's columns of out. Keys past len are never read,
+ * so what sits in the padding cannot reach any row. */
+static void cpu_attention_task(void *vctx, size_t task, int worker) {
+    const cpu_attn_ctx *c = vctx;
+    int b = (int)(task / (size_t)c->NH), h = (int)(task % (size_t)c->NH);
+    int T = c->T, HS = c->HS, len = c->lengths[b];
+    int qstride = c->NH * HS, kvstride = c->NKV * HS, group = c->NH / c->NKV;
+    float *sc = c->scratch + (size_t)worker * (size_t)c->qb * (size_t)T;
+    size_t qbase = (size_t)b * (size_t)T * (size_t)qstride + (size_t)h * (size_t)HS;
+    size_t kvoff = (size_t)b * (size_t)T * (size_t)kvstride + (size_t)(h / group) * (size_t)HS;
+    for (int t0 = 0; t0 < T; t0 += c->qb) {
+        int rows = T - t0 < c->qb ? T - t0 : c->qb;
+        int kend = t0 + rows < len ? t0 + rows : len;
+        const float *qblk = c->q + qbase + (size_t)t0 * (size_t)qstride;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, kend, HS, c->scale, qblk,
+                    qstride, c->k + kvoff, kvstride, 0.0f, sc, kend);
+        for (int r = 0; r < rows; r++) {
+            int t = t0 + r;
+            int live = t < len ? t + 1 : len;
+            cpu_softmax_row(sc + (size_t)r * (size_t)kend, live, kend);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, HS, kend, 1.0f, sc, kend,
+                    c->v + kvoff, kvstride, 0.0f, c->out + qbase + (size_t)t0 * (size_t)qstride,
+                    qstride);
+    }
+}
+
+/* (sequence, head) pairs split over the pool, each worker with its own
+ * slice of scratch; OpenBLAS is held to one thread meanwhile, so the small
+ * per-block GEMMs run in the thread that asked and the pool's threads are
+ * the only ones working. With fewer rows than workers (T < threads) the
+ * scratch cannot be sliced and the pairs run on the caller alone. */
 static void cpu_attention(float *out, const float *q, const float *k, const float *v,
                           const int *lengths, int B, int T, int NH, int NKV, int HS,
                           float *scratch) {
-    int qstride = NH * HS, kvstride = NKV * HS, group = NH / NKV;
-    float scale = 1.0f / sqrtf((float)HS);
-    for (int b = 0; b < B; b++) {
-        int len = lengths[b];
-        size_t qbase = (size_t)b * (size_t)T * (size_t)qstride;
-        size_t kvbase = (size_t)b * (size_t)T * (size_t)kvstride;
-        for (int h = 0; h < NH; h++) {
-            const float *qh = q + qbase + (size_t)h * (size_t)HS;
-            size_t kvoff = kvbase + (size_t)(h / group) * (size_t)HS;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, len, HS, scale, qh, qstride,
-                        k + kvoff, kvstride, 0.0f, scratch, len);
-            for (int t = 0; t < T; t++) {
-                int live = t < len ? t + 1 : len;
-                cpu_softmax_row(scratch + (size_t)t * (size_t)len, live, len);
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, HS, len, 1.0f, scratch, len,
-                        v + kvoff, kvstride, 0.0f, out + qbase + (size_t)h * (size_t)HS, qstride);
-        }
+    int workers = cpu_pool_threads();
+    if (workers > T) workers = 1;
+    int qb = T / workers < CPU_ATTN_BLOCK ? T / workers : CPU_ATTN_BLOCK;
+    cpu_attn_ctx c = {out, q, k, v, lengths, T, NH, NKV, HS, qb, 1.0f / sqrtf((float)HS),
+                      scratch};
+    size_t pairs = (size_t)B * (size_t)NH;
+    int blas_threads = openblas_get_num_threads();
+    if (blas_threads > 1) openblas_set_num_threads(1);
+    if (workers > 1)
+        cpu_parallel(cpu_attention_task, &c, pairs);
+    else
+        for (size_t t = 0; t < pairs; t++) cpu_attention_task(&c, t, 0);
+    if (blas_threads > 1) openblas_set_num_threads(blas_threads);
+}
+
+typedef struct {
+    float *gate;
+    const float *up;
+    size_t n;
+} cpu_swiglu_ctx;
+
+/* Chunk task of gate = silu(gate) * up, four lanes at a time. */
+static void cpu_swiglu_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_swiglu_ctx *c = vctx;
+    size_t i = task * CPU_CHUNK, end = i + CPU_CHUNK < c->n ? i + CPU_CHUNK : c->n;
+    for (; i + 4 <= end; i += 4) {
+        cpu_v4f g, u;
+        memcpy(&g, c->gate + i, sizeof g);
+        memcpy(&u, c->up + i, sizeof u);
+        g = g / (1.0f + cpu_exp4(-g)) * u;
+        memcpy(c->gate + i, &g, sizeof g);
+    }
+    for (; i < end; i++) {
+        float g = c->gate[i];
+        c->gate[i] = g / (1.0f + cpu_exp1(-g)) * c->up[i];
     }
 }
 
 static void cpu_swiglu(float *gate, const float *up, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = g / (1.0f + expf(-g)) * up[i];
-    }
+    cpu_swiglu_ctx c = {gate, up, n};
+    cpu_parallel(cpu_swiglu_task, &c, cpu_chunks(n));
 }
 
 static void cpu_embedding(float *out, const int *tokens, const float *table, size_t N, size_t C) {
@@ -142,6 +516,8 @@ static const backend cpu_backend = {
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,
     .rope = cpu_rope,
+    .rope_table = cpu_rope_table,
+    .rope_cached = cpu_rope_cached,
     .attention = cpu_attention,
     .swiglu = cpu_swiglu,
     .embedding = cpu_embedding,

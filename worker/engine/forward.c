@@ -70,11 +70,12 @@ int llama_state_init(llama_state *s, const backend *be, const llama_config *cfg,
 
     size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF;
     size_t kv = (size_t)s->NKV * (size_t)s->HS;
-    size_t nx, nq, nkv, nff, nscores, total = 0;
+    size_t nx, nq, nkv, nff, nscores, ncs, total = 0;
     if (!forward_mul(N, C, &nx) || !forward_mul(N, C, &nq) || !forward_mul(N, kv, &nkv) ||
-        !forward_mul(N, FF, &nff) || !forward_mul((size_t)T, (size_t)T, &nscores))
+        !forward_mul(N, FF, &nff) || !forward_mul((size_t)T, (size_t)T, &nscores) ||
+        !forward_mul((size_t)T, (size_t)s->HS, &ncs))
         goto too_big;
-    size_t parts[] = {nx, nx, nq, nkv, nkv, nff, nff, nscores};
+    size_t parts[] = {nx, nx, nq, nkv, nkv, nff, nff, nscores, ncs};
     for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
         if (!forward_add(total, parts[i], &total)) goto too_big;
     size_t bytes;
@@ -89,7 +90,8 @@ int llama_state_init(llama_state *s, const backend *be, const llama_config *cfg,
     s->v = p, p += nkv;
     s->gate = p, p += nff;
     s->up = p, p += nff;
-    s->scores = p;
+    s->scores = p, p += nscores;
+    s->rope_cs = p;
 
     size_t nints = 2 * N + (size_t)B;
     s->ints = be->alloc(nints * sizeof(int), err, errlen);
@@ -202,6 +204,9 @@ int llama_forward(const backend *be, const llama_model *m, llama_state *s, const
     const int *pos = s->pos;
     const int *lens = s->lengths;
 
+    /* Positions are 0..T-1 (forward_prepare), so T rows of angles serve
+     * every layer's q and k. */
+    be->rope_table(s->rope_cs, T, s->HS, theta);
     be->embedding(s->x, s->tokens, w->embed, N, C); /* (B, T, C) */
     if (forward_emit(s, 0, s->x, B, T, hook, user, err, errlen) != 0) return -1;
 
@@ -211,8 +216,8 @@ int llama_forward(const backend *be, const llama_model *m, llama_state *s, const
         be->matmul(s->q, s->xn, w->wq + li * QD * C, N, C, QD, false); /* (B, T, NH*HS) */
         be->matmul(s->k, s->xn, w->wk + li * KVD * C, N, C, KVD, false); /* (B, T, NKV*HS) */
         be->matmul(s->v, s->xn, w->wv + li * KVD * C, N, C, KVD, false);
-        be->rope(s->q, pos, N, s->NH, s->HS, theta);
-        be->rope(s->k, pos, N, s->NKV, s->HS, theta);
+        be->rope_cached(s->q, pos, N, s->NH, s->HS, s->rope_cs);
+        be->rope_cached(s->k, pos, N, s->NKV, s->HS, s->rope_cs);
         /* xn is free once q, k, v exist; it takes the attention output
          * (NH*HS == C). */
         be->attention(s->xn, s->q, s->k, s->v, lens, B, T, s->NH, s->NKV, s->HS, s->scores);

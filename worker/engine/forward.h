@@ -33,6 +33,7 @@ typedef struct {
     float *k, *v;            /* (B, T, NKV*HS) */
     float *gate, *up;        /* (B, T, FF) */
     float *scores;           /* (T, T) attention scratch */
+    float *rope_cs;          /* (T, HS/2, 2) RoPE cos/sin, built once per forward */
     int *ints;               /* the one int allocation (backend memory) */
     int *tokens, *pos;       /* (B, T) */
     int *lengths;            /* (B) */
