@@ -35,14 +35,6 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) {
     if (bytes) memcpy(dst, src, bytes);
 }
 
-/* The callers (forward.c) keep every dimension within int, as cblas wants. */
-static void cpu_matmul(float *out, const float *x, const float *w, size_t N, size_t in_dim,
-                       size_t out_dim, bool accumulate) {
-    if (N == 0 || out_dim == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out_dim, (int)in_dim, 1.0f,
-                x, (int)in_dim, w, (int)in_dim, accumulate ? 1.0f : 0.0f, out, (int)out_dim);
-}
-
 /* --- the thread pool ------------------------------------------------------ */
 
 #define CPU_MAX_THREADS 64
@@ -169,6 +161,50 @@ static size_t cpu_chunks(size_t n) { return n / CPU_CHUNK + 1; }
 /* Rows per task so that a task covers about CPU_CHUNK floats of width. */
 static size_t cpu_rows_per_task(size_t width) {
     return width >= CPU_CHUNK ? 1 : CPU_CHUNK / (width ? width : 1);
+}
+
+/* --- matrix products ------------------------------------------------------ */
+
+/* Output columns per matmul task: a multiple of every sgemm kernel's
+ * register block, wide enough that each task's GEMM stays efficient. */
+#define CPU_MATMUL_COLS 16
+
+typedef struct {
+    float *out;
+    const float *x, *w;
+    size_t N, in_dim, out_dim, cols;
+    float beta;
+} cpu_matmul_ctx;
+
+/* Columns [task*cols, ...) of out: out[:, o0:o1] (op)= x W[o0:o1, :]^T, one
+ * single-threaded sgemm; W's rows o0..o1 are contiguous, and out is written
+ * with its full row stride. */
+static void cpu_matmul_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_matmul_ctx *c = vctx;
+    size_t o0 = task * c->cols, o1 = o0 + c->cols < c->out_dim ? o0 + c->cols : c->out_dim;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)c->N, (int)(o1 - o0),
+                (int)c->in_dim, 1.0f, c->x, (int)c->in_dim, c->w + o0 * c->in_dim,
+                (int)c->in_dim, c->beta, c->out + o0, (int)c->out_dim);
+}
+
+/* out = x W^T split by output columns over the pool, OpenBLAS held to one
+ * thread meanwhile: the pool's threads do all the work and sleep between
+ * sections, instead of OpenBLAS's threads spinning through the elementwise
+ * ops that follow. The callers (forward.c) keep every dimension within int,
+ * as cblas wants. */
+static void cpu_matmul(float *out, const float *x, const float *w, size_t N, size_t in_dim,
+                       size_t out_dim, bool accumulate) {
+    if (N == 0 || out_dim == 0) return;
+    size_t workers = (size_t)cpu_pool_threads();
+    size_t cols = (out_dim + workers - 1) / workers;
+    cols = (cols + CPU_MATMUL_COLS - 1) / CPU_MATMUL_COLS * CPU_MATMUL_COLS;
+    cpu_matmul_ctx c = {out, x, w, N, in_dim, out_dim, cols, accumulate ? 1.0f : 0.0f};
+    size_t tasks = (out_dim + c.cols - 1) / c.cols;
+    int blas_threads = openblas_get_num_threads();
+    if (blas_threads > 1) openblas_set_num_threads(1);
+    cpu_parallel(cpu_matmul_task, &c, tasks);
+    if (blas_threads > 1) openblas_set_num_threads(blas_threads);
 }
 
 /* --- exp --------------------------------------------------------------- */
