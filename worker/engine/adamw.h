@@ -1,0 +1,117 @@
+/* adamw.h - the optimizer of train jobs: AdamW as torch.optim.AdamW, and
+ * gradient clipping by global L2 norm as torch.nn.utils.clip_grad_norm_.
+ *
+ * Parameters and gradients are flat float32 arrays with the same layout (the
+ * model's one allocation, or a LoRA adapter's); the optimizer trains the
+ * elements inside a list of ranges and never reads or writes the others, so
+ * frozen weights cost nothing. Each range says whether weight decay applies
+ * to it (Hugging Face's Trainer exempts biases and norm weights).
+ *
+ * AdamW, for trainable element p with gradient g at step t (1-based), with
+ * torch's non-foreach, amsgrad=False order of operations (PyTorch
+ * torch/optim/adamw.py, _single_tensor_adamw):
+ *
+ *   p  = p * (1 - lr * wd)                 decoupled decay (wd 0: a no-op)
+ *   m  = m * b1 + (1 - b1) * g
+ *   v  = v * b2 + ((1 - b2) * g) * g
+ *   step_size = lr / (1 - b1^t)            in double, like torch's Python
+ *   denom     = sqrt(v) / sqrt(1 - b2^t) + eps
+ *   p  = p + ((-step_size) * m) / denom
+ *
+ * Scalars (lr, betas, eps, the bias corrections) are computed in double and
+ * rounded to float32 where they meet the tensors, as torch does; p, m and v
+ * are float32, so the state is 8 bytes per trainable element. The result
+ * matches torch to a few float32 ulps per step, not bit for bit: torch's
+ * AVX2 kernels fuse the multiply-add in m's update, plain C does not.
+ *
+ * Clipping (adamw_clip_grad_norm): total = sqrt(sum over trainable elements
+ * of g^2), accumulated in double (torch takes float32 norms per tensor, then
+ * the norm of those: equal to about 1e-7 relative); then in float32, as
+ * torch, coef = (1 / (total + 1e-6)) * max_norm, and the gradients are
+ * multiplied by coef only when coef < 1.
+ *
+ * Checkpoints: adamw_serialize writes the state as a 64-byte header, the
+ * ranges, then m and v as little-endian float32 (layout in adamw.c);
+ * adamw_deserialize into an optimizer built with the same config and ranges
+ * continues bit-identically. */
+#ifndef STRATA_ADAMW_H
+#define STRATA_ADAMW_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Hugging Face TrainingArguments' defaults (adam_beta1, adam_beta2,
+ * adam_epsilon, weight_decay). */
+#define ADAMW_DEFAULT_BETA1 0.9
+#define ADAMW_DEFAULT_BETA2 0.999
+#define ADAMW_DEFAULT_EPS 1e-8
+#define ADAMW_DEFAULT_WEIGHT_DECAY 0.0
+
+typedef struct {
+    double beta1;        /* in [0, 1) */
+    double beta2;        /* in [0, 1) */
+    double eps;          /* >= 0 */
+    double weight_decay; /* >= 0; applied to ranges with decay set */
+} adamw_config;
+
+/* Elements [offset, offset + count) of the parameter array are trained. */
+typedef struct {
+    size_t offset;
+    size_t count; /* > 0 */
+    bool decay;   /* weight decay applies to these elements */
+} adamw_range;
+
+typedef struct adamw adamw;
+
+/* The config with Hugging Face's defaults. */
+adamw_config adamw_default_config(void);
+
+/* Creates an optimizer at step 0 with zeroed moments for the given ranges,
+ * which must be non-empty, in increasing order and not overlapping (they are
+ * copied). Returns 0 and *out (free with adamw_free), or -1 with err naming
+ * the bad value or the failed allocation. */
+int adamw_new(const adamw_config *cfg, const adamw_range *ranges, size_t nranges, adamw **out,
+              char *err, size_t errlen);
+
+void adamw_free(adamw *opt);
+
+/* Optimizer steps taken so far (t of the last step; 0 before the first). */
+int64_t adamw_steps(const adamw *opt);
+
+/* Trainable elements: the sum of the ranges' counts. */
+size_t adamw_trainable(const adamw *opt);
+
+/* The moments, packed in range order (adamw_trainable elements each); for
+ * tests and diagnostics. The optimizer owns them. */
+const float *adamw_exp_avg(const adamw *opt);
+const float *adamw_exp_avg_sq(const adamw *opt);
+
+/* sqrt(sum of g^2) over the trainable elements of grads, in double. */
+double adamw_grad_norm(const adamw *opt, const float *grads);
+
+/* Returns the pre-clip global norm of grads over the trainable elements and,
+ * when max_norm > 0, scales those gradients as clip_grad_norm_ does (see
+ * above). max_norm <= 0 turns clipping off (the norm is still returned). A
+ * non-finite norm leaves grads unchanged (torch would multiply them by NaN):
+ * the caller sees it in the return value and stops. */
+double adamw_clip_grad_norm(const adamw *opt, float *grads, double max_norm);
+
+/* One AdamW step with learning rate lr on the trainable elements of params,
+ * using grads (same layout); increments the step count first. */
+void adamw_step(adamw *opt, float *params, const float *grads, double lr);
+
+/* Bytes adamw_serialize writes for this optimizer. */
+size_t adamw_state_size(const adamw *opt);
+
+/* Writes the state (step, config, ranges, m, v) into buf, which holds len >=
+ * adamw_state_size(opt) bytes. Returns 0, or -1 with err if len is short. */
+int adamw_serialize(const adamw *opt, void *buf, size_t len, char *err, size_t errlen);
+
+/* Replaces opt's step and moments with a state written by adamw_serialize.
+ * The state's config and ranges must equal opt's (a checkpoint of another
+ * model or spec is refused, naming the difference); the length must be
+ * exact. On failure opt is unchanged. Returns 0 or -1 with err. */
+int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t errlen);
+
+#endif
