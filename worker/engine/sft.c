@@ -308,12 +308,15 @@ static int sft_fill_batch(const sft_set *s, const size_t *idx, size_t rows, int3
 
 int sft_loader_next(sft_loader *l, sft_step *step, char *err, size_t errlen) {
     size_t n = l->set->n, bs = l->o.batch_size;
-    if (step->cap_mb < l->o.grad_accum) {
-        sft_batch *mb = realloc(step->mb, l->o.grad_accum * sizeof *mb);
+    /* a step never holds more micro-batches than an epoch has */
+    size_t micro = n / bs + (n % bs != 0);
+    size_t want = l->o.grad_accum < micro ? l->o.grad_accum : micro;
+    if (step->cap_mb < want) {
+        sft_batch *mb = realloc(step->mb, want * sizeof *mb);
         if (!mb) return err_set(err, errlen, "out of memory");
-        memset(mb + step->cap_mb, 0, (l->o.grad_accum - step->cap_mb) * sizeof *mb);
+        memset(mb + step->cap_mb, 0, (want - step->cap_mb) * sizeof *mb);
         step->mb = mb;
-        step->cap_mb = l->o.grad_accum;
+        step->cap_mb = want;
     }
     step->n_mb = 0;
     step->n_label = 0;
