@@ -13,7 +13,7 @@
  * - warmup step counts: exact;
  * - frozen elements (outside the ranges): bit for bit unchanged;
  * - a state saved after some steps and loaded into a new optimizer continues
- *   bit for bit as the uninterrupted run. */
+ *   bit for bit as the uninterrupted run (through a buffer or a FILE). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -218,8 +218,9 @@ static void test_against_torch(void **state) {
                 if (!in_ranges(ranges, nranges, i))
                     assert_memory_equal(&p[i], &params0[i], sizeof(float));
         }
-        fprintf(stderr, "  %s: worst rel error params %.2g exp_avg %.2g exp_avg_sq %.2g norm %.2g\n",
-                key, worst_p, worst_m, worst_v, worst_norm);
+        fprintf(stderr,
+                "  %s: worst rel error params %.2g exp_avg %.2g exp_avg_sq %.2g norm %.2g\n", key,
+                worst_p, worst_m, worst_v, worst_norm);
         free(p);
         free(g);
         free(params0);
@@ -489,6 +490,75 @@ static void test_state_refused(void **state) {
     trial_free(&t);
 }
 
+/* The file form: the same bytes as adamw_serialize; read back it restores the
+ * step and moments; a truncated file, a trailing byte or a foreign header is
+ * refused and leaves the optimizer as it was. */
+static void test_state_file(void **state) {
+    (void)state;
+    char err[ERR_LEN];
+    trial t;
+    trial_load(&t, "linear_ratio_noclip");
+    adamw *opt = NULL, *back = NULL;
+    assert_int_equal(adamw_new(&t.cfg, t.ranges, t.nranges, &opt, err, sizeof err), 0);
+    assert_int_equal(adamw_new(&t.cfg, t.ranges, t.nranges, &back, err, sizeof err), 0);
+    float *p = malloc(t.n * sizeof *p);
+    assert_non_null(p);
+    memcpy(p, t.params0, t.n * sizeof *p);
+    trial_run(&t, opt, p, 0, 3);
+    size_t size = adamw_state_size(opt), trainable = adamw_trainable(opt);
+    unsigned char *want = malloc(size + 1), *got = malloc(size + 1);
+    assert_true(want && got);
+    assert_int_equal(adamw_serialize(opt, want, size, err, sizeof err), 0);
+
+    FILE *f = tmpfile();
+    assert_non_null(f);
+    assert_int_equal(adamw_write_file(opt, f, err, sizeof err), 0);
+    assert_int_equal(ftell(f), (long)size);
+    rewind(f);
+    assert_int_equal(fread(got, 1, size + 1, f), size);
+    assert_memory_equal(got, want, size);
+
+    /* Refusals first, while back is still at step 0 with zero moments. */
+    want[size] = 0x7f;
+    FILE *trailing = fmemopen(want, size + 1, "rb");
+    assert_non_null(trailing);
+    assert_int_equal(adamw_read_file(back, trailing, err, sizeof err), -1);
+    assert_non_null(strstr(err, "after"));
+    fclose(trailing);
+    FILE *shortf = fmemopen(want, size - 1, "rb");
+    assert_non_null(shortf);
+    assert_int_equal(adamw_read_file(back, shortf, err, sizeof err), -1);
+    assert_non_null(strstr(err, "truncated"));
+    fclose(shortf);
+    FILE *tiny = fmemopen(want, 40, "rb");
+    assert_non_null(tiny);
+    assert_int_equal(adamw_read_file(back, tiny, err, sizeof err), -1);
+    fclose(tiny);
+    memcpy(got, want, size);
+    got[64] ^= 1; /* range 0's offset */
+    FILE *foreign = fmemopen(got, size, "rb");
+    assert_non_null(foreign);
+    assert_int_equal(adamw_read_file(back, foreign, err, sizeof err), -1);
+    assert_non_null(strstr(err, "range 0"));
+    fclose(foreign);
+    assert_int_equal(adamw_steps(back), 0);
+    for (size_t i = 0; i < trainable; i++) assert_true(adamw_exp_avg_sq(back)[i] == 0.0f);
+
+    rewind(f);
+    assert_int_equal(adamw_read_file(back, f, err, sizeof err), 0);
+    fclose(f);
+    assert_int_equal(adamw_steps(back), 3);
+    assert_memory_equal(adamw_exp_avg(back), adamw_exp_avg(opt), trainable * sizeof(float));
+    assert_memory_equal(adamw_exp_avg_sq(back), adamw_exp_avg_sq(opt), trainable * sizeof(float));
+
+    free(want);
+    free(got);
+    free(p);
+    adamw_free(opt);
+    adamw_free(back);
+    trial_free(&t);
+}
+
 static void test_new_refused(void **state) {
     (void)state;
     char err[ERR_LEN];
@@ -596,7 +666,8 @@ int main(void) {
         cmocka_unit_test(test_against_torch),     cmocka_unit_test(test_schedule_tables),
         cmocka_unit_test(test_schedule_shape),    cmocka_unit_test(test_warmup_steps),
         cmocka_unit_test(test_parse_kind),        cmocka_unit_test(test_state_round_trip),
-        cmocka_unit_test(test_state_refused),     cmocka_unit_test(test_new_refused),
+        cmocka_unit_test(test_state_refused),     cmocka_unit_test(test_state_file),
+        cmocka_unit_test(test_new_refused),
         cmocka_unit_test(test_clip_edges),        cmocka_unit_test(test_lr_zero),
     };
     return cmocka_run_group_tests(tests, setup_all, teardown_all);

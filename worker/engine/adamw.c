@@ -18,6 +18,7 @@
 #include "common/util.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -230,11 +231,13 @@ static void adamw_get_floats(float *dst, const unsigned char *src, size_t count)
     }
 }
 
-int adamw_serialize(const adamw *opt, void *buf, size_t len, char *err, size_t errlen) {
-    size_t need = adamw_state_size(opt);
-    if (len < need)
-        return err_set(err, errlen, "adamw: state needs %zu bytes, buffer holds %zu", need, len);
-    unsigned char *p = buf;
+/* Bytes of the header and the ranges, before the moments. */
+static size_t adamw_prefix_size(const adamw *opt) {
+    return ADAMW_HEADER_BYTES + opt->nranges * ADAMW_RANGE_BYTES;
+}
+
+/* Writes the header and the ranges (adamw_prefix_size bytes) at p. */
+static void adamw_put_prefix(const adamw *opt, unsigned char *p) {
     memset(p, 0, ADAMW_HEADER_BYTES);
     memcpy(p, ADAMW_MAGIC, 8);
     adamw_put_u32(p + 8, ADAMW_VERSION);
@@ -250,6 +253,15 @@ int adamw_serialize(const adamw *opt, void *buf, size_t len, char *err, size_t e
         adamw_put_u64(p + 8, opt->ranges[r].count);
         adamw_put_u64(p + 16, opt->ranges[r].decay ? 1 : 0);
     }
+}
+
+int adamw_serialize(const adamw *opt, void *buf, size_t len, char *err, size_t errlen) {
+    size_t need = adamw_state_size(opt);
+    if (len < need)
+        return err_set(err, errlen, "adamw: state needs %zu bytes, buffer holds %zu", need, len);
+    unsigned char *p = buf;
+    adamw_put_prefix(opt, p);
+    p += adamw_prefix_size(opt);
     adamw_put_floats(p, opt->m, opt->trainable);
     adamw_put_floats(p + 4 * opt->trainable, opt->v, opt->trainable);
     return 0;
@@ -264,17 +276,20 @@ static int adamw_same_field(const char *name, double stored, double mine, char *
                    mine);
 }
 
-int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t errlen) {
-    const unsigned char *p = buf;
+/* Checks the header and ranges of a state (the first len bytes of it) against
+ * opt and returns its step in *t. Needs ADAMW_HEADER_BYTES to read the header
+ * and adamw_prefix_size(opt) for the ranges. Returns 0 or -1 with err. */
+static int adamw_check_prefix(const adamw *opt, const unsigned char *p, size_t len, int64_t *t,
+                              char *err, size_t errlen) {
     if (len < ADAMW_HEADER_BYTES || memcmp(p, ADAMW_MAGIC, 8) != 0)
         return err_set(err, errlen, "adamw: not an optimizer state (bad magic or too short)");
     uint32_t version = adamw_get_u32(p + 8);
     if (version != ADAMW_VERSION)
         return err_set(err, errlen, "adamw: state format version %u, expected %u", version,
                        ADAMW_VERSION);
-    uint64_t t = adamw_get_u64(p + 16), nranges = adamw_get_u64(p + 24);
-    if (t > (uint64_t)INT64_MAX) return err_set(err, errlen, "adamw: step %llu out of range",
-                                                (unsigned long long)t);
+    uint64_t step = adamw_get_u64(p + 16), nranges = adamw_get_u64(p + 24);
+    if (step > (uint64_t)INT64_MAX)
+        return err_set(err, errlen, "adamw: step %llu out of range", (unsigned long long)step);
     if (nranges != opt->nranges)
         return err_set(err, errlen, "adamw: state has %llu ranges, the optimizer %zu",
                        (unsigned long long)nranges, opt->nranges);
@@ -284,10 +299,8 @@ int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t
         adamw_same_field("weight_decay", adamw_get_f64(p + 56), opt->cfg.weight_decay, err,
                          errlen) != 0)
         return -1;
-    /* nranges equals ours, so the size is computable without overflow. */
-    size_t need = adamw_state_size(opt);
-    if (len != need)
-        return err_set(err, errlen, "adamw: state is %zu bytes, expected %zu", len, need);
+    if (len < adamw_prefix_size(opt))
+        return err_set(err, errlen, "adamw: state is truncated in its ranges");
     p += ADAMW_HEADER_BYTES;
     for (size_t r = 0; r < opt->nranges; r++, p += ADAMW_RANGE_BYTES) {
         const adamw_range *mine = &opt->ranges[r];
@@ -301,8 +314,95 @@ int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t
                            (unsigned long long)decay, mine->offset, mine->count,
                            mine->decay ? 1 : 0);
     }
-    opt->t = (int64_t)t;
+    *t = (int64_t)step;
+    return 0;
+}
+
+int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t errlen) {
+    const unsigned char *p = buf;
+    int64_t t = 0;
+    if (adamw_check_prefix(opt, p, len, &t, err, errlen) != 0) return -1;
+    size_t need = adamw_state_size(opt);
+    if (len != need)
+        return err_set(err, errlen, "adamw: state is %zu bytes, expected %zu", len, need);
+    p += adamw_prefix_size(opt);
+    opt->t = t;
     adamw_get_floats(opt->m, p, opt->trainable);
     adamw_get_floats(opt->v, p + 4 * opt->trainable, opt->trainable);
     return 0;
+}
+
+/* Floats per chunk when streaming the moments through a file. */
+#define ADAMW_CHUNK 16384
+
+int adamw_write_file(const adamw *opt, FILE *f, char *err, size_t errlen) {
+    int rc = -1;
+    size_t prefix = adamw_prefix_size(opt);
+    unsigned char *buf = malloc(prefix > 4 * ADAMW_CHUNK ? prefix : 4 * ADAMW_CHUNK);
+    if (!buf) return err_set(err, errlen, "adamw: out of memory");
+    adamw_put_prefix(opt, buf);
+    if (fwrite(buf, 1, prefix, f) != prefix) goto io;
+    const float *moments[2] = {opt->m, opt->v};
+    for (int which = 0; which < 2; which++) {
+        for (size_t done = 0; done < opt->trainable;) {
+            size_t n = opt->trainable - done < ADAMW_CHUNK ? opt->trainable - done : ADAMW_CHUNK;
+            adamw_put_floats(buf, moments[which] + done, n);
+            if (fwrite(buf, 4, n, f) != n) goto io;
+            done += n;
+        }
+    }
+    if (fflush(f) != 0) goto io;
+    rc = 0;
+    goto out;
+io:
+    err_set(err, errlen, "adamw: writing the optimizer state failed");
+out:
+    free(buf);
+    return rc;
+}
+
+int adamw_read_file(adamw *opt, FILE *f, char *err, size_t errlen) {
+    int rc = -1;
+    int64_t t = 0;
+    size_t prefix = adamw_prefix_size(opt);
+    unsigned char *buf = malloc(prefix > 4 * ADAMW_CHUNK ? prefix : 4 * ADAMW_CHUNK);
+    float *m = malloc(opt->trainable * sizeof *m), *v = malloc(opt->trainable * sizeof *v);
+    if (!buf || !m || !v) {
+        err_set(err, errlen, "adamw: out of memory reading the optimizer state");
+        goto out;
+    }
+    /* The header first: it says whether the ranges that follow are ours. */
+    size_t got = fread(buf, 1, ADAMW_HEADER_BYTES, f);
+    if (got == ADAMW_HEADER_BYTES) got += fread(buf + got, 1, prefix - got, f);
+    if (adamw_check_prefix(opt, buf, got, &t, err, errlen) != 0) goto out;
+    float *moments[2] = {m, v};
+    for (int which = 0; which < 2; which++) {
+        for (size_t done = 0; done < opt->trainable;) {
+            size_t n = opt->trainable - done < ADAMW_CHUNK ? opt->trainable - done : ADAMW_CHUNK;
+            if (fread(buf, 4, n, f) != n) {
+                err_set(err, errlen, "adamw: optimizer state is truncated (%zu of %zu bytes)",
+                        ftell(f) >= 0 ? (size_t)ftell(f) : 0, adamw_state_size(opt));
+                goto out;
+            }
+            adamw_get_floats(moments[which] + done, buf, n);
+            done += n;
+        }
+    }
+    if (fgetc(f) != EOF) {
+        err_set(err, errlen, "adamw: optimizer state has bytes after its %zu",
+                adamw_state_size(opt));
+        goto out;
+    }
+    opt->t = t;
+    free(opt->m);
+    free(opt->v);
+    opt->m = m;
+    opt->v = v;
+    m = v = NULL;
+    rc = 0;
+out:
+    free(buf);
+    free(m);
+    free(v);
+    return rc;
 }

@@ -33,13 +33,15 @@
  * Checkpoints: adamw_serialize writes the state as a 64-byte header, the
  * ranges, then m and v as little-endian float32 (layout in adamw.c);
  * adamw_deserialize into an optimizer built with the same config and ranges
- * continues bit-identically. */
+ * continues bit-identically. adamw_write_file / adamw_read_file do the same
+ * through a FILE, for states too large to hold twice in memory. */
 #ifndef STRATA_ADAMW_H
 #define STRATA_ADAMW_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 /* Hugging Face TrainingArguments' defaults (adam_beta1, adam_beta2,
  * adam_epsilon, weight_decay). */
@@ -113,5 +115,18 @@ int adamw_serialize(const adamw *opt, void *buf, size_t len, char *err, size_t e
  * model or spec is refused, naming the difference); the length must be
  * exact. On failure opt is unchanged. Returns 0 or -1 with err. */
 int adamw_deserialize(adamw *opt, const void *buf, size_t len, char *err, size_t errlen);
+
+/* The same bytes as adamw_serialize, streamed to f from its current position
+ * in chunks (no buffer the size of the state), then fflush'd; the caller
+ * opens, syncs, renames and closes. Returns 0, or -1 with err on a write
+ * error. */
+int adamw_write_file(const adamw *opt, FILE *f, char *err, size_t errlen);
+
+/* adamw_deserialize from f's current position to its end: the state must end
+ * exactly there. Reads into new moment arrays and swaps them in only when all
+ * is well, so on failure opt is unchanged (peak memory: the moments twice).
+ * Returns 0 or -1 with err (refused header or ranges, truncated, trailing
+ * bytes). */
+int adamw_read_file(adamw *opt, FILE *f, char *err, size_t errlen);
 
 #endif
