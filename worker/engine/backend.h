@@ -79,9 +79,11 @@ typedef struct backend {
     void (*residual_add)(float *x, const float *y, size_t n);
 } backend;
 
-/* The CPU backend: OpenBLAS sgemm for the matrix products (threads as
- * OpenBLAS is configured), the other ops split over a process-wide pool of
- * as many threads as OpenBLAS has, started on first use. A static table. */
+/* The CPU backend: OpenBLAS sgemm for the matrix products, every op split
+ * over a process-wide pool of as many threads as OpenBLAS is configured for
+ * (read once, on first use), with OpenBLAS held to one thread inside each
+ * share. A static table; ops may be called from several threads at once
+ * (one runs on the pool, the others alone on their own thread). */
 const backend *backend_cpu(void);
 
 #endif
