@@ -96,6 +96,9 @@ static void *cpu_pool_main(void *arg) {
     return NULL;
 }
 
+/* A forked child has none of the helpers: it runs every section alone. */
+static void cpu_pool_forked(void) { cpu_pool.nthreads = 1; }
+
 /* Starts as many helpers as OpenBLAS has threads, minus the caller. The
  * helpers block every signal, so the program's handlers run on its own
  * threads. If a thread cannot be started the pool is simply smaller (down
@@ -118,6 +121,11 @@ static void cpu_pool_start(void) {
         pthread_attr_destroy(&attr);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (n > 1 && pthread_atfork(NULL, NULL, cpu_pool_forked) != 0) {
+        /* Helpers without the fork guard would hang a forked child's first
+         * section; they stay asleep and the pool runs on the caller. */
+        n = 1;
+    }
     cpu_pool.nthreads = n;
 }
 
