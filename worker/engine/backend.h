@@ -13,8 +13,11 @@
  * V = vocabulary. Row-major throughout; weights in Hugging Face's [out, in]
  * layout (y = x W^T).
  *
- * Only forward ops exist so far; the backward of each op will sit next to it
- * in this table. */
+ * The backward of each op sits next to it. Backward ops accumulate (+=)
+ * into the gradients of weights; what they do with activation gradients
+ * (add or overwrite) is stated per op. Padding rows carry zero upstream
+ * gradient in training (nothing downstream reads them), so their
+ * contributions vanish. */
 #ifndef STRATA_BACKEND_H
 #define STRATA_BACKEND_H
 
@@ -40,10 +43,23 @@ typedef struct backend {
     void (*matmul)(float *out, const float *x, const float *w, size_t N, size_t in_dim,
                    size_t out_dim, bool accumulate);
 
+    /* Backward of matmul given dy (N, out_dim): dx (N, in_dim) = dy W, or
+     * += with accumulate_dx; dw (out_dim, in_dim) += dy^T x. Either of dx
+     * and dw may be NULL (frozen weight; input needing no gradient). */
+    void (*matmul_backward)(float *dx, float *dw, const float *dy, const float *x,
+                            const float *w, size_t N, size_t in_dim, size_t out_dim,
+                            bool accumulate_dx);
+
     /* out (N, C) = x / sqrt(mean(x^2) + eps) * weight (C), per row, in fp32
      * (the mean accumulated in double). out may equal x. */
     void (*rmsnorm)(float *out, const float *x, const float *weight, size_t N, size_t C,
                     float eps);
+
+    /* Backward of rmsnorm given dout (N, C) and the forward's input x:
+     * dx (N, C) += d/dx, dweight (C) += d/dweight (NULL: frozen). dx must
+     * not overlap dout or x. */
+    void (*rmsnorm_backward)(float *dx, float *dweight, const float *dout, const float *x,
+                             const float *weight, size_t N, size_t C, float eps);
 
     /* In place on x (N, nheads * HS): rotate-half RoPE for each row at its
      * position pos[n] (N ints): pairs (i, i + HS/2) are rotated by
@@ -58,6 +74,10 @@ typedef struct backend {
      * rope's. */
     void (*rope_table)(float *cs, int npos, int HS, float theta);
     void (*rope_cached)(float *x, const int *pos, size_t N, int nheads, int HS, const float *cs);
+    /* Backward of rope_cached, in place on the gradient dx: the rotation is
+     * orthogonal, so its backward is the inverse rotation (angle -pos). */
+    void (*rope_backward_cached)(float *dx, const int *pos, size_t N, int nheads, int HS,
+                                 const float *cs);
 
     /* Causal self-attention with a padding mask over a right-padded batch:
      * q (B, T, NH*HS), k and v (B, T, NKV*HS) -> out (B, T, NH*HS). Query
@@ -69,13 +89,44 @@ typedef struct backend {
     void (*attention)(float *out, const float *q, const float *k, const float *v,
                       const int *lengths, int B, int T, int NH, int NKV, int HS, float *scratch);
 
+    /* Backward of attention given dout (B, T, NH*HS) and the forward's
+     * q, k, v (after RoPE): dq, dk, dv (same shapes as q, k, v) += their
+     * gradients; dk and dv of a key-value head sum over the query heads
+     * that read it. The probabilities are recomputed block by block from
+     * q and k (nothing of the forward is saved beyond q, k, v: no T x T
+     * per head). Query rows past a sequence's length are skipped (their
+     * dout is zero in training). scratch holds 2*T*T floats. */
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout,
+                               const float *q, const float *k, const float *v,
+                               const int *lengths, int B, int T, int NH, int NKV, int HS,
+                               float *scratch);
+
     /* gate (n) = silu(gate) * up, in place: the SwiGLU MLP's middle. */
     void (*swiglu)(float *gate, const float *up, size_t n);
+    /* Backward of swiglu given dout (n) and the forward's inputs gate (before
+     * the in-place update) and up: dgate = dout * up * silu'(gate) and
+     * dup = dout * silu(gate), both overwritten. dgate may equal dout. */
+    void (*swiglu_backward)(float *dgate, float *dup, const float *dout, const float *gate,
+                            const float *up, size_t n);
 
     /* out (N, C) = table (V, C) rows tokens[n]; every token is in [0, V). */
     void (*embedding)(float *out, const int *tokens, const float *table, size_t N, size_t C);
+    /* Backward of embedding: dtable row tokens[n] += dout row n (a token
+     * repeated in the batch sums its rows). */
+    void (*embedding_backward)(float *dtable, const float *dout, const int *tokens, size_t N,
+                               size_t C);
 
-    /* x (n) += y (n). */
+    /* Fused softmax cross-entropy over logits (N, V), in place: row n with
+     * targets[n] in [0, V) gets row_loss[n] = logsumexp(row) - row[target]
+     * (in double) and becomes (softmax(row) - onehot(target)) * scale, the
+     * gradient of scale * loss; a row with targets[n] < 0 scores nothing:
+     * row_loss[n] = 0 and the row becomes zeros. Softmax once per row, no
+     * second (N, V) buffer. */
+    void (*cross_entropy)(float *logits, double *row_loss, const int *targets, size_t N,
+                          size_t V, float scale);
+
+    /* x (n) += y (n). Also the backward of a residual connection: the
+     * gradient passes to both branches unchanged. */
     void (*residual_add)(float *x, const float *y, size_t n);
 } backend;
 

@@ -220,6 +220,61 @@ static void cpu_matmul(float *out, const float *x, const float *w, size_t N, siz
     if (blas_threads > 1) openblas_set_num_threads(blas_threads);
 }
 
+typedef struct {
+    float *dx, *dw;
+    const float *dy, *x, *w;
+    size_t N, in_dim, out_dim, cols;
+    float beta;
+} cpu_matmul_bwd_ctx;
+
+/* Columns [task*cols, ...) of dx: dx[:, i0:i1] (op)= dy W[:, i0:i1]. */
+static void cpu_matmul_dx_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_matmul_bwd_ctx *c = vctx;
+    size_t i0 = task * c->cols, i1 = i0 + c->cols < c->in_dim ? i0 + c->cols : c->in_dim;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)c->N, (int)(i1 - i0),
+                (int)c->out_dim, 1.0f, c->dy, (int)c->out_dim, c->w + i0, (int)c->in_dim,
+                c->beta, c->dx + i0, (int)c->in_dim);
+}
+
+/* Rows [task*cols, ...) of dW: dW[o0:o1, :] += dy[:, o0:o1]^T x. */
+static void cpu_matmul_dw_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_matmul_bwd_ctx *c = vctx;
+    size_t o0 = task * c->cols, o1 = o0 + c->cols < c->out_dim ? o0 + c->cols : c->out_dim;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)(o1 - o0), (int)c->in_dim,
+                (int)c->N, 1.0f, c->dy + o0, (int)c->out_dim, c->x, (int)c->in_dim, 1.0f,
+                c->dw + o0 * c->in_dim, (int)c->in_dim);
+}
+
+/* Share of n columns per worker, rounded up to the sgemm register block. */
+static size_t cpu_matmul_share(size_t n) {
+    size_t workers = (size_t)cpu_pool_threads();
+    size_t cols = (n + workers - 1) / workers;
+    return (cols + CPU_MATMUL_COLS - 1) / CPU_MATMUL_COLS * CPU_MATMUL_COLS;
+}
+
+/* Two sections, each one sgemm per thread on disjoint outputs: dx split by
+ * input columns, dW by output rows (contiguous in W's layout), so neither
+ * needs a reduction across threads. */
+static void cpu_matmul_backward(float *dx, float *dw, const float *dy, const float *x,
+                                const float *w, size_t N, size_t in_dim, size_t out_dim,
+                                bool accumulate_dx) {
+    if (N == 0 || out_dim == 0 || in_dim == 0) return;
+    cpu_matmul_bwd_ctx c = {dx, dw, dy, x, w, N, in_dim, out_dim, 0, accumulate_dx ? 1.0f : 0.0f};
+    int blas_threads = openblas_get_num_threads();
+    if (blas_threads > 1) openblas_set_num_threads(1);
+    if (dx) {
+        c.cols = cpu_matmul_share(in_dim);
+        cpu_parallel(cpu_matmul_dx_task, &c, (in_dim + c.cols - 1) / c.cols);
+    }
+    if (dw) {
+        c.cols = cpu_matmul_share(out_dim);
+        cpu_parallel(cpu_matmul_dw_task, &c, (out_dim + c.cols - 1) / c.cols);
+    }
+    if (blas_threads > 1) openblas_set_num_threads(blas_threads);
+}
+
 /* --- exp --------------------------------------------------------------- */
 
 /* Four floats in an SSE register; GCC's vector extension, so the loops
@@ -406,6 +461,66 @@ static void cpu_rmsnorm(float *out, const float *x, const float *weight, size_t 
     cpu_parallel(cpu_rmsnorm_task, &c, (N + c.rows - 1) / c.rows);
 }
 
+/* 1/sqrt(mean(x^2) + eps) of one row, rounded exactly as cpu_rmsnorm_task
+ * rounds it (so the backward differentiates the forward that ran). */
+static float cpu_rms_scale(const float *xr, size_t C, float eps) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    size_t i = 0;
+    for (; i + 4 <= C; i += 4) {
+        s0 += (double)xr[i] * xr[i];
+        s1 += (double)xr[i + 1] * xr[i + 1];
+        s2 += (double)xr[i + 2] * xr[i + 2];
+        s3 += (double)xr[i + 3] * xr[i + 3];
+    }
+    for (; i < C; i++) s0 += (double)xr[i] * xr[i];
+    float mean = (float)((s0 + s1 + s2 + s3) / (double)C);
+    return 1.0f / sqrtf(mean + eps);
+}
+
+typedef struct {
+    float *dx;
+    const float *dout, *x, *weight;
+    size_t N, C, rows;
+    float eps;
+} cpu_rmsnorm_bwd_ctx;
+
+/* Rows [task*rows, ...) of dx. With g = weight * dout and r the row's
+ * scale, y = g-weighted x r, so dx_j = r g_j - r^3 x_j (sum_i g_i x_i) / C
+ * (the second term through r's dependence on every x_i). */
+static void cpu_rmsnorm_bwd_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_rmsnorm_bwd_ctx *c = vctx;
+    size_t C = c->C, end = (task + 1) * c->rows;
+    if (end > c->N) end = c->N;
+    for (size_t n = task * c->rows; n < end; n++) {
+        const float *xr = c->x + n * C, *dy = c->dout + n * C;
+        float *dxr = c->dx + n * C;
+        float r = cpu_rms_scale(xr, C, c->eps);
+        double dot = 0.0;
+        for (size_t i = 0; i < C; i++) dot += (double)c->weight[i] * dy[i] * xr[i];
+        float coef = (float)((double)r * r * r * dot / (double)C);
+        for (size_t i = 0; i < C; i++) dxr[i] += r * (c->weight[i] * dy[i]) - coef * xr[i];
+    }
+}
+
+/* dx over the pool by rows; dweight, a sum over every row, on the caller
+ * alone (N x C multiply-adds, small beside the projections around it, and
+ * the same order every run). */
+static void cpu_rmsnorm_backward(float *dx, float *dweight, const float *dout, const float *x,
+                                 const float *weight, size_t N, size_t C, float eps) {
+    if (dx) {
+        cpu_rmsnorm_bwd_ctx c = {dx, dout, x, weight, N, C, cpu_rows_per_task(C), eps};
+        cpu_parallel(cpu_rmsnorm_bwd_task, &c, (N + c.rows - 1) / c.rows);
+    }
+    if (dweight) {
+        for (size_t n = 0; n < N; n++) {
+            const float *xr = x + n * C, *dy = dout + n * C;
+            float r = cpu_rms_scale(xr, C, eps);
+            for (size_t i = 0; i < C; i++) dweight[i] += dy[i] * (xr[i] * r);
+        }
+    }
+}
+
 /* cs (npos, HS/2, 2) = cos, sin of pos * inv_freq_i, each inverse frequency
  * rounded exactly as Hugging Face does: fp32 exponent 2i/HS, fp32 power,
  * fp32 reciprocal, fp32 angle pos * inv_freq. */
@@ -429,9 +544,11 @@ typedef struct {
     const float *cs;
     size_t N, rows;
     int nheads, HS;
+    bool inverse;
 } cpu_rope_ctx;
 
-/* Rows [task*rows, ...) of rope, angles from the table. */
+/* Rows [task*rows, ...) of rope, angles from the table; inverse rotates by
+ * -angle (the backward). */
 static void cpu_rope_task(void *vctx, size_t task, int worker) {
     (void)worker;
     const cpu_rope_ctx *c = vctx;
@@ -444,7 +561,7 @@ static void cpu_rope_task(void *vctx, size_t task, int worker) {
         for (int h = 0; h < c->nheads; h++) {
             float *head = row + (size_t)h * (size_t)c->HS;
             for (int i = 0; i < half; i++) {
-                float co = cs[2 * i], si = cs[2 * i + 1];
+                float co = cs[2 * i], si = c->inverse ? -cs[2 * i + 1] : cs[2 * i + 1];
                 float a = head[i], b = head[i + half];
                 head[i] = a * co - b * si;
                 head[i + half] = b * co + a * si;
@@ -455,7 +572,15 @@ static void cpu_rope_task(void *vctx, size_t task, int worker) {
 
 static void cpu_rope_cached(float *x, const int *pos, size_t N, int nheads, int HS,
                             const float *cs) {
-    cpu_rope_ctx c = {x, pos, cs, N, cpu_rows_per_task((size_t)nheads * (size_t)HS), nheads, HS};
+    cpu_rope_ctx c = {x, pos, cs, N, cpu_rows_per_task((size_t)nheads * (size_t)HS),
+                      nheads, HS, false};
+    cpu_parallel(cpu_rope_task, &c, (N + c.rows - 1) / c.rows);
+}
+
+static void cpu_rope_backward_cached(float *dx, const int *pos, size_t N, int nheads, int HS,
+                                     const float *cs) {
+    cpu_rope_ctx c = {dx, pos, cs, N, cpu_rows_per_task((size_t)nheads * (size_t)HS),
+                      nheads, HS, true};
     cpu_parallel(cpu_rope_task, &c, (N + c.rows - 1) / c.rows);
 }
 
@@ -586,6 +711,81 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
 }
 
 typedef struct {
+    float *dq, *dk, *dv;
+    const float *dout, *q, *k, *v;
+    const int *lengths;
+    int T, NH, NKV, HS, qb;
+    float scale;
+    float *scratch; /* 2 * qb * T floats per worker */
+} cpu_attn_bwd_ctx;
+
+/* One (sequence, key-value head) pair: every query head of the group, so
+ * the pair's dk and dv are written by this task alone. For each block of qb
+ * query rows below the length: P = softmax(scale Q K^T) recomputed as the
+ * forward computes it, then dV += P^T dO, dP = dO V^T,
+ * dS = P * (dP - rowsum(P * dP)), dQ += scale dS K, dK += scale dS^T Q. */
+static void cpu_attention_bwd_task(void *vctx, size_t task, int worker) {
+    const cpu_attn_bwd_ctx *c = vctx;
+    int b = (int)(task / (size_t)c->NKV), g = (int)(task % (size_t)c->NKV);
+    int T = c->T, HS = c->HS, len = c->lengths[b];
+    int qstride = c->NH * HS, kvstride = c->NKV * HS, group = c->NH / c->NKV;
+    float *p = c->scratch + (size_t)worker * 2 * (size_t)c->qb * (size_t)T;
+    float *dp = p + (size_t)c->qb * (size_t)T;
+    size_t kvoff = (size_t)b * (size_t)T * (size_t)kvstride + (size_t)g * (size_t)HS;
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        size_t qbase = (size_t)b * (size_t)T * (size_t)qstride + (size_t)h * (size_t)HS;
+        for (int t0 = 0; t0 < len; t0 += c->qb) {
+            int rows = len - t0 < c->qb ? len - t0 : c->qb;
+            int kend = t0 + rows;
+            size_t qoff = qbase + (size_t)t0 * (size_t)qstride;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, kend, HS, c->scale,
+                        c->q + qoff, qstride, c->k + kvoff, kvstride, 0.0f, p, kend);
+            for (int r = 0; r < rows; r++)
+                cpu_softmax_row(p + (size_t)r * (size_t)kend, t0 + r + 1, kend);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kend, HS, rows, 1.0f, p, kend,
+                        c->dout + qoff, qstride, 1.0f, c->dv + kvoff, kvstride);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, kend, HS, 1.0f,
+                        c->dout + qoff, qstride, c->v + kvoff, kvstride, 0.0f, dp, kend);
+            for (int r = 0; r < rows; r++) {
+                float *pr = p + (size_t)r * (size_t)kend, *dpr = dp + (size_t)r * (size_t)kend;
+                int live = t0 + r + 1;
+                double dot = 0.0;
+                for (int j = 0; j < live; j++) dot += (double)pr[j] * dpr[j];
+                float fdot = (float)dot;
+                /* Masked keys have p = 0, so their dS is 0 too. */
+                for (int j = 0; j < kend; j++) dpr[j] = pr[j] * (dpr[j] - fdot);
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, HS, kend, c->scale, dp,
+                        kend, c->k + kvoff, kvstride, 1.0f, c->dq + qoff, qstride);
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, kend, HS, rows, c->scale, dp,
+                        kend, c->q + qoff, qstride, 1.0f, c->dk + kvoff, kvstride);
+        }
+    }
+}
+
+/* (sequence, key-value head) pairs over the pool, each worker with its own
+ * two blocks of scratch (probabilities and their gradient); OpenBLAS held
+ * to one thread as in the forward. */
+static void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                                   const float *q, const float *k, const float *v,
+                                   const int *lengths, int B, int T, int NH, int NKV, int HS,
+                                   float *scratch) {
+    size_t pairs = (size_t)B * (size_t)NKV;
+    int workers = cpu_pool_threads();
+    if (workers > T) workers = 1;
+    int qb = T / workers < CPU_ATTN_BLOCK ? T / workers : CPU_ATTN_BLOCK;
+    cpu_attn_bwd_ctx c = {dq, dk, dv, dout, q, k, v, lengths, T, NH, NKV, HS, qb,
+                          1.0f / sqrtf((float)HS), scratch};
+    int blas_threads = openblas_get_num_threads();
+    if (blas_threads > 1) openblas_set_num_threads(1);
+    if (workers > 1)
+        cpu_parallel(cpu_attention_bwd_task, &c, pairs);
+    else
+        for (size_t t = 0; t < pairs; t++) cpu_attention_bwd_task(&c, t, 0);
+    if (blas_threads > 1) openblas_set_num_threads(blas_threads);
+}
+
+typedef struct {
     float *gate;
     const float *up;
     size_t n;
@@ -615,9 +815,98 @@ static void cpu_swiglu(float *gate, const float *up, size_t n) {
     cpu_parallel(cpu_swiglu_task, &c, cpu_chunks(n));
 }
 
+typedef struct {
+    float *dgate, *dup;
+    const float *dout, *gate, *up;
+    size_t n;
+} cpu_swiglu_bwd_ctx;
+
+/* Chunk task of the swiglu backward: with s = sigmoid(g), silu(g) = g s
+ * and silu'(g) = s (1 + g (1 - s)). dout is read before dgate is written,
+ * so they may alias. */
+static void cpu_swiglu_bwd_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_swiglu_bwd_ctx *c = vctx;
+    size_t i = task * CPU_CHUNK, end = i + CPU_CHUNK < c->n ? i + CPU_CHUNK : c->n;
+    for (; i < end; i++) {
+        float g = c->gate[i], d = c->dout[i], u = c->up[i];
+        float sg = 1.0f / (1.0f + cpu_exp1(-g));
+        c->dup[i] = d * (g * sg);
+        c->dgate[i] = d * u * (sg * (1.0f + g * (1.0f - sg)));
+    }
+}
+
+static void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate,
+                                const float *up, size_t n) {
+    cpu_swiglu_bwd_ctx c = {dgate, dup, dout, gate, up, n};
+    cpu_parallel(cpu_swiglu_bwd_task, &c, cpu_chunks(n));
+}
+
 static void cpu_embedding(float *out, const int *tokens, const float *table, size_t N, size_t C) {
     for (size_t n = 0; n < N; n++)
         memcpy(out + n * C, table + (size_t)tokens[n] * C, C * sizeof *out);
+}
+
+/* Serial: repeated tokens add into the same row. */
+static void cpu_embedding_backward(float *dtable, const float *dout, const int *tokens, size_t N,
+                                   size_t C) {
+    for (size_t n = 0; n < N; n++) {
+        float *row = dtable + (size_t)tokens[n] * C;
+        const float *d = dout + n * C;
+        for (size_t i = 0; i < C; i++) row[i] += d[i];
+    }
+}
+
+typedef struct {
+    float *logits;
+    double *row_loss;
+    const int *targets;
+    size_t N, V, rows;
+    float scale;
+} cpu_xent_ctx;
+
+/* Rows [task*rows, ...) of the fused cross-entropy: exps in place with the
+ * softmax's vector exp, the sum in double, the loss from the logsumexp (not
+ * from log p, which underflows for confident wrong predictions), then the
+ * row scaled into the gradient. */
+static void cpu_xent_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_xent_ctx *c = vctx;
+    size_t V = c->V, end = (task + 1) * c->rows;
+    int iv = (int)V;
+    if (end > c->N) end = c->N;
+    for (size_t n = task * c->rows; n < end; n++) {
+        float *row = c->logits + n * V;
+        int target = c->targets[n];
+        if (target < 0) {
+            memset(row, 0, V * sizeof *row);
+            c->row_loss[n] = 0.0;
+            continue;
+        }
+        float zt = row[target], max = row[0];
+        for (int j = 1; j < iv; j++)
+            if (row[j] > max) max = row[j];
+        int j = cpu_avx512() ? cpu_exp_sub16(row, iv, max) : 0;
+        for (; j + 4 <= iv; j += 4) {
+            cpu_v4f e;
+            memcpy(&e, row + j, sizeof e);
+            e = cpu_exp4(e - max);
+            memcpy(row + j, &e, sizeof e);
+        }
+        for (; j < iv; j++) row[j] = cpu_exp1(row[j] - max);
+        double sum = 0.0;
+        for (j = 0; j < iv; j++) sum += row[j];
+        c->row_loss[n] = log(sum) + (double)max - (double)zt;
+        float mul = (float)((double)c->scale / sum);
+        for (j = 0; j < iv; j++) row[j] *= mul;
+        row[target] -= c->scale;
+    }
+}
+
+static void cpu_cross_entropy(float *logits, double *row_loss, const int *targets, size_t N,
+                              size_t V, float scale) {
+    cpu_xent_ctx c = {logits, row_loss, targets, N, V, cpu_rows_per_task(V), scale};
+    cpu_parallel(cpu_xent_task, &c, (N + c.rows - 1) / c.rows);
 }
 
 static void cpu_residual_add(float *x, const float *y, size_t n) {
@@ -632,13 +921,20 @@ static const backend cpu_backend = {
     .upload = cpu_copy,
     .download = cpu_copy,
     .matmul = cpu_matmul,
+    .matmul_backward = cpu_matmul_backward,
     .rmsnorm = cpu_rmsnorm,
+    .rmsnorm_backward = cpu_rmsnorm_backward,
     .rope = cpu_rope,
     .rope_table = cpu_rope_table,
     .rope_cached = cpu_rope_cached,
+    .rope_backward_cached = cpu_rope_backward_cached,
     .attention = cpu_attention,
+    .attention_backward = cpu_attention_backward,
     .swiglu = cpu_swiglu,
+    .swiglu_backward = cpu_swiglu_backward,
     .embedding = cpu_embedding,
+    .embedding_backward = cpu_embedding_backward,
+    .cross_entropy = cpu_cross_entropy,
     .residual_add = cpu_residual_add,
 };
 
