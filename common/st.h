@@ -1,4 +1,5 @@
-/* st.h - reading safetensors files (Hugging Face's tensor container).
+/* st.h - reading and writing safetensors files (Hugging Face's tensor
+ * container).
  *
  * Layout: an 8-byte little-endian header length N, N bytes of JSON
  *   {"name": {"dtype": "F32", "shape": [d0, d1, ...], "data_offsets": [begin, end]},
@@ -100,5 +101,44 @@ void st_close(st_file *f);
 /* IEEE binary16 and bfloat16 to binary32, exact for every input. */
 float st_f16_to_f32(uint16_t h);
 float st_bf16_to_f32(uint16_t h);
+
+/* ---- writing ---------------------------------------------------------- */
+
+/* One tensor to write: count = product of shape float32 values at data,
+ * stored as dtype (ST_F32, ST_F16 or ST_BF16; F16 and BF16 rounded to
+ * nearest, ties to even, as torch's .to() does). data may be NULL only when
+ * count is 0. */
+typedef struct {
+    const char *name;
+    st_dtype dtype;
+    int ndim;
+    size_t shape[ST_MAX_DIMS];
+    const float *data;
+} st_out_tensor;
+
+/* Writes the n tensors to path in the layout the reference implementation
+ * (Hugging Face's safetensors) writes, byte for byte: tensors ordered by dtype
+ * from widest to narrowest (F32, then BF16, then F16), then by name (bytewise);
+ * data back to back in that order; the compact JSON header lists
+ * "__metadata__" first (when metadata is non-NULL and non-empty) and then the
+ * tensors in data order, and is padded with spaces to a multiple of 8 bytes.
+ * metadata is a NULL-terminated list of key, value string pairs
+ * ({"format", "pt", NULL}); its keys are written sorted (the reference keeps
+ * them in a hash map, so no order is canonical).
+ *
+ * The file appears atomically: it is written to a temporary file beside path
+ * and streamed (one tensor's converted bytes are never all in memory), fsync'd,
+ * renamed over path, and the directory fsync'd. Returns 0, or -1 with err
+ * naming the tensor at fault (an empty, repeated or reserved name, another
+ * dtype, too many dimensions, a size that overflows) or the I/O failure; on
+ * failure path is untouched and no temporary file is left. */
+int st_write_file(const char *path, const st_out_tensor *tensors, size_t n,
+                  const char *const *metadata, char *err, size_t errlen);
+
+/* binary32 to IEEE binary16 and bfloat16, rounded to nearest even; overflow
+ * gives infinity; NaN gives 0x7e00 with its sign (F16) and 0x7fc0 (BF16), as
+ * torch does. */
+uint16_t st_f32_to_f16(float f);
+uint16_t st_f32_to_bf16(float f);
 
 #endif
