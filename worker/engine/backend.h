@@ -37,6 +37,10 @@ typedef struct backend {
     void (*upload)(void *dst, const void *src, size_t bytes);
     void (*download)(void *dst, const void *src, size_t bytes);
 
+    /* x (n) = 0; dst (n) = src (n) (no overlap). */
+    void (*zero)(float *x, size_t n);
+    void (*copy)(float *dst, const float *src, size_t n);
+
     /* out (N, out_dim) = x (N, in_dim) W^T with W (out_dim, in_dim);
      * with accumulate, out += x W^T instead (a residual connection fused
      * into the projection). out must not overlap x or W. */

@@ -37,6 +37,14 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) {
     if (bytes) memcpy(dst, src, bytes);
 }
 
+static void cpu_zero(float *x, size_t n) {
+    if (n) memset(x, 0, n * sizeof *x);
+}
+
+static void cpu_copy_floats(float *dst, const float *src, size_t n) {
+    if (n) memcpy(dst, src, n * sizeof *dst);
+}
+
 /* --- the thread pool ------------------------------------------------------ */
 
 #define CPU_MAX_THREADS 64
@@ -920,6 +928,8 @@ static const backend cpu_backend = {
     .free_buf = cpu_free_buf,
     .upload = cpu_copy,
     .download = cpu_copy,
+    .zero = cpu_zero,
+    .copy = cpu_copy_floats,
     .matmul = cpu_matmul,
     .matmul_backward = cpu_matmul_backward,
     .rmsnorm = cpu_rmsnorm,

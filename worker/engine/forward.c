@@ -7,6 +7,7 @@
 #include "common/util.h"
 
 #include <limits.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,14 +121,91 @@ fail:
     return -1;
 }
 
+/* Sum of n sizes into *out; false on overflow. */
+static bool forward_sum(const size_t *parts, size_t n, size_t *out) {
+    size_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        if (!forward_add(total, parts[i], &total)) return false;
+    *out = total;
+    return true;
+}
+
+int llama_state_init_train(llama_state *s, const backend *be, const llama_config *cfg, int B,
+                           int T, char *err, size_t errlen) {
+    if (llama_state_init(s, be, cfg, B, T, err, errlen) != 0) return -1;
+    size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF, L = (size_t)s->L;
+    size_t QD = (size_t)s->NH * (size_t)s->HS, KVD = (size_t)s->NKV * (size_t)s->HS;
+    size_t nc, nq, nkv, nff, nv, ntt, lc, lq, lkv, lff, lc1, total, bytes;
+    if (!forward_mul(N, C, &nc) || !forward_mul(N, QD, &nq) || !forward_mul(N, KVD, &nkv) ||
+        !forward_mul(N, FF, &nff) || !forward_mul(N, (size_t)s->V, &nv) ||
+        !forward_mul(2 * (size_t)T, (size_t)T, &ntt) || !forward_mul(L, nc, &lc) ||
+        !forward_mul(L + 1, nc, &lc1) || !forward_mul(L, nq, &lq) ||
+        !forward_mul(L, nkv, &lkv) || !forward_mul(L, nff, &lff))
+        goto too_big;
+    size_t parts[] = {lc1, lc, lq, lkv, lkv, lq, lff, lff, nv,
+                      nc,  nc, nq, nkv, nkv, nff, nff, nff, ntt};
+    if (!forward_sum(parts, sizeof parts / sizeof parts[0], &total) ||
+        !forward_mul(total, sizeof(float), &bytes))
+        goto too_big;
+    s->train = be->alloc(bytes, err, errlen);
+    if (!s->train) goto fail;
+    float *p = s->train;
+    s->xs = p, p += lc1;
+    s->xmid = p, p += lc;
+    s->tq = p, p += lq;
+    s->tk = p, p += lkv;
+    s->tv = p, p += lkv;
+    s->tatt = p, p += lq;
+    s->tgate = p, p += lff;
+    s->tup = p, p += lff;
+    s->tlogits = p, p += nv;
+    s->dx = p, p += nc;
+    s->dxn = p, p += nc;
+    s->dq = p, p += nq;
+    s->dk = p, p += nkv;
+    s->dv = p, p += nkv;
+    s->dh = p, p += nff;
+    s->dup = p, p += nff;
+    s->h = p, p += nff;
+    s->attn_scratch = p;
+    s->row_loss = be->alloc(N * sizeof(double), err, errlen);
+    if (!s->row_loss) goto fail;
+    s->targets = be->alloc(N * sizeof(int), err, errlen);
+    if (!s->targets) goto fail;
+    s->host_targets = malloc(N * sizeof(int));
+    if (!s->host_targets) {
+        err_set(err, errlen, "out of memory for %zu labels", N);
+        goto fail;
+    }
+    if (!be->host_memory) {
+        s->host_row_loss = malloc(N * sizeof(double));
+        if (!s->host_row_loss) {
+            err_set(err, errlen, "out of memory for %zu losses", N);
+            goto fail;
+        }
+    }
+    return 0;
+
+too_big:
+    err_set(err, errlen, "training activations for batch %d x %d do not fit in memory", B, T);
+fail:
+    llama_state_free(s);
+    return -1;
+}
+
 void llama_state_free(llama_state *s) {
     if (s->be) {
         if (s->acts) s->be->free_buf(s->acts);
         if (s->ints) s->be->free_buf(s->ints);
         if (s->dev_logits) s->be->free_buf(s->dev_logits);
+        if (s->train) s->be->free_buf(s->train);
+        if (s->row_loss) s->be->free_buf(s->row_loss);
+        if (s->targets) s->be->free_buf(s->targets);
     }
     free(s->host_ints);
     free(s->host_hidden);
+    free(s->host_targets);
+    free(s->host_row_loss);
     memset(s, 0, sizeof *s);
 }
 
@@ -252,5 +330,177 @@ int llama_forward(const backend *be, const llama_model *m, llama_state *s, const
             be->download(logits, s->dev_logits, N * V * sizeof(float));
         }
     }
+    return 0;
+}
+
+/* Checks labels and builds the shifted targets in s->host_targets: the
+ * label of position t+1 for position t, or -1. Counts the scored positions
+ * into *n_counted. Returns 0 or -1 with err set. */
+static int forward_targets(llama_state *s, const int *labels, const int *lengths, int B, int T,
+                           long *n_counted, char *err, size_t errlen) {
+    long count = 0;
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            size_t i = (size_t)b * (size_t)T + (size_t)t;
+            int lab = labels[i];
+            if (lab == LLAMA_IGNORE_INDEX) continue;
+            if (lab < 0 || lab >= s->V)
+                return err_set(err, errlen, "label %d at sequence %d position %d outside "
+                               "vocabulary of %d", lab, b, t, s->V);
+            if (t >= lengths[b])
+                return err_set(err, errlen, "label %d at padding position %d of sequence %d "
+                               "(length %d)", lab, t, b, lengths[b]);
+        }
+        for (int t = 0; t < T; t++) {
+            size_t i = (size_t)b * (size_t)T + (size_t)t;
+            int next = t + 1 < T ? labels[i + 1] : LLAMA_IGNORE_INDEX;
+            s->host_targets[i] = next == LLAMA_IGNORE_INDEX ? -1 : next;
+            if (next != LLAMA_IGNORE_INDEX) count++;
+        }
+    }
+    *n_counted = count;
+    return 0;
+}
+
+/* Pointer to X's gradient in grads (layout of m->params), or NULL when
+ * grads is NULL (frozen). */
+static float *forward_grad(const llama_model *m, float *grads, const float *x) {
+    return grads ? grads + (x - m->params) : NULL;
+}
+
+/* The training forward: as llama_forward, but every activation the
+ * backward needs is kept (see llama_state), and the logits go to
+ * s->tlogits. s->xn ends holding the final normed hidden state. */
+static void forward_train_pass(const backend *be, const llama_model *m, llama_state *s, int B,
+                               int T) {
+    const llama_weights *w = &m->w;
+    size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF;
+    size_t QD = (size_t)s->NH * (size_t)s->HS, KVD = (size_t)s->NKV * (size_t)s->HS;
+    float eps = m->cfg.rms_norm_eps;
+    be->rope_table(s->rope_cs, T, s->HS, m->cfg.rope_theta);
+    be->embedding(s->xs, s->tokens, w->embed, N, C);
+    for (size_t l = 0; l < (size_t)s->L; l++) {
+        float *x = s->xs + l * N * C, *xmid = s->xmid + l * N * C, *xout = x + N * C;
+        float *q = s->tq + l * N * QD, *k = s->tk + l * N * KVD, *v = s->tv + l * N * KVD;
+        float *att = s->tatt + l * N * QD, *gate = s->tgate + l * N * FF,
+              *up = s->tup + l * N * FF;
+        be->rmsnorm(s->xn, x, w->attn_norm + l * C, N, C, eps);
+        be->matmul(q, s->xn, w->wq + l * QD * C, N, C, QD, false);
+        be->matmul(k, s->xn, w->wk + l * KVD * C, N, C, KVD, false);
+        be->matmul(v, s->xn, w->wv + l * KVD * C, N, C, KVD, false);
+        be->rope_cached(q, s->pos, N, s->NH, s->HS, s->rope_cs);
+        be->rope_cached(k, s->pos, N, s->NKV, s->HS, s->rope_cs);
+        be->attention(att, q, k, v, s->lengths, B, T, s->NH, s->NKV, s->HS, s->scores);
+        be->copy(xmid, x, N * C);
+        be->matmul(xmid, att, w->wo + l * C * QD, N, QD, C, true);
+        be->rmsnorm(s->xn, xmid, w->mlp_norm + l * C, N, C, eps);
+        be->matmul(gate, s->xn, w->w_gate + l * FF * C, N, C, FF, false);
+        be->matmul(up, s->xn, w->w_up + l * FF * C, N, C, FF, false);
+        be->copy(s->h, gate, N * FF);
+        be->swiglu(s->h, up, N * FF);
+        be->copy(xout, xmid, N * C);
+        be->matmul(xout, s->h, w->w_down + l * C * FF, N, FF, C, true);
+    }
+    be->rmsnorm(s->xn, s->xs + (size_t)s->L * N * C, w->final_norm, N, C, eps);
+    be->matmul(s->tlogits, s->xn, w->lm_head, N, C, (size_t)s->V, false);
+}
+
+/* The backward of forward_train_pass from the logits' gradient (in
+ * s->tlogits) down to the embedding table, adding into grads. s->xn holds
+ * the final normed hidden state on entry. */
+static void forward_train_backward(const backend *be, const llama_model *m, llama_state *s,
+                                   int B, int T, float *grads) {
+    const llama_weights *w = &m->w;
+    size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF;
+    size_t QD = (size_t)s->NH * (size_t)s->HS, KVD = (size_t)s->NKV * (size_t)s->HS;
+    float eps = m->cfg.rms_norm_eps;
+    be->matmul_backward(s->dxn, forward_grad(m, grads, w->lm_head), s->tlogits, s->xn,
+                        w->lm_head, N, C, (size_t)s->V, false);
+    be->zero(s->dx, N * C);
+    be->rmsnorm_backward(s->dx, forward_grad(m, grads, w->final_norm), s->dxn,
+                         s->xs + (size_t)s->L * N * C, w->final_norm, N, C, eps);
+    /* s->dx is the gradient of the residual stream leaving layer l; after
+     * each block's rmsnorm_backward it is that of the stream entering it
+     * (the residual branch passes it through unchanged). */
+    for (size_t l = (size_t)s->L; l-- > 0;) {
+        const float *x = s->xs + l * N * C, *xmid = s->xmid + l * N * C;
+        const float *q = s->tq + l * N * QD, *k = s->tk + l * N * KVD, *v = s->tv + l * N * KVD;
+        const float *att = s->tatt + l * N * QD, *gate = s->tgate + l * N * FF,
+                    *up = s->tup + l * N * FF;
+        const float *wq = w->wq + l * QD * C, *wk = w->wk + l * KVD * C,
+                    *wv = w->wv + l * KVD * C, *wo = w->wo + l * C * QD;
+        const float *wg = w->w_gate + l * FF * C, *wu = w->w_up + l * FF * C,
+                    *wd = w->w_down + l * C * FF;
+
+        /* MLP: xout = xmid + (silu(gate) * up) Wd^T. */
+        be->copy(s->h, gate, N * FF);
+        be->swiglu(s->h, up, N * FF);
+        be->matmul_backward(s->dh, forward_grad(m, grads, wd), s->dx, s->h, wd, N, FF, C, false);
+        be->swiglu_backward(s->dh, s->dup, s->dh, gate, up, N * FF);
+        be->rmsnorm(s->xn, xmid, w->mlp_norm + l * C, N, C, eps);
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wg), s->dh, s->xn, wg, N, C, FF,
+                            false);
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wu), s->dup, s->xn, wu, N, C, FF,
+                            true);
+        be->rmsnorm_backward(s->dx, forward_grad(m, grads, w->mlp_norm + l * C), s->dxn, xmid,
+                             w->mlp_norm + l * C, N, C, eps);
+
+        /* Attention: xmid = x + attention(rope(q), rope(k), v) Wo^T. dxn
+         * (QD == C columns) takes the attention output's gradient. */
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wo), s->dx, att, wo, N, QD, C, false);
+        be->zero(s->dq, N * QD);
+        be->zero(s->dk, N * KVD);
+        be->zero(s->dv, N * KVD);
+        be->attention_backward(s->dq, s->dk, s->dv, s->dxn, q, k, v, s->lengths, B, T, s->NH,
+                               s->NKV, s->HS, s->attn_scratch);
+        be->rope_backward_cached(s->dq, s->pos, N, s->NH, s->HS, s->rope_cs);
+        be->rope_backward_cached(s->dk, s->pos, N, s->NKV, s->HS, s->rope_cs);
+        be->rmsnorm(s->xn, x, w->attn_norm + l * C, N, C, eps);
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wq), s->dq, s->xn, wq, N, C, QD,
+                            false);
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wk), s->dk, s->xn, wk, N, C, KVD,
+                            true);
+        be->matmul_backward(s->dxn, forward_grad(m, grads, wv), s->dv, s->xn, wv, N, C, KVD,
+                            true);
+        be->rmsnorm_backward(s->dx, forward_grad(m, grads, w->attn_norm + l * C), s->dxn, x,
+                             w->attn_norm + l * C, N, C, eps);
+    }
+    if (grads) be->embedding_backward(forward_grad(m, grads, w->embed), s->dx, s->tokens, N, C);
+}
+
+int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
+                        const int *tokens, const int *labels, const int *lengths, int B, int T,
+                        double loss_scale, float *grads, double *loss_sum, long *n_counted,
+                        char *err, size_t errlen) {
+    const llama_config *cfg = &m->cfg;
+    if (!s->acts || !s->train || be != s->be)
+        return err_set(err, errlen, "state was not set up for training on backend %s", be->name);
+    if (cfg->hidden_size != s->C || cfg->intermediate_size != s->FF ||
+        cfg->num_attention_heads != s->NH || cfg->num_key_value_heads != s->NKV ||
+        cfg->vocab_size != s->V || cfg->num_hidden_layers != s->L)
+        return err_set(err, errlen, "model config differs from the one the state was sized for");
+    if (B < 1 || B > s->B || T < 1 || T > s->T)
+        return err_set(err, errlen, "batch %d x %d exceeds the state's %d x %d", B, T, s->B, s->T);
+    if (!isfinite(loss_scale))
+        return err_set(err, errlen, "loss_scale %g is not finite", loss_scale);
+    if (forward_prepare(s, tokens, lengths, B, T, err, errlen) != 0) return -1;
+    long counted = 0;
+    if (forward_targets(s, labels, lengths, B, T, &counted, err, errlen) != 0) return -1;
+
+    size_t N = (size_t)B * (size_t)T;
+    be->upload(s->targets, s->host_targets, N * sizeof(int));
+    forward_train_pass(be, m, s, B, T);
+    be->cross_entropy(s->tlogits, s->row_loss, s->targets, N, (size_t)s->V, (float)loss_scale);
+    const double *rl = s->row_loss;
+    if (!be->host_memory) {
+        be->download(s->host_row_loss, s->row_loss, N * sizeof(double));
+        rl = s->host_row_loss;
+    }
+    double sum = 0.0;
+    for (size_t i = 0; i < N; i++) sum += rl[i];
+    /* With nothing scored every gradient is zero: skip the backward. */
+    if (counted > 0) forward_train_backward(be, m, s, B, T, grads);
+    *loss_sum = sum;
+    *n_counted = counted;
     return 0;
 }

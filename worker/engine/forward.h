@@ -40,6 +40,26 @@ typedef struct {
     int *host_ints;          /* host copy of ints, built then uploaded */
     float *host_hidden;      /* (B, T, C) host staging; only for non-host backends */
     float *dev_logits;       /* (B, T, V) backend logits; only for non-host backends */
+
+    /* Training (llama_state_init_train only; NULL otherwise). Saved by the
+     * forward for the backward, per layer l (N = B*T rows): the residual
+     * stream entering the layer xs[l] (xs[L]: before the final norm), after
+     * its attention block xmid[l], q and k after RoPE, v, the attention
+     * output att, the MLP's gate (before silu) and up. The normed inputs
+     * and silu(gate)*up are recomputed in the backward instead of saved.
+     * Memory: N * (L * (4C + 2*KVD + 2FF) + C) floats saved, plus
+     * N * (V + 3C + 2*KVD + 3FF) + 2*T*T of working space (logits turned
+     * into their gradient in place, activation gradients, attention
+     * scratch). */
+    float *train;            /* the one float allocation for all of it */
+    float *xs, *xmid, *tq, *tk, *tv, *tatt, *tgate, *tup;
+    float *tlogits;          /* (N, V) */
+    float *dx, *dxn, *dq, *dk, *dv, *dh, *dup, *h; /* working gradients */
+    float *attn_scratch;     /* 2*T*T */
+    double *row_loss;        /* (N) backend memory */
+    int *targets;            /* (N) backend memory: label of position t+1, or -1 */
+    double *host_row_loss;   /* (N) host staging; non-host backends only */
+    int *host_targets;       /* (N) host */
 } llama_state;
 
 /* Sizes s for cfg on backend be, batches of up to B x T. Returns 0, or -1
@@ -47,6 +67,11 @@ typedef struct {
  * and needs no llama_state_free. */
 int llama_state_init(llama_state *s, const backend *be, const llama_config *cfg, int B, int T,
                      char *err, size_t errlen);
+
+/* llama_state_init plus the training buffers (see llama_state above), for
+ * llama_loss_and_grad. Returns 0, or -1 with err set; s is then zeroed. */
+int llama_state_init_train(llama_state *s, const backend *be, const llama_config *cfg, int B,
+                           int T, char *err, size_t errlen);
 
 /* Releases s's buffers (safe on a zeroed state). */
 void llama_state_free(llama_state *s);
@@ -70,5 +95,29 @@ typedef int (*llama_hook)(void *user, int layer, const float *x, int B, int T, i
 int llama_forward(const backend *be, const llama_model *m, llama_state *s, const int *tokens,
                   const int *lengths, int B, int T, llama_hook hook, void *user, float *logits,
                   char *err, size_t errlen);
+
+/* The label that marks a position as not scored (Hugging Face's). */
+#define LLAMA_IGNORE_INDEX (-100)
+
+/* One forward and backward pass of the causal-LM loss over tokens (B, T),
+ * right-padded as for llama_forward, with labels (B, T) unshifted as Hugging
+ * Face's LlamaForCausalLM takes them: the logits at position t are scored
+ * against labels[b, t+1]; LLAMA_IGNORE_INDEX scores nothing (prompt tokens,
+ * padding); the last position scores nothing. Every other label must be a
+ * token id in [0, V) at a position below the sequence's length.
+ * Each counted token's cross-entropy is multiplied by loss_scale in the
+ * gradient (1 / the optimizer step's total counted tokens gives the token
+ * mean over all its micro-batches, Hugging Face Trainer's scaling), and the
+ * gradient of every parameter is ADDED into grads (m->nparams floats, the
+ * layout of m->params: grads + (m->w.X - m->params) is X's gradient; a tied
+ * head's and the lookup's contributions both land in embed's). loss_sum gets
+ * the sum of the counted tokens' cross-entropies (unscaled) and n_counted
+ * their number. s must come from llama_state_init_train. Returns 0, or -1
+ * with err set (bad arguments, token or label out of range); grads is then
+ * unchanged. */
+int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
+                        const int *tokens, const int *labels, const int *lengths, int B, int T,
+                        double loss_scale, float *grads, double *loss_sum, long *n_counted,
+                        char *err, size_t errlen);
 
 #endif
