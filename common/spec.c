@@ -5,6 +5,7 @@
 
 #include <stdarg.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -273,6 +274,355 @@ static int spec_validate_predict(json_t *spec, enum spec_mode mode, json_t *erro
     return json_array_size(errors) > before ? -1 : 0;
 }
 
+/* ---- train ------------------------------------------------------------ */
+
+static const char *const spec_train_model_ids[] = {"model", NULL};
+static const char *const spec_train_dataset_ids[] = {"dataset", NULL};
+static const char *const spec_train_adapter_ids[] = {"artifact", "job", NULL};
+static const char *const spec_train_taskmap_ids[] = {"artifact", NULL};
+static const char *const spec_tokenizer_ids[] = {"model", "artifact", NULL};
+static const char *const spec_lora_targets[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                "gate_proj", "up_proj", "down_proj", NULL};
+static const char *const spec_schedulers[] = {"cosine", "linear", "constant",
+                                              "constant_with_warmup", NULL};
+static const char *const spec_train_modes[] = {"sft", "pretrain", NULL};
+
+/* An integer in [lo, hi]; otherwise an error naming field. */
+static void spec_check_int(json_t *v, const char *field, json_int_t lo, json_int_t hi,
+                           json_t *errors) {
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+        spec_error(errors, field, "must be an integer from %lld to %lld", (long long)lo,
+                   (long long)hi);
+}
+
+/* A number in [lo, hi] (lo excluded when lo_open, hi excluded when hi_open). */
+static void spec_check_num(json_t *v, const char *field, double lo, bool lo_open, double hi,
+                           bool hi_open, json_t *errors) {
+    double x = json_is_number(v) ? json_number_value(v) : 0;
+    if (!json_is_number(v) || (lo_open ? x <= lo : x < lo) || (hi_open ? x >= hi : x > hi))
+        spec_error(errors, field, "must be a number in %c%g, %g%c", lo_open ? '(' : '[', lo, hi,
+                   hi_open ? ')' : ']');
+}
+
+/* "init": a from-scratch model's config in config.json's names. The shape
+ * rules are llama_config_load's (C divisible by NH, NH by NKV, an even head
+ * size for RoPE), so a spec that passes here builds. */
+static void spec_check_init(json_t *init, json_t *errors) {
+    if (!json_is_object(init)) {
+        spec_error(errors, "spec.base_model.init",
+                   "must be a config object such as {\"hidden_size\": 64, \"intermediate_size\": "
+                   "172, \"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": "
+                   "32000}");
+        return;
+    }
+    static const struct {
+        const char *name;
+        json_int_t lo, hi;
+        bool required;
+    } ints[] = {
+        {"hidden_size", 1, 1 << 16, true},
+        {"intermediate_size", 1, 1 << 18, true},
+        {"num_hidden_layers", 1, 1024, true},
+        {"num_attention_heads", 1, 1024, true},
+        {"num_key_value_heads", 1, 1024, false},
+        {"vocab_size", 1, 1 << 24, true},
+        {"max_position_embeddings", 1, 1 << 24, false},
+        {"bos_token_id", 0, (1 << 24) - 1, false},
+        {"eos_token_id", 0, (1 << 24) - 1, false},
+        {"pad_token_id", 0, (1 << 24) - 1, false},
+    };
+    size_t before = json_array_size(errors);
+    const char *key;
+    json_t *v;
+    json_object_foreach(init, key, v) {
+        char field[160];
+        snprintf(field, sizeof field, "spec.base_model.init.%.100s", key);
+        size_t i = 0;
+        while (i < sizeof ints / sizeof ints[0] && strcmp(ints[i].name, key) != 0) i++;
+        if (i < sizeof ints / sizeof ints[0])
+            spec_check_int(v, field, ints[i].lo, ints[i].hi, errors);
+        else if (strcmp(key, "rms_norm_eps") == 0)
+            spec_check_num(v, field, 0, true, 1, false, errors);
+        else if (strcmp(key, "rope_theta") == 0)
+            spec_check_num(v, field, 0, true, 1e12, false, errors);
+        else if (strcmp(key, "initializer_range") == 0)
+            spec_check_num(v, field, 0, true, 10, false, errors);
+        else if (strcmp(key, "tie_word_embeddings") == 0) {
+            if (!json_is_boolean(v)) spec_error(errors, field, "must be true or false");
+        } else
+            spec_error(errors, field, "unknown field");
+    }
+    for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+        if (ints[i].required && !json_object_get(init, ints[i].name)) {
+            char field[160];
+            snprintf(field, sizeof field, "spec.base_model.init.%s", ints[i].name);
+            spec_error(errors, field, "is required");
+        }
+    if (json_array_size(errors) > before) return;
+    json_int_t c = json_integer_value(json_object_get(init, "hidden_size"));
+    json_int_t nh = json_integer_value(json_object_get(init, "num_attention_heads"));
+    json_t *kv = json_object_get(init, "num_key_value_heads");
+    json_int_t nkv = kv ? json_integer_value(kv) : nh;
+    json_int_t vocab = json_integer_value(json_object_get(init, "vocab_size"));
+    if (c % nh != 0 || (c / nh) % 2 != 0)
+        spec_error(errors, "spec.base_model.init.num_attention_heads",
+                   "must divide hidden_size (%lld) into heads of an even size (RoPE)",
+                   (long long)c);
+    else if (nh % nkv != 0)
+        spec_error(errors, "spec.base_model.init.num_key_value_heads",
+                   "must divide num_attention_heads (%lld)", (long long)nh);
+    static const char *const ids[] = {"bos_token_id", "eos_token_id", "pad_token_id"};
+    for (size_t i = 0; i < 3; i++) {
+        json_t *id = json_object_get(init, ids[i]);
+        if (id && json_integer_value(id) >= vocab) {
+            char field[64];
+            snprintf(field, sizeof field, "spec.base_model.init.%s", ids[i]);
+            spec_error(errors, field, "must be below vocab_size (%lld)", (long long)vocab);
+        }
+    }
+}
+
+/* "base_model": {"model": ID}, locally {"path": DIR}, or {"init": CONFIG,
+ * "tokenizer": REF} for a model trained from scratch. */
+static void spec_check_base_model(json_t *v, enum spec_mode mode, json_t *errors) {
+    const char *field = "spec.base_model";
+    if (!json_is_object(v)) {
+        spec_error(errors, field, "must be an object such as {\"model\": 3}");
+        return;
+    }
+    json_t *init = json_object_get(v, "init");
+    if (!init) {
+        spec_check_ref_of(v, field, spec_train_model_ids, "{\"model\": 3}", mode, errors);
+        return;
+    }
+    const char *key;
+    json_t *value;
+    json_object_foreach(v, key, value) {
+        if (strcmp(key, "init") == 0 || strcmp(key, "tokenizer") == 0) continue;
+        char sub[160];
+        snprintf(sub, sizeof sub, "spec.base_model.%.100s", key);
+        if (strcmp(key, "model") == 0 || strcmp(key, "path") == 0)
+            spec_error(errors, sub, "cannot be given with init (one base model)");
+        else
+            spec_error(errors, sub, "unknown field");
+    }
+    spec_check_init(init, errors);
+    json_t *tok = json_object_get(v, "tokenizer");
+    if (!tok)
+        spec_error(errors, "spec.base_model.tokenizer",
+                   "is required with init (a registered model's tokenizer {\"model\": ID}, or a "
+                   "tokenizer.json {\"artifact\": ID})");
+    else
+        spec_check_ref_of(tok, "spec.base_model.tokenizer", spec_tokenizer_ids,
+                          "{\"model\": 3} or {\"artifact\": 7}", mode, errors);
+}
+
+/* "dataset": one reference or a non-empty array of them (a mixture). */
+static void spec_check_train_dataset(json_t *v, enum spec_mode mode, json_t *errors) {
+    if (!json_is_array(v)) {
+        spec_check_ref_of(v, "spec.dataset", spec_train_dataset_ids, "{\"dataset\": 5}", mode,
+                          errors);
+        return;
+    }
+    if (json_array_size(v) == 0 || json_array_size(v) > SPEC_MAX_DATASETS) {
+        spec_error(errors, "spec.dataset", "must be a reference or an array of 1 to %d of them",
+                   SPEC_MAX_DATASETS);
+        return;
+    }
+    size_t i;
+    json_t *item;
+    json_array_foreach(v, i, item) {
+        char field[64];
+        snprintf(field, sizeof field, "spec.dataset[%zu]", i);
+        spec_check_ref_of(item, field, spec_train_dataset_ids, "{\"dataset\": 5}", mode, errors);
+    }
+}
+
+/* "lora": {"r", "alpha", "dropout", "targets"}. */
+static void spec_check_lora(json_t *v, json_t *errors) {
+    if (!json_is_object(v)) {
+        spec_error(errors, "spec.lora",
+                   "must be an object such as {\"r\": 8, \"alpha\": 16, \"dropout\": 0, "
+                   "\"targets\": [\"q_proj\", \"v_proj\"]}");
+        return;
+    }
+    const char *key;
+    json_t *value;
+    json_object_foreach(v, key, value) {
+        char field[160];
+        snprintf(field, sizeof field, "spec.lora.%.100s", key);
+        if (strcmp(key, "r") == 0) {
+            spec_check_int(value, field, 1, SPEC_MAX_LORA_R, errors);
+        } else if (strcmp(key, "alpha") == 0) {
+            spec_check_num(value, field, 0, true, 1e6, false, errors);
+        } else if (strcmp(key, "dropout") == 0) {
+            spec_check_num(value, field, 0, false, 1, true, errors);
+        } else if (strcmp(key, "targets") == 0) {
+            if (!json_is_array(value) || json_array_size(value) == 0) {
+                spec_error(errors, field,
+                           "must be a non-empty array of q_proj, k_proj, v_proj, o_proj, "
+                           "gate_proj, up_proj, down_proj");
+                continue;
+            }
+            unsigned seen = 0;
+            size_t i;
+            json_t *t;
+            json_array_foreach(value, i, t) {
+                char item[192];
+                snprintf(item, sizeof item, "%s[%zu]", field, i);
+                size_t k = 0;
+                while (spec_lora_targets[k] &&
+                       !(json_is_string(t) && strcmp(json_string_value(t), spec_lora_targets[k]) == 0))
+                    k++;
+                if (!spec_lora_targets[k])
+                    spec_error(errors, item,
+                               "must be one of q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                               "up_proj, down_proj");
+                else if (seen & (1u << k))
+                    spec_error(errors, item, "repeats %s", spec_lora_targets[k]);
+                else
+                    seen |= 1u << k;
+            }
+        } else {
+            spec_error(errors, field, "unknown field");
+        }
+    }
+}
+
+/* "mixture": {"cap": N, "by": "cluster"|"task", "task_map": REF}; by
+ * cluster needs the task map (task -> cluster TSV). */
+static void spec_check_mixture(json_t *v, enum spec_mode mode, json_t *errors) {
+    if (!json_is_object(v)) {
+        spec_error(errors, "spec.mixture",
+                   "must be an object such as {\"cap\": 1000, \"by\": \"task\"}");
+        return;
+    }
+    const char *key;
+    json_t *value;
+    json_object_foreach(v, key, value) {
+        char field[160];
+        snprintf(field, sizeof field, "spec.mixture.%.100s", key);
+        if (strcmp(key, "cap") == 0) {
+            spec_check_int(value, field, 1, SPEC_MAX_SAMPLES, errors);
+        } else if (strcmp(key, "by") == 0) {
+            if (!json_is_string(value) || (strcmp(json_string_value(value), "cluster") != 0 &&
+                                           strcmp(json_string_value(value), "task") != 0))
+                spec_error(errors, field, "must be \"cluster\" or \"task\"");
+        } else if (strcmp(key, "task_map") == 0) {
+            spec_check_ref_of(value, field, spec_train_taskmap_ids, "{\"artifact\": 9}", mode,
+                              errors);
+        } else {
+            spec_error(errors, field, "unknown field");
+        }
+    }
+    if (!json_object_get(v, "cap")) spec_error(errors, "spec.mixture.cap", "is required");
+    json_t *by = json_object_get(v, "by");
+    if (!by) spec_error(errors, "spec.mixture.by", "is required");
+    bool cluster = json_is_string(by) && strcmp(json_string_value(by), "cluster") == 0;
+    if (cluster && !json_object_get(v, "task_map"))
+        spec_error(errors, "spec.mixture.task_map",
+                   "is required with by \"cluster\" (a TSV \"task<TAB>cluster\")");
+    else if (!cluster && json_is_string(by) && json_object_get(v, "task_map"))
+        spec_error(errors, "spec.mixture.task_map", "applies only with by \"cluster\"");
+}
+
+static int spec_validate_train(json_t *spec, enum spec_mode mode, json_t *errors) {
+    size_t before = json_array_size(errors);
+    const char *key;
+    json_t *value;
+    json_object_foreach(spec, key, value) {
+        char field[80];
+        snprintf(field, sizeof field, "spec.%s", key);
+        if (strcmp(key, "base_model") == 0) {
+            spec_check_base_model(value, mode, errors);
+        } else if (strcmp(key, "dataset") == 0) {
+            spec_check_train_dataset(value, mode, errors);
+        } else if (strcmp(key, "template") == 0) {
+            if (!spec_is_one_of(value, spec_templates))
+                spec_error(errors, field,
+                           "must be \"llama2\" (default), \"alpaca\", \"default\" or \"vanilla\"");
+        } else if (strcmp(key, "method") == 0) {
+            if (!json_is_string(value) || (strcmp(json_string_value(value), "lora") != 0 &&
+                                           strcmp(json_string_value(value), "full") != 0))
+                spec_error(errors, field, "must be \"lora\" (default) or \"full\"");
+        } else if (strcmp(key, "lora") == 0) {
+            spec_check_lora(value, errors);
+        } else if (strcmp(key, "learning_rate") == 0) {
+            spec_check_num(value, field, 0, true, 10, false, errors);
+        } else if (strcmp(key, "num_train_epochs") == 0) {
+            spec_check_num(value, field, 0, true, 1e6, false, errors);
+        } else if (strcmp(key, "max_steps") == 0) {
+            if (!json_is_null(value)) spec_check_int(value, field, 1, SPEC_MAX_STEPS, errors);
+        } else if (strcmp(key, "batch_size") == 0) {
+            spec_check_int(value, field, 1, SPEC_MAX_BATCH, errors);
+        } else if (strcmp(key, "gradient_accumulation_steps") == 0) {
+            spec_check_int(value, field, 1, SPEC_MAX_ACCUM, errors);
+        } else if (strcmp(key, "cutoff_len") == 0) {
+            spec_check_int(value, field, 2, SPEC_MAX_CUTOFF, errors);
+        } else if (strcmp(key, "lr_scheduler") == 0) {
+            if (!spec_is_one_of(value, spec_schedulers))
+                spec_error(errors, field,
+                           "must be \"linear\" (default), \"cosine\", \"constant\" or "
+                           "\"constant_with_warmup\"");
+        } else if (strcmp(key, "warmup_steps") == 0) {
+            spec_check_int(value, field, 0, SPEC_MAX_STEPS, errors);
+        } else if (strcmp(key, "warmup_ratio") == 0) {
+            spec_check_num(value, field, 0, false, 1, false, errors);
+        } else if (strcmp(key, "weight_decay") == 0) {
+            spec_check_num(value, field, 0, false, 1e3, false, errors);
+        } else if (strcmp(key, "max_grad_norm") == 0) {
+            spec_check_num(value, field, 0, false, 1e9, false, errors);
+        } else if (strcmp(key, "adam_beta1") == 0 || strcmp(key, "adam_beta2") == 0) {
+            spec_check_num(value, field, 0, false, 1, true, errors);
+        } else if (strcmp(key, "adam_epsilon") == 0) {
+            spec_check_num(value, field, 0, false, 1, false, errors);
+        } else if (strcmp(key, "seed") == 0) {
+            spec_check_int(value, field, 0, INT64_MAX, errors);
+        } else if (strcmp(key, "save_steps") == 0) {
+            spec_check_int(value, field, 0, SPEC_MAX_STEPS, errors);
+        } else if (strcmp(key, "mode") == 0) {
+            if (!spec_is_one_of(value, spec_train_modes))
+                spec_error(errors, field, "must be \"sft\" (default) or \"pretrain\"");
+        } else if (strcmp(key, "adapter_init") == 0) {
+            spec_check_ref_of(value, field, spec_train_adapter_ids,
+                              "{\"artifact\": 7} or {\"job\": 12} (a train job)", mode, errors);
+        } else if (strcmp(key, "mixture") == 0) {
+            spec_check_mixture(value, mode, errors);
+        } else {
+            spec_error(errors, field, "unknown field");
+        }
+    }
+    if (!json_object_get(spec, "base_model")) spec_error(errors, "spec.base_model", "is required");
+    if (!json_object_get(spec, "dataset")) spec_error(errors, "spec.dataset", "is required");
+
+    /* Combinations: each names the field that does not apply. */
+    json_t *method = json_object_get(spec, "method");
+    bool full = json_is_string(method) && strcmp(json_string_value(method), "full") == 0;
+    if (full && json_object_get(spec, "lora"))
+        spec_error(errors, "spec.lora", "applies only with method \"lora\"");
+    if (full && json_object_get(spec, "adapter_init"))
+        spec_error(errors, "spec.adapter_init", "applies only with method \"lora\"");
+    if (!full && json_object_get(spec, "adapter_init") && json_object_get(spec, "lora"))
+        spec_error(errors, "spec.lora",
+                   "cannot be given with adapter_init (the adapter's config sets r, alpha, "
+                   "dropout and targets)");
+    if (json_object_get(spec, "warmup_steps") && json_object_get(spec, "warmup_ratio"))
+        spec_error(errors, "spec.warmup_ratio", "cannot be given with warmup_steps (one of them)");
+    json_t *sched = json_object_get(spec, "lr_scheduler");
+    json_t *ws = json_object_get(spec, "warmup_steps"), *wr = json_object_get(spec, "warmup_ratio");
+    bool warmup = (json_is_integer(ws) && json_integer_value(ws) > 0) ||
+                  (json_is_number(wr) && json_number_value(wr) > 0);
+    if (warmup && json_is_string(sched) && strcmp(json_string_value(sched), "constant") == 0)
+        spec_error(errors, ws ? "spec.warmup_steps" : "spec.warmup_ratio",
+                   "does not apply to lr_scheduler \"constant\" (use \"constant_with_warmup\")");
+    json_t *mode_v = json_object_get(spec, "mode");
+    bool pretrain = json_is_string(mode_v) && strcmp(json_string_value(mode_v), "pretrain") == 0;
+    if (pretrain && json_object_get(spec, "template"))
+        spec_error(errors, "spec.template",
+                   "applies only to mode \"sft\" (pretraining reads raw text)");
+    return json_array_size(errors) > before ? -1 : 0;
+}
+
 bool spec_known_kind(const char *kind) {
     return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0);
 }
@@ -284,6 +634,7 @@ int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *e
     }
     if (kind && strcmp(kind, "cka") == 0) return spec_validate_cka(spec, mode, errors);
     if (kind && strcmp(kind, "predict") == 0) return spec_validate_predict(spec, mode, errors);
+    if (kind && strcmp(kind, "train") == 0) return spec_validate_train(spec, mode, errors);
     spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict)",
                kind ? kind : "");
     return -1;

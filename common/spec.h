@@ -16,12 +16,20 @@
 #define SPEC_MAX_SAMPLES 100000000
 #define SPEC_MAX_BATCH 1024
 #define SPEC_MAX_NEW_TOKENS 4096
+/* Bounds of train spec values. */
+#define SPEC_MAX_DATASETS 256
+#define SPEC_MAX_LORA_R 1024
+#define SPEC_MAX_STEPS 1000000000
+#define SPEC_MAX_ACCUM 1000000
+#define SPEC_MAX_CUTOFF 1048576
 
 /* Where input references may point. The server accepts {"artifact": ID} and
  * {"job": ID}; a local run also accepts {"path": "..."}. */
 enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
 
-/* Validates spec for kind. Appends {"field": ..., "message": ...} objects to
+/* Validates spec for kind: "cka", "predict" or "train" (base_model,
+ * dataset, template, method, lora, optimizer, schedule and checkpoint fields:
+ * docs/api.md, "Train jobs (spec)"). Appends {"field": ..., "message": ...} objects to
  * errors (a JSON array owned by the caller). Returns 0 when valid, -1 when
  * not (errors then holds at least one entry). */
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);

@@ -343,6 +343,256 @@ static void test_predict_reports_all(void **state) {
     assert_false(spec_known_kind(NULL));
 }
 
+/* --- train -------------------------------------------------------------------- */
+
+/* text with every ' turned into ", so specs read as JSON in the source. */
+static const char *dq(const char *text) {
+    static char out[4096];
+    size_t n = strlen(text);
+    if (n >= sizeof out) fail_msg("test spec too long");
+    for (size_t i = 0; i <= n; i++) out[i] = text[i] == '\'' ? '"' : text[i];
+    return out;
+}
+
+static void expect_train(const char *text, enum spec_mode mode, const char *field,
+                         const char *needle) {
+    int rc;
+    json_t *errors = validate("train", dq(text), mode, &rc);
+    assert_int_equal(rc, -1);
+    expect_error(errors, field, needle);
+    json_decref(errors);
+}
+
+/* Accepted, with no errors at all. */
+static void expect_train_ok(const char *text, enum spec_mode mode) {
+    int rc;
+    json_t *errors = validate("train", dq(text), mode, &rc);
+    if (rc != 0 || json_array_size(errors) != 0) {
+        char *dump = json_dumps(errors, JSON_COMPACT);
+        fail_msg("rejected (%s): %s: %s", mode == SPEC_LOCAL ? "local" : "server", text,
+                 dump ? dump : "?");
+    }
+    json_decref(errors);
+}
+
+#define TRAIN_MIN "'base_model': {'model': 3}, 'dataset': {'dataset': 5}"
+
+static void test_train_good(void **state) {
+    (void)state;
+    /* issue 4's example, every field as it gives them */
+    const char *example =
+        "{'base_model': {'model': 3}, 'dataset': {'dataset': 5}, 'template': 'llama2',"
+        " 'method': 'lora', 'lora': {'r': 8, 'alpha': 16, 'dropout': 0, 'targets': ['q_proj', "
+        "'v_proj']}, 'learning_rate': 5e-5, 'num_train_epochs': 3, 'max_steps': null, "
+        "'batch_size': 4, 'gradient_accumulation_steps': 4, 'cutoff_len': 1024, "
+        "'lr_scheduler': 'cosine', 'warmup_steps': 0, 'weight_decay': 0, 'max_grad_norm': 1.0, "
+        "'seed': 42, 'save_steps': 1000}";
+    expect_train_ok(example, SPEC_SERVER);
+    expect_train_ok(example, SPEC_LOCAL);
+    expect_train_ok("{" TRAIN_MIN "}", SPEC_SERVER);
+    /* full fine-tuning, every optimizer field, a mixture of two datasets */
+    expect_train_ok("{'base_model': {'model': 1}, 'dataset': [{'dataset': 5}, {'dataset': 6}],"
+                    " 'method': 'full', 'learning_rate': 1e-5, 'max_steps': 100, "
+                    "'lr_scheduler': 'linear', 'warmup_ratio': 0.1, 'weight_decay': 0.01, "
+                    "'adam_beta1': 0.8, 'adam_beta2': 0.95, 'adam_epsilon': 1e-6, "
+                    "'max_grad_norm': 0, 'mode': 'sft', 'template': 'alpaca', "
+                    "'mixture': {'cap': 1000, 'by': 'task'}, 'save_steps': 0}",
+                    SPEC_SERVER);
+    /* from scratch on raw text, locally, with a cluster cap */
+    expect_train_ok("{'base_model': {'init': {'hidden_size': 64, 'intermediate_size': 172, "
+                    "'num_hidden_layers': 2, 'num_attention_heads': 4, "
+                    "'num_key_value_heads': 2, 'vocab_size': 300, 'rms_norm_eps': 1e-5, "
+                    "'rope_theta': 10000, 'tie_word_embeddings': true, "
+                    "'max_position_embeddings': 256, 'bos_token_id': 1, 'eos_token_id': 2, "
+                    "'pad_token_id': 0, 'initializer_range': 0.02}, "
+                    "'tokenizer': {'path': 'tok/tokenizer.json'}}, "
+                    "'dataset': {'path': 'text.jsonl'}, 'mode': 'pretrain', 'method': 'full', "
+                    "'mixture': {'cap': 10, 'by': 'cluster', 'task_map': {'path': 'm.tsv'}}}",
+                    SPEC_LOCAL);
+    /* continuing an adapter: from a train job, an artifact, or locally a path */
+    expect_train_ok("{" TRAIN_MIN ", 'adapter_init': {'job': 12}}", SPEC_SERVER);
+    expect_train_ok("{" TRAIN_MIN ", 'adapter_init': {'artifact': 7}}", SPEC_SERVER);
+    expect_train_ok("{'base_model': {'path': 'm'}, 'dataset': {'path': 'd.json'}, "
+                    "'adapter_init': {'path': 'adapter'}, 'lr_scheduler': 'constant'}",
+                    SPEC_LOCAL);
+    expect_train_ok("{" TRAIN_MIN ", 'lora': {'r': 1024, 'alpha': 0.5, 'dropout': 0.99, "
+                    "'targets': ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', "
+                    "'up_proj', 'down_proj']}, 'lr_scheduler': 'constant_with_warmup', "
+                    "'warmup_steps': 10}",
+                    SPEC_SERVER);
+}
+
+static void test_train_refs(void **state) {
+    (void)state;
+    expect_train("{'dataset': {'dataset': 5}}", SPEC_SERVER, "spec.base_model", "is required");
+    expect_train("{'base_model': {'model': 3}}", SPEC_SERVER, "spec.dataset", "is required");
+    expect_train("{'base_model': 3, 'dataset': {'dataset': 5}}", SPEC_SERVER, "spec.base_model",
+                 "must be an object such as {\"model\": 3}");
+    expect_train("{'base_model': {'model': 0}, 'dataset': {'dataset': 5}}", SPEC_SERVER,
+                 "spec.base_model.model", "positive integer id");
+    /* paths only in a local run */
+    expect_train("{'base_model': {'path': 'm'}, 'dataset': {'dataset': 5}}", SPEC_SERVER,
+                 "spec.base_model.path", "unknown field");
+    expect_train("{'base_model': {'model': 3}, 'dataset': {'path': 'd'}}", SPEC_SERVER,
+                 "spec.dataset.path", "unknown field");
+    expect_train("{'base_model': {'model': 3}, 'dataset': {'artifact': 2}}", SPEC_SERVER,
+                 "spec.dataset.artifact", "unknown field");
+    expect_train("{'base_model': {'model': 3, 'path': 'm'}, 'dataset': {'dataset': 5}}",
+                 SPEC_LOCAL, "spec.base_model", "exactly one input");
+    expect_train("{'base_model': {'model': 3}, 'dataset': []}", SPEC_SERVER, "spec.dataset",
+                 "array of 1 to 256");
+    expect_train("{'base_model': {'model': 3}, 'dataset': [{'dataset': 5}, {'dataset': -1}]}",
+                 SPEC_SERVER, "spec.dataset[1].dataset", "positive integer id");
+    expect_train("{" TRAIN_MIN ", 'adapter_init': {'model': 3}}", SPEC_SERVER,
+                 "spec.adapter_init.model", "unknown field");
+    expect_train("{" TRAIN_MIN ", 'adapter_init': {}}", SPEC_SERVER, "spec.adapter_init",
+                 "needs one of \"artifact\" or \"job\"");
+}
+
+static void test_train_init(void **state) {
+    (void)state;
+#define INIT_OK "'hidden_size': 64, 'intermediate_size': 172, 'num_hidden_layers': 2, " \
+                "'num_attention_heads': 4, 'vocab_size': 300"
+    expect_train("{'base_model': {'init': {" INIT_OK "}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.tokenizer", "is required with init");
+    expect_train("{'base_model': {'init': {" INIT_OK "}, 'tokenizer': {'dataset': 2}}, "
+                 "'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.tokenizer.dataset", "unknown field");
+    expect_train("{'base_model': {'init': {" INIT_OK "}, 'model': 3, 'tokenizer': {'model': 3}},"
+                 " 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.model", "cannot be given with init");
+    expect_train("{'base_model': {'init': [], 'tokenizer': {'model': 3}}, "
+                 "'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init", "must be a config object");
+    expect_train("{'base_model': {'init': {'hidden_size': 64}, 'tokenizer': {'model': 3}}, "
+                 "'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.vocab_size", "is required");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'hidden_act': 'gelu'}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.hidden_act", "unknown field");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'num_hidden_layers': 0}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.num_hidden_layers", "from 1 to 1024");
+    /* 64 / 5 heads, and 64 / 8 = 8 fine but 64 / 64 = 1 is an odd head size */
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'num_attention_heads': 64}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.num_attention_heads", "even size");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'num_key_value_heads': 3}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.num_key_value_heads",
+                 "divide num_attention_heads (4)");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'eos_token_id': 300}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.eos_token_id", "below vocab_size (300)");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'rms_norm_eps': 0}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.rms_norm_eps", "(0, 1]");
+    expect_train("{'base_model': {'init': {" INIT_OK ", 'tie_word_embeddings': 1}, "
+                 "'tokenizer': {'model': 3}}, 'dataset': {'dataset': 5}}",
+                 SPEC_SERVER, "spec.base_model.init.tie_word_embeddings", "true or false");
+#undef INIT_OK
+}
+
+static void test_train_options(void **state) {
+    (void)state;
+    static const struct {
+        const char *extra, *field, *needle;
+    } bad[] = {
+        {"'template': 'chatml'", "spec.template", "\"llama2\" (default)"},
+        {"'method': 'qlora'", "spec.method", "\"lora\" (default) or \"full\""},
+        {"'lora': 8", "spec.lora", "must be an object"},
+        {"'lora': {'r': 0}", "spec.lora.r", "from 1 to 1024"},
+        {"'lora': {'r': 1025}", "spec.lora.r", "from 1 to 1024"},
+        {"'lora': {'r': 8.5}", "spec.lora.r", "integer"},
+        {"'lora': {'alpha': 0}", "spec.lora.alpha", "(0, 1e+06]"},
+        {"'lora': {'dropout': 1}", "spec.lora.dropout", "[0, 1)"},
+        {"'lora': {'dropout': -0.1}", "spec.lora.dropout", "[0, 1)"},
+        {"'lora': {'targets': []}", "spec.lora.targets", "non-empty array"},
+        {"'lora': {'targets': ['q_proj', 'lm_head']}", "spec.lora.targets[1]", "must be one of"},
+        {"'lora': {'targets': ['v_proj', 'v_proj']}", "spec.lora.targets[1]", "repeats v_proj"},
+        {"'lora': {'rank': 8}", "spec.lora.rank", "unknown field"},
+        {"'learning_rate': 0", "spec.learning_rate", "(0, 10]"},
+        {"'learning_rate': '5e-5'", "spec.learning_rate", "must be a number"},
+        {"'num_train_epochs': 0", "spec.num_train_epochs", "(0, 1e+06]"},
+        {"'max_steps': 0", "spec.max_steps", "from 1 to"},
+        {"'max_steps': 'all'", "spec.max_steps", "integer"},
+        {"'batch_size': 0", "spec.batch_size", "from 1 to 1024"},
+        {"'gradient_accumulation_steps': 0", "spec.gradient_accumulation_steps", "from 1 to"},
+        {"'cutoff_len': 1", "spec.cutoff_len", "from 2 to 1048576"},
+        {"'lr_scheduler': 'polynomial'", "spec.lr_scheduler", "\"linear\" (default)"},
+        {"'warmup_steps': -1", "spec.warmup_steps", "from 0 to"},
+        {"'warmup_ratio': 1.5", "spec.warmup_ratio", "[0, 1]"},
+        {"'warmup_steps': 5, 'warmup_ratio': 0.1", "spec.warmup_ratio", "with warmup_steps"},
+        {"'lr_scheduler': 'constant', 'warmup_steps': 5", "spec.warmup_steps",
+         "constant_with_warmup"},
+        {"'lr_scheduler': 'constant', 'warmup_ratio': 0.1", "spec.warmup_ratio",
+         "constant_with_warmup"},
+        {"'weight_decay': -0.01", "spec.weight_decay", "[0, 1000]"},
+        {"'max_grad_norm': -1", "spec.max_grad_norm", "[0, 1e+09]"},
+        {"'adam_beta1': 1", "spec.adam_beta1", "[0, 1)"},
+        {"'adam_beta2': -0.5", "spec.adam_beta2", "[0, 1)"},
+        {"'adam_epsilon': -1e-8", "spec.adam_epsilon", "[0, 1]"},
+        {"'seed': -1", "spec.seed", "integer from 0"},
+        {"'seed': 1.5", "spec.seed", "integer from 0"},
+        {"'save_steps': -1", "spec.save_steps", "from 0 to"},
+        {"'mode': 'rlhf'", "spec.mode", "\"sft\" (default) or \"pretrain\""},
+        {"'mode': 'pretrain', 'template': 'llama2'", "spec.template", "only to mode \"sft\""},
+        {"'method': 'full', 'lora': {'r': 4}", "spec.lora", "only with method \"lora\""},
+        {"'method': 'full', 'adapter_init': {'job': 4}", "spec.adapter_init",
+         "only with method \"lora\""},
+        {"'adapter_init': {'job': 4}, 'lora': {'r': 4}", "spec.lora",
+         "cannot be given with adapter_init"},
+        {"'mixture': 100", "spec.mixture", "must be an object"},
+        {"'mixture': {'by': 'task'}", "spec.mixture.cap", "is required"},
+        {"'mixture': {'cap': 10}", "spec.mixture.by", "is required"},
+        {"'mixture': {'cap': 0, 'by': 'task'}", "spec.mixture.cap", "from 1 to"},
+        {"'mixture': {'cap': 10, 'by': 'dataset'}", "spec.mixture.by", "\"cluster\" or \"task\""},
+        {"'mixture': {'cap': 10, 'by': 'cluster'}", "spec.mixture.task_map",
+         "is required with by \"cluster\""},
+        {"'mixture': {'cap': 10, 'by': 'task', 'task_map': {'artifact': 2}}",
+         "spec.mixture.task_map", "only with by \"cluster\""},
+        {"'mixture': {'cap': 10, 'by': 'cluster', 'task_map': {'job': 2}}",
+         "spec.mixture.task_map.job", "unknown field"},
+        {"'mixture': {'cap': 10, 'by': 'task', 'seed': 1}", "spec.mixture.seed", "unknown field"},
+        {"'epochs': 3", "spec.epochs", "unknown field"},
+        {"'lora_r': 8", "spec.lora_r", "unknown field"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[1024];
+        snprintf(text, sizeof text, "{" TRAIN_MIN ", %s}", bad[i].extra);
+        expect_train(text, SPEC_SERVER, bad[i].field, bad[i].needle);
+        expect_train(text, SPEC_LOCAL, bad[i].field, bad[i].needle);
+    }
+    /* boundaries that are accepted */
+    expect_train_ok("{" TRAIN_MIN ", 'lora': {'dropout': 0}, 'warmup_ratio': 1, "
+                    "'adam_beta1': 0, 'adam_epsilon': 0, 'max_grad_norm': 0, 'seed': 0, "
+                    "'cutoff_len': 2, 'learning_rate': 10, 'max_steps': null}",
+                    SPEC_SERVER);
+    /* warmup 0 with constant is no warmup, so it is allowed */
+    expect_train_ok("{" TRAIN_MIN ", 'lr_scheduler': 'constant', 'warmup_steps': 0}",
+                    SPEC_SERVER);
+}
+
+/* Every problem is reported at once, each naming its own field. */
+static void test_train_reports_all(void **state) {
+    (void)state;
+    int rc;
+    json_t *errors = validate("train",
+                              dq("{'base_model': {'model': 'x'}, 'lora': {'r': 0}, "
+                                 "'batch_size': 0, 'optimizer': 'sgd'}"),
+                              SPEC_SERVER, &rc);
+    assert_int_equal(rc, -1);
+    expect_error(errors, "spec.base_model.model", "positive integer id");
+    expect_error(errors, "spec.lora.r", "from 1 to 1024");
+    expect_error(errors, "spec.batch_size", "from 1 to 1024");
+    expect_error(errors, "spec.optimizer", "unknown field");
+    expect_error(errors, "spec.dataset", "is required");
+    assert_int_equal(json_array_size(errors), 5);
+    json_decref(errors);
+    /* train is validated, but not yet a kind the server queues */
+    assert_false(spec_known_kind("train"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_specs),  cmocka_unit_test(test_bad_refs),
@@ -350,6 +600,9 @@ int main(void) {
         cmocka_unit_test(test_bad_kind_and_shape), cmocka_unit_test(test_predict_good),
         cmocka_unit_test(test_predict_refs),       cmocka_unit_test(test_predict_options),
         cmocka_unit_test(test_predict_reports_all),
+        cmocka_unit_test(test_train_good),         cmocka_unit_test(test_train_refs),
+        cmocka_unit_test(test_train_init),         cmocka_unit_test(test_train_options),
+        cmocka_unit_test(test_train_reports_all),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
