@@ -22,6 +22,23 @@
 #define SPEC_MAX_STEPS 1000000000
 #define SPEC_MAX_ACCUM 1000000
 #define SPEC_MAX_CUTOFF 1048576
+/* Train spec defaults (docs/api.md, "Train jobs (spec)"): Hugging Face
+ * TrainingArguments' where it has one, PEFT's LoRA defaults otherwise. */
+#define SPEC_TRAIN_DEFAULT_TEMPLATE "llama2"
+#define SPEC_TRAIN_DEFAULT_METHOD "lora"
+#define SPEC_TRAIN_DEFAULT_LORA_R 8
+#define SPEC_TRAIN_DEFAULT_LORA_ALPHA 16.0
+#define SPEC_TRAIN_DEFAULT_LORA_DROPOUT 0.0
+#define SPEC_TRAIN_DEFAULT_LEARNING_RATE 5e-5
+#define SPEC_TRAIN_DEFAULT_EPOCHS 3.0
+#define SPEC_TRAIN_DEFAULT_BATCH_SIZE 8
+#define SPEC_TRAIN_DEFAULT_GRAD_ACCUM 1
+#define SPEC_TRAIN_DEFAULT_CUTOFF_LEN 1024
+#define SPEC_TRAIN_DEFAULT_SCHEDULER "linear"
+#define SPEC_TRAIN_DEFAULT_MAX_GRAD_NORM 1.0
+#define SPEC_TRAIN_DEFAULT_SEED 42
+#define SPEC_TRAIN_DEFAULT_SAVE_STEPS 500
+#define SPEC_TRAIN_DEFAULT_INIT_RANGE 0.02
 
 /* Where input references may point. The server accepts {"artifact": ID} and
  * {"job": ID}; a local run also accepts {"path": "..."}. */
