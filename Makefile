@@ -61,11 +61,14 @@ $(WORKER): $(call obj,worker/main.c) $(BUILD)/libworker.a $(BUILD)/libcommon.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
 # Each unit test links the libraries of the program it tests (test_server_*
-# the server's, the others the worker's); cmocka runs its cases isolated.
-$(BUILD)/tests/test_server_%: $(call obj,tests/unit/test_server_%.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
+# the server's, the others the worker's) and tests/unit/testutil.c, the
+# helpers the tests share (not a test: TEST_SRC globs test_*.c only); cmocka
+# runs its cases isolated.
+TESTUTIL_OBJ := $(call obj,tests/unit/testutil.c)
+$(BUILD)/tests/test_server_%: $(call obj,tests/unit/test_server_%.c) $(TESTUTIL_OBJ) $(BUILD)/libserver.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
-$(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+$(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(BUILD)/libworker.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
 

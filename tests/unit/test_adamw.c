@@ -29,6 +29,7 @@
 
 #include "common/npy.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/adamw.h"
 #include "worker/engine/schedule.h"
 
@@ -38,32 +39,14 @@
 static char fixture_dir[PATH_MAX + 64];
 static json_t *doc;
 
-/* tests/unit/../fixtures/adamw, or $STRATA_FIXTURES/adamw. */
-static void find_fixtures(void) {
-    const char *env = getenv("STRATA_FIXTURES");
-    if (env && *env) {
-        snprintf(fixture_dir, sizeof fixture_dir, "%s/adamw", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(fixture_dir, sizeof fixture_dir, "%s/../fixtures/adamw", src);
-}
-
+/* tests/fixtures/adamw (or $STRATA_FIXTURES/adamw) and its adamw.json. */
 static int setup_all(void **state) {
     (void)state;
-    find_fixtures();
+    tu_fixture_path(fixture_dir, sizeof fixture_dir, "adamw");
     char path[PATH_MAX + 128];
     snprintf(path, sizeof path, "%s/adamw.json", fixture_dir);
-    json_error_t jerr;
-    doc = json_load_file(path, 0, &jerr);
-    if (!doc) fprintf(stderr, "%s: %s\n", path, jerr.text);
-    return doc ? 0 : -1;
+    doc = tu_load_json(path);
+    return 0;
 }
 
 static int teardown_all(void **state) {
@@ -74,11 +57,10 @@ static int teardown_all(void **state) {
 
 /* Reads fixture name.npy as float32 (caller frees); asserts its shape. */
 static float *load(const char *name, size_t rows, size_t cols) {
-    char path[PATH_MAX + 128], err[ERR_LEN];
+    char path[PATH_MAX + 128];
     snprintf(path, sizeof path, "%s/%s.npy", fixture_dir, name);
-    double *d = NULL;
     npy_header h;
-    if (npy_read_f64(path, &d, &h, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+    double *d = tu_read_npy(path, &h);
     assert_int_equal(h.rows, rows);
     assert_int_equal(h.cols, cols);
     float *f = malloc(rows * cols * sizeof *f);

@@ -21,6 +21,7 @@
 
 #include "common/npy.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/cka.h"
 #include "worker/runner.h"
 
@@ -28,31 +29,10 @@
 
 static char fixture_dir[PATH_MAX + 64];
 
-/* Fixtures live next to this source file: tests/unit/../fixtures/cka. The
- * Makefile runs tests from the repo root, where __FILE__ is relative;
- * STRATA_FIXTURES overrides it for other layouts. */
-static void find_fixtures(void) {
-    const char *env = getenv("STRATA_FIXTURES");
-    if (env && *env) {
-        snprintf(fixture_dir, sizeof fixture_dir, "%s/cka", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(fixture_dir, sizeof fixture_dir, "%s/../fixtures/cka", src);
-}
-
 static json_t *load_cases(void) {
     char path[PATH_MAX + 128];
     snprintf(path, sizeof path, "%s/expected.json", fixture_dir);
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) fail_msg("cannot load %s: %s", path, jerr.text);
+    json_t *root = tu_load_json(path);
     json_t *cases = json_object_get(root, "cases");
     assert_true(json_is_array(cases));
     assert_true(json_array_size(cases) >= 20);
@@ -433,7 +413,7 @@ static void test_runner_errors(void **state) {
 }
 
 int main(void) {
-    find_fixtures();
+    tu_fixture_path(fixture_dir, sizeof fixture_dir, "cka");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fixture_values), cmocka_unit_test(test_fixture_errors),
         cmocka_unit_test(test_full_median),    cmocka_unit_test(test_invariances),

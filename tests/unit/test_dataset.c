@@ -14,20 +14,10 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/dataset.h"
 
 static char data_dir[PATH_MAX];
-
-static void find_data_dir(void) {
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(data_dir, sizeof data_dir, "%.*s/../fixtures/data", (int)(sizeof data_dir - 32), src);
-}
 
 static void fixture(char *out, size_t outlen, const char *name) {
     snprintf(out, outlen, "%.*s/%s", (int)(outlen - 64), data_dir, name);
@@ -200,7 +190,7 @@ static void test_registry(void **state) {
 }
 
 int main(void) {
-    find_data_dir();
+    tu_fixture_path(data_dir, sizeof data_dir, "data");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_alpaca),          cmocka_unit_test(test_flan),
         cmocka_unit_test(test_parse_buffers),   cmocka_unit_test(test_malformed_files),

@@ -27,6 +27,7 @@
 #include "common/npy.h"
 #include "common/st.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/lora.h"
@@ -37,21 +38,8 @@
 #define MAX_B 8
 #define MAX_LAYERS 8
 
-static char src_dir[PATH_MAX];
 static char gqa_dir[PATH_MAX + 64];
 static char lora_dir[PATH_MAX + 64];
-
-/* Fixture directories relative to this source file. */
-static void find_fixtures(void) {
-    snprintf(src_dir, sizeof src_dir, "%s", __FILE__);
-    char *slash = strrchr(src_dir, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src_dir, sizeof src_dir, ".");
-    snprintf(gqa_dir, sizeof gqa_dir, "%s/../reference/fixtures/gqa", src_dir);
-    snprintf(lora_dir, sizeof lora_dir, "%s/../fixtures/lora", src_dir);
-}
 
 static void load_gqa(llama_model *m) {
     char err[ERR_LEN];
@@ -69,9 +57,7 @@ typedef struct {
 static void batch_load(batch *bt) {
     char path[PATH_MAX + 128];
     snprintf(path, sizeof path, "%s/expected.json", gqa_dir);
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) fail_msg("%s: %s", path, jerr.text);
+    json_t *root = tu_load_json(path);
     json_t *b = json_object_get(root, "batch");
     json_t *ids = json_object_get(b, "input_ids"), *lens = json_object_get(b, "lengths");
     bt->T = (int)json_integer_value(json_object_get(b, "T"));
@@ -109,19 +95,6 @@ static int last_hook(void *user, int layer, const float *x, int B, int T, int C,
                x + ((size_t)b * (size_t)T + (size_t)(c->lengths[b] - 1)) * (size_t)C,
                (size_t)C * sizeof *x);
     return 0;
-}
-
-/* max |got - want| / max |want|; fails on a non-finite value. */
-static double rel_err(const float *got, const double *want, size_t n, const char *what) {
-    double scale = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, got[i]);
-        if (fabs(want[i]) > scale) scale = fabs(want[i]);
-        double d = fabs((double)got[i] - want[i]);
-        if (d > worst) worst = d;
-    }
-    assert_true(scale > 0.0);
-    return worst / scale;
 }
 
 /* Applies adapter name to gqa, runs the batch and compares every layer's
@@ -162,12 +135,11 @@ static void adapter_case(const char *name, int modules, int r, double alpha, flo
     for (int l = 0; l <= L; l++) {
         char path[PATH_MAX + 256];
         snprintf(path, sizeof path, "%s/last_token_%d.npy", dir, l);
-        double *want = NULL;
         npy_header h;
-        if (npy_read_f64(path, &want, &h, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+        double *want = tu_read_npy(path, &h);
         assert_int_equal(h.rows, (size_t)bt.B);
         assert_int_equal(h.cols, (size_t)C);
-        double e = rel_err(col.last[l], want, (size_t)bt.B * (size_t)C, path);
+        double e = tu_rel_err_f(col.last[l], want, (size_t)bt.B * (size_t)C, path);
         if (e > REF_REL_TOL) fail_msg("%s layer %d: relative error %g > %g", name, l, e, REF_REL_TOL);
         print_message("%s last_token_%d: relative error %.2g\n", name, l, e);
         free(want);
@@ -313,8 +285,7 @@ static void test_tensor_errors(void **state) {
 /* A temporary adapter directory: config text (none when NULL) next to a
  * link to layer1's safetensors (none when link is false). */
 static void temp_adapter(char *dir, size_t dirlen, const char *config, bool link) {
-    snprintf(dir, dirlen, "/tmp/strata_test_lora_XXXXXX");
-    if (!mkdtemp(dir)) fail_msg("mkdtemp failed");
+    if (tu_mkdtemp(dir, dirlen, "test-lora") != 0) fail_msg("mkdtemp failed");
     char path[PATH_MAX + 64], target[PATH_MAX + 128];
     if (config) {
         snprintf(path, sizeof path, "%s/adapter_config.json", dir);
@@ -332,15 +303,6 @@ static void temp_adapter(char *dir, size_t dirlen, const char *config, bool link
     }
 }
 
-static void temp_remove(const char *dir) {
-    char path[PATH_MAX + 64];
-    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    unlink(path);
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
-    unlink(path);
-    rmdir(dir);
-}
-
 /* One config-level refusal: a layer1-like config with one field changed. */
 static void config_error(const char *fields, const char *const *needles) {
     char config[1024], dir[64];
@@ -349,7 +311,7 @@ static void config_error(const char *fields, const char *const *needles) {
              "\"fan_in_fan_out\": false, \"use_rslora\": false, %s}", fields);
     temp_adapter(dir, sizeof dir, config, true);
     expect_error(dir, needles);
-    temp_remove(dir);
+    tu_rmtree(dir);
 }
 
 #define GOOD_CORE "\"r\": 2, \"lora_alpha\": 3, \"target_modules\": [\"q_proj\", \"v_proj\"]"
@@ -360,17 +322,17 @@ static void test_config_errors(void **state) {
     /* No adapter_config.json. */
     temp_adapter(dir, sizeof dir, NULL, true);
     expect_error(dir, (const char *const[]){"adapter_config.json", NULL});
-    temp_remove(dir);
+    tu_rmtree(dir);
     /* No adapter_model.safetensors. */
     temp_adapter(dir, sizeof dir,
                  "{\"r\": 2, \"lora_alpha\": 3, \"target_modules\": [\"q_proj\"], "
                  "\"layers_to_transform\": [1]}", false);
     expect_error(dir, (const char *const[]){"adapter_model.safetensors", NULL});
-    temp_remove(dir);
+    tu_rmtree(dir);
     /* Not JSON. */
     temp_adapter(dir, sizeof dir, "{\"r\": 2,", true);
     expect_error(dir, (const char *const[]){"adapter_config.json", "JSON", NULL});
-    temp_remove(dir);
+    tu_rmtree(dir);
 
     config_error(GOOD_CORE ", \"layers_to_transform\": [1], \"modules_to_save\": [\"lm_head\"]",
                  (const char *const[]){"adapter_config.json", "modules_to_save", NULL});
@@ -418,12 +380,13 @@ static void test_config_field_values(void **state) {
         char dir[64];
         temp_adapter(dir, sizeof dir, cases[i].config, true);
         expect_error(dir, (const char *const[]){"adapter_config.json", cases[i].needle, NULL});
-        temp_remove(dir);
+        tu_rmtree(dir);
     }
 }
 
 int main(void) {
-    find_fixtures();
+    tu_reference_path(gqa_dir, sizeof gqa_dir, "gqa");
+    tu_fixture_path(lora_dir, sizeof lora_dir, "lora");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_qv),
         cmocka_unit_test(test_all7_bf16),

@@ -17,7 +17,6 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include <dirent.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -27,6 +26,7 @@
 
 #include "common/npy.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/model.h"
 
 #define REF_DIR "tests/reference/fixtures"
@@ -35,23 +35,12 @@ static char test_dir[64];
 
 static int setup_dir(void **state) {
     (void)state;
-    snprintf(test_dir, sizeof test_dir, "/tmp/strata-model-XXXXXX");
-    return mkdtemp(test_dir) ? 0 : -1;
+    return tu_mkdtemp(test_dir, sizeof test_dir, "model");
 }
 
 static int teardown_dir(void **state) {
     (void)state;
-    DIR *d = opendir(test_dir);
-    if (!d) return -1;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char p[PATH_MAX + 256];
-        snprintf(p, sizeof p, "%s/%s", test_dir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    return rmdir(test_dir);
+    return tu_rmtree(test_dir);
 }
 
 static void in_dir(char *out, size_t outlen, const char *name) {

@@ -30,6 +30,7 @@
 
 #include "common/npy.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/model.h"
 #include "worker/engine/tok.h"
@@ -44,23 +45,13 @@ static char fixture_dir[PATH_MAX];   /* tests/fixtures/predict */
 static char reference_dir[PATH_MAX]; /* tests/reference/fixtures */
 static json_t *expected;
 
-/* Directories relative to this source file. */
 static int setup(void **state) {
     (void)state;
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(fixture_dir, sizeof fixture_dir, "%.3000s/../fixtures/predict", src);
-    snprintf(reference_dir, sizeof reference_dir, "%.3000s/../reference/fixtures", src);
+    tu_fixture_path(fixture_dir, sizeof fixture_dir, "predict");
+    tu_reference_path(reference_dir, sizeof reference_dir, "");
     char path[PATH_MAX + 32];
     snprintf(path, sizeof path, "%s/expected.json", fixture_dir);
-    json_error_t jerr;
-    expected = json_load_file(path, 0, &jerr);
-    if (!expected) fail_msg("%s: %s", path, jerr.text);
+    expected = tu_load_json(path);
     return 0;
 }
 
@@ -70,45 +61,6 @@ static int teardown(void **state) {
     return 0;
 }
 
-/* A job run in the test: scratch and output directories of its own. */
-typedef struct {
-    char work[PATH_MAX];
-    char out[PATH_MAX];
-    int artifacts;
-} test_run;
-
-static const char *test_ref_path(json_t *ref, char *err, size_t errlen) {
-    const char *p = json_string_value(json_object_get(ref, "path"));
-    if (!p) err_set(err, errlen, "the test resolves {\"path\"} only");
-    return p;
-}
-
-static int test_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
-                             size_t errlen) {
-    (void)ctx;
-    const char *p = test_ref_path(ref, err, errlen);
-    struct stat st;
-    if (!p) return -1;
-    if (stat(p, &st) != 0) return err_set(err, errlen, "%s: %s", p, strerror(errno));
-    snprintf(path, pathlen, "%s", p);
-    return 0;
-}
-
-static int test_resolve_dataset(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
-                                char *format, size_t formatlen, char *err, size_t errlen) {
-    snprintf(format, formatlen, "auto");
-    return test_resolve_path(ctx, ref, path, pathlen, err, errlen);
-}
-
-static int test_add_artifact(runner_ctx *ctx, const char *name, const char *path, char *err,
-                             size_t errlen) {
-    test_run *run = ctx->user;
-    char dst[PATH_MAX + 300];
-    snprintf(dst, sizeof dst, "%s/%s", run->out, name);
-    if (rename(path, dst) != 0) return err_set(err, errlen, "rename %s: %s", path, strerror(errno));
-    run->artifacts++;
-    return 0;
-}
 
 static int64_t progress_last, progress_total;
 
@@ -120,50 +72,17 @@ static void test_progress(runner_ctx *ctx, int64_t step, int64_t total, const ch
     progress_total = total;
 }
 
-static void rm_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char p[PATH_MAX + 300];
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
-static void run_begin(test_run *run) {
-    memset(run, 0, sizeof *run);
-    snprintf(run->work, sizeof run->work, "/tmp/strata-test-predict-w-XXXXXX");
-    snprintf(run->out, sizeof run->out, "/tmp/strata-test-predict-o-XXXXXX");
-    assert_non_null(mkdtemp(run->work));
-    assert_non_null(mkdtemp(run->out));
-}
-
-static void run_end(test_run *run) {
-    rm_dir(run->work);
-    rm_dir(run->out);
-}
-
 /* Runs spec (JSON text) as a predict job. Returns runner_run's status;
  * *result on success (caller frees), err/retryable on failure. */
-static int run_spec(test_run *run, const char *spec_text, json_t **result, bool *retryable,
+static int run_spec(tu_run *run, const char *spec_text, json_t **result, bool *retryable,
                     char *err, size_t errlen) {
     json_error_t jerr;
     json_t *spec = json_loads(spec_text, 0, &jerr);
     if (!spec) fail_msg("bad test spec %s: %s", spec_text, jerr.text);
     atomic_int cancel;
     atomic_init(&cancel, 0);
-    runner_ctx ctx = {.resolve_model = test_resolve_path,
-                      .resolve_dataset = test_resolve_dataset,
-                      .resolve_adapter = test_resolve_path,
-                      .progress = test_progress,
-                      .add_artifact = test_add_artifact,
-                      .cancel = &cancel,
-                      .work_dir = run->work,
-                      .user = run};
+    runner_ctx ctx = tu_run_ctx(run, &cancel);
+    ctx.progress = test_progress;
     bool cancelled = false;
     progress_last = progress_total = 0;
     int rc = runner_run("predict", spec, &ctx, result, retryable, &cancelled, err, errlen);
@@ -173,16 +92,14 @@ static int run_spec(test_run *run, const char *spec_text, json_t **result, bool 
 }
 
 /* Reads out/hidden_states_{layer}.npy as float64 (caller frees). */
-static double *read_layer(const test_run *run, int layer, npy_header *h) {
-    char path[PATH_MAX + 64], err[ERR_LEN];
+static double *read_layer(const tu_run *run, int layer, npy_header *h) {
+    char path[PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/hidden_states_%d.npy", run->out, layer);
-    double *d = NULL;
-    if (npy_read_f64(path, &d, h, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
-    return d;
+    return tu_read_npy(path, h);
 }
 
 /* Reads a .jsonl artifact as an array of its lines. */
-static json_t *read_jsonl(const test_run *run, const char *name) {
+static json_t *read_jsonl(const tu_run *run, const char *name) {
     char path[PATH_MAX + 64];
     snprintf(path, sizeof path, "%s/%s", run->out, name);
     FILE *f = fopen(path, "r");
@@ -201,7 +118,7 @@ static json_t *read_jsonl(const test_run *run, const char *name) {
 
 /* Compares one expected case with a finished run: examples.jsonl exactly,
  * every layer's rows within the tolerance of the dtype. */
-static void check_case(const test_run *run, json_t *c, bool f16) {
+static void check_case(const tu_run *run, json_t *c, bool f16) {
     json_t *exs = json_object_get(c, "examples"), *hidden = json_object_get(c, "hidden");
     size_t N = json_array_size(exs);
     json_t *lines = read_jsonl(run, "examples.jsonl");
@@ -274,8 +191,8 @@ static void test_cases_float32(void **state) {
         json_t *c = json_array_get(cases, i);
         char spec[PATH_MAX * 3], err[ERR_LEN];
         case_spec(c, "chat", ", \"dtype\": \"float32\"", spec, sizeof spec);
-        test_run run;
-        run_begin(&run);
+        tu_run run;
+        tu_run_begin(&run, "predict");
         json_t *result = NULL;
         bool retryable = false;
         if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0)
@@ -293,7 +210,7 @@ static void test_cases_float32(void **state) {
         assert_int_equal(progress_total, (int64_t)N);
         check_case(&run, c, false);
         json_decref(result);
-        run_end(&run);
+        tu_run_end(&run);
     }
 }
 
@@ -303,23 +220,23 @@ static void test_default_float16(void **state) {
     json_t *c = json_array_get(json_object_get(expected, "cases"), 1); /* vanilla mean */
     char spec[PATH_MAX * 3], err[ERR_LEN];
     case_spec(c, "chat", "", spec, sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     json_t *result = NULL;
     bool retryable;
     if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
     assert_string_equal(json_string_value(json_object_get(result, "dtype")), "float16");
     check_case(&run, c, true);
     json_decref(result);
-    run_end(&run);
+    tu_run_end(&run);
 }
 
 /* Runs case c with a batch size and layer list; returns layer's rows. */
 static double *run_rows(json_t *c, const char *extra, int layer, size_t *n) {
     char spec[PATH_MAX * 3], err[ERR_LEN];
     case_spec(c, "chat", extra, spec, sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     json_t *result = NULL;
     bool retryable;
     if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
@@ -327,7 +244,7 @@ static double *run_rows(json_t *c, const char *extra, int layer, size_t *n) {
     double *rows = read_layer(&run, layer, &h);
     *n = h.rows * h.cols;
     json_decref(result);
-    run_end(&run);
+    tu_run_end(&run);
     return rows;
 }
 
@@ -365,23 +282,23 @@ static void test_llama2c(void **state) {
     json_t *c = json_array_get(json_object_get(expected, "cases"), 0);
     char spec[PATH_MAX * 3], err[ERR_LEN];
     case_spec(c, "chat/llama2c_v1.bin", ", \"dtype\": \"float32\"", spec, sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     json_t *result = NULL;
     bool retryable;
     if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
     check_case(&run, c, false);
     json_decref(result);
-    run_end(&run);
+    tu_run_end(&run);
 
     case_spec(c, "gqa/llama2c.bin", "", spec, sizeof spec);
-    run_begin(&run);
+    tu_run_begin(&run, "predict");
     result = NULL;
     assert_int_equal(run_spec(&run, spec, &result, &retryable, err, sizeof err), -1);
     assert_null(result);
     assert_false(retryable);
     if (!strstr(err, "needs a tokenizer.json")) fail_msg("unexpected error: %s", err);
-    run_end(&run);
+    tu_run_end(&run);
 }
 
 /* layers [2, 0]: only those files, listed ascending; a layer past L is an
@@ -392,8 +309,8 @@ static void test_layers_and_max_samples(void **state) {
     char spec[PATH_MAX * 3], err[ERR_LEN];
     case_spec(c, "chat", ", \"layers\": [2, 0], \"max_samples\": 2, \"dtype\": \"float32\"", spec,
               sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     json_t *result = NULL;
     bool retryable;
     if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
@@ -413,15 +330,15 @@ static void test_layers_and_max_samples(void **state) {
         assert_true(fabs(rows[h.cols + k] - json_real_value(json_array_get(want, k))) < 1e-4);
     free(rows);
     json_decref(result);
-    run_end(&run);
+    tu_run_end(&run);
 
     case_spec(c, "chat", ", \"layers\": [3]", spec, sizeof spec);
-    run_begin(&run);
+    tu_run_begin(&run, "predict");
     result = NULL;
     assert_int_equal(run_spec(&run, spec, &result, &retryable, err, sizeof err), -1);
     assert_false(retryable);
     if (!strstr(err, "hidden states 0..2")) fail_msg("unexpected error: %s", err);
-    run_end(&run);
+    tu_run_end(&run);
 }
 
 /* generate: generated_predictions.jsonl holds the dataset's responses and
@@ -435,8 +352,8 @@ static void test_generate(void **state) {
              (long long)json_integer_value(json_object_get(g, "max_new_tokens")));
     json_t *c = json_array_get(json_object_get(expected, "cases"), 0); /* vanilla, dataset.json */
     case_spec(c, "chat", extra, spec, sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     json_t *result = NULL;
     bool retryable;
     if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
@@ -452,7 +369,7 @@ static void test_generate(void **state) {
     }
     json_decref(lines);
     json_decref(result);
-    run_end(&run);
+    tu_run_end(&run);
 }
 
 /* predict_greedy at the id level on gqa (untied, GQA, varied continuations,
@@ -462,9 +379,7 @@ static void test_greedy_gqa(void **state) {
     char dir[PATH_MAX + 16], path[PATH_MAX + 64], err[ERR_LEN];
     snprintf(dir, sizeof dir, "%s/gqa", reference_dir);
     snprintf(path, sizeof path, "%s/expected.json", dir);
-    json_error_t jerr;
-    json_t *ref = json_load_file(path, 0, &jerr);
-    if (!ref) fail_msg("%s: %s", path, jerr.text);
+    json_t *ref = tu_load_json(path);
     llama_model m;
     if (llama_load_hf(dir, &m, err, sizeof err) != 0) fail_msg("%s", err);
     json_t *batch = json_object_get(ref, "batch"), *greedy = json_object_get(ref, "greedy");
@@ -523,8 +438,8 @@ static void test_errors(void **state) {
         snprintf(spec, sizeof spec,
                  "{\"model\": {\"path\": \"%s/%s\"}, \"dataset\": {\"path\": \"%s/%s\"}%s}",
                  reference_dir, cases[i].model, fixture_dir, cases[i].dataset, cases[i].extra);
-        test_run run;
-        run_begin(&run);
+        tu_run run;
+        tu_run_begin(&run, "predict");
         json_t *result = NULL;
         bool retryable = false;
         int rc = run_spec(&run, spec, &result, &retryable, err, sizeof err);
@@ -533,7 +448,7 @@ static void test_errors(void **state) {
         if (!strstr(err, cases[i].needle))
             fail_msg("case %zu: error \"%s\" does not name \"%s\"", i, err, cases[i].needle);
         assert_int_equal(run.artifacts, 0);
-        run_end(&run);
+        tu_run_end(&run);
     }
 }
 
@@ -546,17 +461,11 @@ static void test_cancel(void **state) {
               sizeof spec);
     json_t *js = json_loads(spec, 0, NULL);
     assert_non_null(js);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "predict");
     atomic_int cancel;
     atomic_init(&cancel, 1);
-    runner_ctx ctx = {.resolve_model = test_resolve_path,
-                      .resolve_dataset = test_resolve_dataset,
-                      .resolve_adapter = test_resolve_path,
-                      .add_artifact = test_add_artifact,
-                      .cancel = &cancel,
-                      .work_dir = run.work,
-                      .user = &run};
+    runner_ctx ctx = tu_run_ctx(&run, &cancel);
     json_t *result = NULL;
     bool retryable = true, cancelled = false;
     assert_int_equal(runner_run("predict", js, &ctx, &result, &retryable, &cancelled, err,
@@ -566,7 +475,7 @@ static void test_cancel(void **state) {
     assert_null(result);
     assert_int_equal(run.artifacts, 0);
     json_decref(js);
-    run_end(&run);
+    tu_run_end(&run);
 }
 
 /* `strata-worker run --kind predict` (local_main with local.c's path
@@ -574,30 +483,22 @@ static void test_cancel(void **state) {
 static void test_local_cli(void **state) {
     (void)state;
     char spec[PATH_MAX * 3], out[PATH_MAX];
-    snprintf(out, sizeof out, "/tmp/strata-test-predict-cli-XXXXXX");
-    assert_non_null(mkdtemp(out));
+    assert_int_equal(tu_mkdtemp(out, sizeof out, "test-predict-cli"), 0);
     snprintf(spec, sizeof spec,
              "{\"model\": {\"path\": \"%s/chat\"}, \"dataset\": {\"path\": \"%s/flan.jsonl\"}, "
              "\"template\": \"vanilla\", \"dtype\": \"float32\"}",
              reference_dir, fixture_dir);
     char *argv[] = {"run", "--kind", "predict", "--spec", spec, "--out", out, NULL};
     /* the result line goes to stdout: keep the test output readable */
-    fflush(stdout);
-    int saved = dup(1);
-    FILE *devnull = fopen("/dev/null", "w");
-    assert_non_null(devnull);
-    dup2(fileno(devnull), 1);
+    int saved = tu_stdout_off();
     int status = local_main(7, argv);
-    fflush(stdout);
-    dup2(saved, 1);
-    close(saved);
-    fclose(devnull);
+    tu_stdout_on(saved);
     assert_int_equal(status, 0);
-    test_run run;
+    tu_run run;
     memset(&run, 0, sizeof run);
     snprintf(run.out, sizeof run.out, "%s", out);
     check_case(&run, json_array_get(json_object_get(expected, "cases"), 5), false);
-    rm_dir(out);
+    tu_rmtree(out);
 
     snprintf(spec, sizeof spec,
              "{\"model\": {\"path\": \"%s/absent\"}, \"dataset\": {\"path\": \"%s/flan.jsonl\"}}",

@@ -31,6 +31,7 @@
 
 #include "common/npy.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/local.h"
 #include "worker/runner.h"
 
@@ -44,24 +45,14 @@ static char model_dir[PATH_MAX];     /* tests/reference/fixtures/chat */
 static json_t *expected;             /* chat_qv/expected.json */
 static int n_layers;                 /* hidden-state files: L + 1 */
 
-/* Fixture paths relative to this source file. */
 static int setup(void **state) {
     (void)state;
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(adapter_dir, sizeof adapter_dir, "%.3000s/../fixtures/lora/chat_qv", src);
-    snprintf(dataset_path, sizeof dataset_path, "%.3000s/../fixtures/predict/dataset.json", src);
-    snprintf(model_dir, sizeof model_dir, "%.3000s/../reference/fixtures/chat", src);
+    tu_fixture_path(adapter_dir, sizeof adapter_dir, "lora/chat_qv");
+    tu_fixture_path(dataset_path, sizeof dataset_path, "predict/dataset.json");
+    tu_reference_path(model_dir, sizeof model_dir, "chat");
     char path[PATH_MAX + 32];
     snprintf(path, sizeof path, "%s/expected.json", adapter_dir);
-    json_error_t jerr;
-    expected = json_load_file(path, 0, &jerr);
-    if (!expected) fail_msg("%s: %s", path, jerr.text);
+    expected = tu_load_json(path);
     n_layers = (int)json_array_size(json_object_get(json_object_get(expected, "files"),
                                                     "last_token"));
     assert_int_equal(n_layers, 3);
@@ -73,67 +64,6 @@ static int teardown(void **state) {
     (void)state;
     json_decref(expected);
     return 0;
-}
-
-/* A job run in the test: scratch and output directories of its own. */
-typedef struct {
-    char work[PATH_MAX];
-    char out[PATH_MAX];
-    int artifacts;
-} test_run;
-
-static int test_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
-                             size_t errlen) {
-    (void)ctx;
-    const char *p = json_string_value(json_object_get(ref, "path"));
-    struct stat st;
-    if (!p) return err_set(err, errlen, "the test resolves {\"path\"} only");
-    if (stat(p, &st) != 0) return err_set(err, errlen, "%s: %s", p, strerror(errno));
-    snprintf(path, pathlen, "%s", p);
-    return 0;
-}
-
-static int test_resolve_dataset(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
-                                char *format, size_t formatlen, char *err, size_t errlen) {
-    snprintf(format, formatlen, "auto");
-    return test_resolve_path(ctx, ref, path, pathlen, err, errlen);
-}
-
-static int test_add_artifact(runner_ctx *ctx, const char *name, const char *path, char *err,
-                             size_t errlen) {
-    test_run *run = ctx->user;
-    char dst[PATH_MAX + 300];
-    snprintf(dst, sizeof dst, "%s/%s", run->out, name);
-    if (rename(path, dst) != 0) return err_set(err, errlen, "rename %s: %s", path, strerror(errno));
-    run->artifacts++;
-    return 0;
-}
-
-static void rm_dir(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char p[PATH_MAX + 300];
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
-static void run_begin(test_run *run) {
-    memset(run, 0, sizeof *run);
-    snprintf(run->work, sizeof run->work, "/tmp/strata-test-plora-w-XXXXXX");
-    snprintf(run->out, sizeof run->out, "/tmp/strata-test-plora-o-XXXXXX");
-    assert_non_null(mkdtemp(run->work));
-    assert_non_null(mkdtemp(run->out));
-}
-
-static void run_end(test_run *run) {
-    rm_dir(run->work);
-    rm_dir(run->out);
 }
 
 /* The spec of a float32 vanilla last_token predict job on chat over
@@ -149,20 +79,14 @@ static void lora_spec(const char *adapter, const char *extra, char *spec, size_t
 
 /* Runs spec (JSON text) as a predict job. Returns runner_run's status;
  * *result on success (caller frees), err/retryable on failure. */
-static int run_spec(test_run *run, const char *spec_text, json_t **result, bool *retryable,
+static int run_spec(tu_run *run, const char *spec_text, json_t **result, bool *retryable,
                     char *err, size_t errlen) {
     json_error_t jerr;
     json_t *spec = json_loads(spec_text, 0, &jerr);
     if (!spec) fail_msg("bad test spec %s: %s", spec_text, jerr.text);
     atomic_int cancel;
     atomic_init(&cancel, 0);
-    runner_ctx ctx = {.resolve_model = test_resolve_path,
-                      .resolve_dataset = test_resolve_dataset,
-                      .resolve_adapter = test_resolve_path,
-                      .add_artifact = test_add_artifact,
-                      .cancel = &cancel,
-                      .work_dir = run->work,
-                      .user = run};
+    runner_ctx ctx = tu_run_ctx(run, &cancel);
     bool cancelled = false;
     int rc = runner_run("predict", spec, &ctx, result, retryable, &cancelled, err, errlen);
     assert_false(cancelled);
@@ -172,11 +96,9 @@ static int run_spec(test_run *run, const char *spec_text, json_t **result, bool 
 
 /* Reads dir/name as float64 rows (caller frees). */
 static double *read_npy(const char *dir, const char *name, npy_header *h) {
-    char path[PATH_MAX + 300], err[ERR_LEN];
+    char path[PATH_MAX + 300];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    double *d = NULL;
-    if (npy_read_f64(path, &d, h, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
-    return d;
+    return tu_read_npy(path, h);
 }
 
 /* Reads out/hidden_states_{layer}.npy (caller frees). */
@@ -184,18 +106,6 @@ static double *read_layer(const char *out, int layer, npy_header *h) {
     char name[64];
     snprintf(name, sizeof name, "hidden_states_%d.npy", layer);
     return read_npy(out, name, h);
-}
-
-/* max |a - b| / max |ref| over n values. */
-static double rel_diff(const double *a, const double *ref, size_t n) {
-    double scale = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(a[i])) fail_msg("value %zu not finite", i);
-        scale = fmax(scale, fabs(ref[i]));
-        worst = fmax(worst, fabs(a[i] - ref[i]));
-    }
-    assert_true(scale > 0.0);
-    return worst / scale;
 }
 
 /* Compares a finished run in out with chat_qv's expected outputs:
@@ -240,7 +150,7 @@ static void check_against_reference(const char *out) {
         assert_int_equal(hr.rows, N);
         assert_int_equal(hg.cols, hr.cols);
         assert_int_equal(hg.cols, 16);
-        double e = rel_diff(got, ref, hg.rows * hg.cols);
+        double e = tu_rel_err(got, ref, hg.rows * hg.cols, "hidden state");
         if (e > REF_REL_TOL)
             fail_msg("layer %d: relative error %g > %g", l, e, REF_REL_TOL);
         print_message("layer %d: relative error %.2g\n", l, e);
@@ -257,8 +167,8 @@ static void test_adapter_matches_reference(void **state) {
     for (size_t k = 0; k < sizeof extras / sizeof extras[0]; k++) {
         char spec[PATH_MAX * 4], err[ERR_LEN] = "";
         lora_spec(adapter_dir, extras[k], spec, sizeof spec);
-        test_run run;
-        run_begin(&run);
+        tu_run run;
+        tu_run_begin(&run, "plora");
         json_t *result = NULL;
         bool retryable = false;
         if (run_spec(&run, spec, &result, &retryable, err, sizeof err) != 0)
@@ -269,7 +179,7 @@ static void test_adapter_matches_reference(void **state) {
         assert_int_equal(run.artifacts, n_layers + 1);
         check_against_reference(run.out);
         json_decref(result);
-        run_end(&run);
+        tu_run_end(&run);
     }
 }
 
@@ -278,16 +188,16 @@ static void test_adapter_matches_reference(void **state) {
  * than MOVED_REL_MIN. */
 static void test_adapter_changes_output(void **state) {
     (void)state;
-    test_run with, without;
+    tu_run with, without;
     char spec[PATH_MAX * 4], err[ERR_LEN] = "";
     json_t *result = NULL;
     bool retryable = false;
-    run_begin(&with);
+    tu_run_begin(&with, "plora");
     lora_spec(adapter_dir, "", spec, sizeof spec);
     if (run_spec(&with, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
     json_decref(result);
     result = NULL;
-    run_begin(&without);
+    tu_run_begin(&without, "plora");
     lora_spec(NULL, "", spec, sizeof spec);
     if (run_spec(&without, spec, &result, &retryable, err, sizeof err) != 0) fail_msg("%s", err);
     json_decref(result);
@@ -297,7 +207,7 @@ static void test_adapter_changes_output(void **state) {
         double *b = read_layer(without.out, l, &hb);
         assert_int_equal(ha.rows, hb.rows);
         assert_int_equal(ha.cols, hb.cols);
-        double d = rel_diff(a, b, ha.rows * ha.cols);
+        double d = tu_rel_err(a, b, ha.rows * ha.cols, "hidden state");
         if (l == 0 && d > SAME_REL_TOL) fail_msg("layer 0 changed by %g", d);
         if (l > 0 && d <= MOVED_REL_MIN)
             fail_msg("layer %d moved only %g (<= %g): adapter not applied?", l, d, MOVED_REL_MIN);
@@ -305,8 +215,8 @@ static void test_adapter_changes_output(void **state) {
         free(a);
         free(b);
     }
-    run_end(&with);
-    run_end(&without);
+    tu_run_end(&with);
+    tu_run_end(&without);
 }
 
 /* Copies src to dst. */
@@ -329,15 +239,12 @@ static void copy_file(const char *src, const char *dst) {
 static void test_config_targets_missing_module(void **state) {
     (void)state;
     char dir[PATH_MAX], src[PATH_MAX + 64], dst[PATH_MAX + 64];
-    snprintf(dir, sizeof dir, "/tmp/strata-test-plora-a-XXXXXX");
-    assert_non_null(mkdtemp(dir));
+    assert_int_equal(tu_mkdtemp(dir, sizeof dir, "test-plora-a"), 0);
     snprintf(src, sizeof src, "%s/adapter_model.safetensors", adapter_dir);
     snprintf(dst, sizeof dst, "%s/adapter_model.safetensors", dir);
     copy_file(src, dst);
     snprintf(src, sizeof src, "%s/adapter_config.json", adapter_dir);
-    json_error_t jerr;
-    json_t *cfg = json_load_file(src, 0, &jerr);
-    if (!cfg) fail_msg("%s: %s", src, jerr.text);
+    json_t *cfg = tu_load_json(src);
     json_t *targets = json_object_get(cfg, "target_modules");
     assert_int_equal(json_array_size(targets), 2);
     assert_int_equal(json_array_append_new(targets, json_string("k_proj")), 0);
@@ -347,8 +254,8 @@ static void test_config_targets_missing_module(void **state) {
 
     char spec[PATH_MAX * 4], err[ERR_LEN] = "";
     lora_spec(dir, "", spec, sizeof spec);
-    test_run run;
-    run_begin(&run);
+    tu_run run;
+    tu_run_begin(&run, "plora");
     json_t *result = NULL;
     bool retryable = true;
     assert_int_equal(run_spec(&run, spec, &result, &retryable, err, sizeof err), -1);
@@ -360,8 +267,8 @@ static void test_config_targets_missing_module(void **state) {
     if (!strstr(err, needle)) fail_msg("error does not name the adapter: %s", err);
     if (!strstr(err, "layers.0.self_attn.k_proj.lora_A.weight\" is missing"))
         fail_msg("error does not name the missing tensor: %s", err);
-    run_end(&run);
-    rm_dir(dir);
+    tu_run_end(&run);
+    tu_rmtree(dir);
 }
 
 /* `strata-worker run --kind predict` with "adapter": {"path"} (local.c's
@@ -369,24 +276,16 @@ static void test_config_targets_missing_module(void **state) {
 static void test_local_cli(void **state) {
     (void)state;
     char spec[PATH_MAX * 4], out[PATH_MAX];
-    snprintf(out, sizeof out, "/tmp/strata-test-plora-cli-XXXXXX");
-    assert_non_null(mkdtemp(out));
+    assert_int_equal(tu_mkdtemp(out, sizeof out, "test-plora-cli"), 0);
     lora_spec(adapter_dir, ", \"batch_size\": 3", spec, sizeof spec);
     char *argv[] = {"run", "--kind", "predict", "--spec", spec, "--out", out, NULL};
     /* the result line goes to stdout: keep the test output readable */
-    fflush(stdout);
-    int saved = dup(1);
-    FILE *devnull = fopen("/dev/null", "w");
-    assert_non_null(devnull);
-    dup2(fileno(devnull), 1);
+    int saved = tu_stdout_off();
     int status = local_main(7, argv);
-    fflush(stdout);
-    dup2(saved, 1);
-    close(saved);
-    fclose(devnull);
+    tu_stdout_on(saved);
     assert_int_equal(status, 0);
     check_against_reference(out);
-    rm_dir(out);
+    tu_rmtree(out);
 }
 
 int main(void) {

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/sft.h"
 #include "worker/engine/template.h"
@@ -26,19 +27,6 @@
 static char fix_dir[PATH_MAX];
 static char tok_path[PATH_MAX];
 
-static void find_fixtures(void) {
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(fix_dir, sizeof fix_dir, "%.*s/../fixtures/sft", (int)(sizeof fix_dir - 64), src);
-    snprintf(tok_path, sizeof tok_path, "%.*s/../reference/fixtures/tokenizer/tokenizer.json",
-             (int)(sizeof tok_path - 64), src);
-}
-
 static void fix_path(char *out, size_t outlen, const char *name) {
     snprintf(out, outlen, "%.*s/%s", (int)(outlen - 64), fix_dir, name);
 }
@@ -46,10 +34,7 @@ static void fix_path(char *out, size_t outlen, const char *name) {
 static json_t *load_expected(void) {
     char p[PATH_MAX];
     fix_path(p, sizeof p, "expected.json");
-    json_error_t je;
-    json_t *doc = json_load_file(p, 0, &je);
-    if (!doc) fail_msg("%s: %s", p, je.text);
-    return doc;
+    return tu_load_json(p);
 }
 
 static void load_ds(const char *name, ds_dataset *ds) {
@@ -552,7 +537,8 @@ static void test_mix_matches_reference(void **state) {
 }
 
 int main(void) {
-    find_fixtures();
+    tu_fixture_path(fix_dir, sizeof fix_dir, "sft");
+    tu_reference_path(tok_path, sizeof tok_path, "tokenizer/tokenizer.json");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sft_matches_reference),
         cmocka_unit_test(test_pretrain_matches_reference),

@@ -9,7 +9,6 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include <dirent.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -20,28 +19,18 @@
 #include "common/npy.h"
 #include "common/st.h"
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 
 static char test_dir[64];
 
 static int setup_dir(void **state) {
     (void)state;
-    snprintf(test_dir, sizeof test_dir, "/tmp/strata-st-XXXXXX");
-    return mkdtemp(test_dir) ? 0 : -1;
+    return tu_mkdtemp(test_dir, sizeof test_dir, "st");
 }
 
 static int teardown_dir(void **state) {
     (void)state;
-    DIR *d = opendir(test_dir);
-    if (!d) return -1;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-        char p[PATH_MAX + 256];
-        snprintf(p, sizeof p, "%s/%s", test_dir, e->d_name);
-        unlink(p);
-    }
-    closedir(d);
-    return rmdir(test_dir);
+    return tu_rmtree(test_dir);
 }
 
 /* Writes [8-byte length][header][data] to test_dir/name. hlen_override, when

@@ -16,22 +16,11 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/template.h"
 #include "worker/engine/tok.h"
 
 static char tiny_path[PATH_MAX];
-
-static void find_fixtures(void) {
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(tiny_path, sizeof tiny_path, "%.*s/../fixtures/tok/tiny.json",
-             (int)(sizeof tiny_path - 64), src);
-}
 
 /* Encodes an example with the byte tokenizer and checks the prompt is
  * [BOS] + want_prompt's bytes and the response is its bytes + EOS. */
@@ -188,8 +177,8 @@ static void test_errors(void **state) {
     assert_int_equal(tmpl_parse("", &k), -1);
 
     /* a tokenizer without BOS or EOS (tokenizer_config.json says so) */
-    char dir[] = "/tmp/strata-tmpl-XXXXXX", path[PATH_MAX], cfg[PATH_MAX], err[ERR_LEN];
-    assert_non_null(mkdtemp(dir));
+    char dir[64], path[PATH_MAX], cfg[PATH_MAX], err[ERR_LEN];
+    assert_int_equal(tu_mkdtemp(dir, sizeof dir, "tmpl"), 0);
     char *data;
     size_t len;
     if (util_read_file(tiny_path, 1 << 20, &data, &len, err, sizeof err) != 0) fail_msg("%s", err);
@@ -212,9 +201,7 @@ static void test_errors(void **state) {
     tok_ids_free(&p);
     tok_ids_free(&r);
     tok_free(t);
-    unlink(path);
-    unlink(cfg);
-    rmdir(dir);
+    assert_int_equal(tu_rmtree(dir), 0);
 
     /* the id arrays' maximum is enforced */
     t = tok_byte_new();
@@ -259,7 +246,7 @@ static void test_cutoff(void **state) {
 }
 
 int main(void) {
-    find_fixtures();
+    tu_fixture_path(tiny_path, sizeof tiny_path, "tok/tiny.json");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_texts),
         cmocka_unit_test(test_default_system),

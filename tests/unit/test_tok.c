@@ -18,25 +18,14 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/tok.h"
 
-static char src_dir[PATH_MAX];
 static char tmp_dir[64];
-
-/* Fixtures are found from this source file's directory (the Makefile runs
- * tests from the repository root, where __FILE__ is relative). */
-static void find_src_dir(void) {
-    snprintf(src_dir, sizeof src_dir, "%s", __FILE__);
-    char *slash = strrchr(src_dir, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src_dir, sizeof src_dir, ".");
-}
 
 static tok_tokenizer *load_tiny(void) {
     char path[PATH_MAX + 64], err[ERR_LEN];
-    snprintf(path, sizeof path, "%s/../fixtures/tok/tiny.json", src_dir);
+    tu_fixture_path(path, sizeof path, "tok/tiny.json");
     tok_tokenizer *t = NULL;
     if (tok_load_hf(path, &t, err, sizeof err) != 0) fail_msg("%s", err);
     return t;
@@ -156,15 +145,13 @@ static void test_tiny_decode(void **state) {
 static void test_reference_cases(void **state) {
     (void)state;
     char dir[PATH_MAX + 64], path[PATH_MAX + 128], err[ERR_LEN];
-    snprintf(dir, sizeof dir, "%s/../reference/fixtures/tokenizer", src_dir);
+    tu_reference_path(dir, sizeof dir, "tokenizer");
     snprintf(path, sizeof path, "%s/tokenizer_cases.json", dir);
     if (access(path, R_OK) != 0) {
         print_message("no %s: reference cases skipped\n", path);
         skip();
     }
-    json_error_t jerr;
-    json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) fail_msg("%s: %s", path, jerr.text);
+    json_t *root = tu_load_json(path);
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     tok_tokenizer *t;
     if (tok_load_hf(path, &t, err, sizeof err) != 0) fail_msg("%s", err);
@@ -215,7 +202,7 @@ static void write_text(const char *name, const char *text, char *path, size_t pa
 static char *tiny_text(void) {
     char path[PATH_MAX + 64], err[ERR_LEN], *data;
     size_t len;
-    snprintf(path, sizeof path, "%s/../fixtures/tok/tiny.json", src_dir);
+    tu_fixture_path(path, sizeof path, "tok/tiny.json");
     if (util_read_file(path, 1 << 20, &data, &len, err, sizeof err) != 0) fail_msg("%s", err);
     return data;
 }
@@ -383,9 +370,7 @@ static void test_byte_tokenizer(void **state) {
 }
 
 int main(void) {
-    find_src_dir();
-    snprintf(tmp_dir, sizeof tmp_dir, "/tmp/strata-tok-XXXXXX");
-    if (!mkdtemp(tmp_dir)) return 1;
+    if (tu_mkdtemp(tmp_dir, sizeof tmp_dir, "tok") != 0) return 1;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_encode),      cmocka_unit_test(test_tiny_decode),
         cmocka_unit_test(test_reference_cases),  cmocka_unit_test(test_tokenizer_config),
@@ -393,6 +378,6 @@ int main(void) {
         cmocka_unit_test(test_load_dir),         cmocka_unit_test(test_strip_flags),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
-    rmdir(tmp_dir);
+    tu_rmtree(tmp_dir);
     return rc;
 }

@@ -1,0 +1,169 @@
+/* testutil - helpers shared by the unit tests (see testutil.h). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <ftw.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/util.h"
+#include "tests/unit/testutil.h"
+
+/* out = <directory of this file>/rel; fails the test if it does not fit. */
+static void tu_source_path(char *out, size_t outlen, const char *rel) {
+    const char *slash = strrchr(__FILE__, '/');
+    int dirlen = slash ? (int)(slash - __FILE__) : 1;
+    const char *dir = slash ? __FILE__ : ".";
+    int n = snprintf(out, outlen, "%.*s/%s", dirlen, dir, rel);
+    if (n < 0 || (size_t)n >= outlen) fail_msg("path too long: %s/%s", dir, rel);
+}
+
+void tu_fixture_path(char *out, size_t outlen, const char *rel) {
+    const char *env = getenv("STRATA_FIXTURES");
+    if (env && *env) {
+        int n = snprintf(out, outlen, "%s%s%s", env, *rel ? "/" : "", rel);
+        if (n < 0 || (size_t)n >= outlen) fail_msg("path too long: %s/%s", env, rel);
+        return;
+    }
+    char sub[PATH_MAX];
+    int n = snprintf(sub, sizeof sub, "../fixtures%s%s", *rel ? "/" : "", rel);
+    if (n < 0 || (size_t)n >= sizeof sub) fail_msg("path too long: %s", rel);
+    tu_source_path(out, outlen, sub);
+}
+
+void tu_reference_path(char *out, size_t outlen, const char *rel) {
+    char sub[PATH_MAX];
+    int n = snprintf(sub, sizeof sub, "../reference/fixtures%s%s", *rel ? "/" : "", rel);
+    if (n < 0 || (size_t)n >= sizeof sub) fail_msg("path too long: %s", rel);
+    tu_source_path(out, outlen, sub);
+}
+
+int tu_mkdtemp(char *dir, size_t dirlen, const char *tag) {
+    int n = snprintf(dir, dirlen, "/tmp/strata-%s-XXXXXX", tag);
+    if (n < 0 || (size_t)n >= dirlen) return -1;
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+/* nftw callback: removes one entry (children come first with FTW_DEPTH). */
+static int tu_remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw) {
+    (void)st, (void)type, (void)ftw;
+    return remove(path) == 0 ? 0 : -1;
+}
+
+int tu_rmtree(const char *dir) {
+    return nftw(dir, tu_remove_entry, 16, FTW_DEPTH | FTW_PHYS) == 0 ? 0 : -1;
+}
+
+json_t *tu_load_json(const char *path) {
+    json_error_t jerr;
+    json_t *doc = json_load_file(path, 0, &jerr);
+    if (!doc) fail_msg("%s: %s", path, jerr.text);
+    return doc;
+}
+
+double *tu_read_npy(const char *path, npy_header *h) {
+    char err[ERR_LEN];
+    double *d = NULL;
+    if (npy_read_f64(path, &d, h, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+    return d;
+}
+
+double tu_rel_err(const double *got, const double *want, size_t n, const char *what) {
+    double scale = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, got[i]);
+        scale = fmax(scale, fabs(want[i]));
+        worst = fmax(worst, fabs(got[i] - want[i]));
+    }
+    if (!(scale > 0.0)) fail_msg("%s: every reference value is zero", what);
+    return worst / scale;
+}
+
+double tu_rel_err_f(const float *got, const double *want, size_t n, const char *what) {
+    double scale = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, (double)got[i]);
+        scale = fmax(scale, fabs(want[i]));
+        worst = fmax(worst, fabs((double)got[i] - want[i]));
+    }
+    if (!(scale > 0.0)) fail_msg("%s: every reference value is zero", what);
+    return worst / scale;
+}
+
+void tu_run_begin(tu_run *run, const char *tag) {
+    memset(run, 0, sizeof *run);
+    char name[64];
+    snprintf(name, sizeof name, "test-%s-w", tag);
+    if (tu_mkdtemp(run->work, sizeof run->work, name) != 0) fail_msg("mkdtemp %s failed", name);
+    snprintf(name, sizeof name, "test-%s-o", tag);
+    if (tu_mkdtemp(run->out, sizeof run->out, name) != 0) fail_msg("mkdtemp %s failed", name);
+}
+
+void tu_run_end(tu_run *run) {
+    tu_rmtree(run->work);
+    tu_rmtree(run->out);
+}
+
+/* resolve_model / resolve_adapter: {"path": p} where p exists, copied out. */
+static int tu_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                           size_t errlen) {
+    (void)ctx;
+    const char *p = json_string_value(json_object_get(ref, "path"));
+    struct stat st;
+    if (!p) return err_set(err, errlen, "the test resolves {\"path\"} only");
+    if (stat(p, &st) != 0) return err_set(err, errlen, "%s: %s", p, strerror(errno));
+    snprintf(path, pathlen, "%s", p);
+    return 0;
+}
+
+/* resolve_dataset: as tu_resolve_path, the format left to detection. */
+static int tu_resolve_dataset(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                              char *format, size_t formatlen, char *err, size_t errlen) {
+    snprintf(format, formatlen, "auto");
+    return tu_resolve_path(ctx, ref, path, pathlen, err, errlen);
+}
+
+/* add_artifact: moves path to the run's output directory as name. */
+static int tu_add_artifact(runner_ctx *ctx, const char *name, const char *path, char *err,
+                           size_t errlen) {
+    tu_run *run = ctx->user;
+    char dst[PATH_MAX + 300];
+    snprintf(dst, sizeof dst, "%s/%s", run->out, name);
+    if (rename(path, dst) != 0) return err_set(err, errlen, "rename %s: %s", path, strerror(errno));
+    run->artifacts++;
+    return 0;
+}
+
+runner_ctx tu_run_ctx(tu_run *run, atomic_int *cancel) {
+    runner_ctx ctx = {.resolve_model = tu_resolve_path,
+                      .resolve_dataset = tu_resolve_dataset,
+                      .resolve_adapter = tu_resolve_path,
+                      .add_artifact = tu_add_artifact,
+                      .cancel = cancel,
+                      .work_dir = run->work,
+                      .user = run};
+    return ctx;
+}
+
+int tu_stdout_off(void) {
+    fflush(stdout);
+    int saved = dup(1);
+    FILE *devnull = fopen("/dev/null", "w");
+    if (saved < 0 || !devnull || dup2(fileno(devnull), 1) < 0) fail_msg("cannot silence stdout");
+    fclose(devnull);
+    return saved;
+}
+
+void tu_stdout_on(int saved) {
+    fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+}
