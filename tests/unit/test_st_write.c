@@ -21,18 +21,29 @@
 
 #include "common/st.h"
 #include "common/util.h"
-#include "tests/unit/testutil.h"
 
 static char test_dir[64];
 
 static int setup_dir(void **state) {
     (void)state;
-    return tu_mkdtemp(test_dir, sizeof test_dir, "stw");
+    snprintf(test_dir, sizeof test_dir, "/tmp/strata-stw-XXXXXX");
+    return mkdtemp(test_dir) ? 0 : -1;
 }
 
+/* The directory holds plain files only (the tests' outputs). */
 static int teardown_dir(void **state) {
     (void)state;
-    return tu_rmtree(test_dir);
+    DIR *d = opendir(test_dir);
+    if (!d) return -1;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        char p[PATH_MAX + 256];
+        snprintf(p, sizeof p, "%s/%s", test_dir, e->d_name);
+        unlink(p);
+    }
+    closedir(d);
+    return rmdir(test_dir);
 }
 
 /* Entries in test_dir (temporary files must not outlive a write). */
@@ -64,10 +75,18 @@ static const struct {
 };
 #define NTARGETS (sizeof targets / sizeof targets[0])
 
+/* tests/reference/st_write/fixtures/file, found from this source file (tests
+ * run from the repository root, where __FILE__ is relative). */
 static void fixture(char *out, size_t outlen, const char *file) {
-    char rel[128];
-    snprintf(rel, sizeof rel, "../st_write/fixtures/%s", file);
-    tu_reference_path(out, outlen, rel);
+    char src[PATH_MAX];
+    snprintf(src, sizeof src, "%s", __FILE__);
+    char *slash = strrchr(src, '/');
+    if (slash)
+        *slash = '\0';
+    else
+        snprintf(src, sizeof src, ".");
+    int n = snprintf(out, outlen, "%.3000s/../reference/st_write/fixtures/%s", src, file);
+    if (n < 0 || (size_t)n >= outlen) fail_msg("fixture path too long: %s", file);
 }
 
 static unsigned char *read_all(const char *path, size_t *len) {
