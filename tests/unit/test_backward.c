@@ -14,7 +14,10 @@
  *   - finite differences in C on a tiny random model (central, h = 1e-2 on
  *     float32 losses summed in double): |fd - g| <= 2e-3 + 2e-2 |g| on the
  *     largest-gradient entry of every tensor;
- *   - bad labels are refused and leave grads untouched. */
+ *   - bad labels are refused and leave grads untouched;
+ *   - LoRA (lora_gqa: lora_init's adapter, r 4, alpha 8, q_proj and v_proj,
+ *     unmerged on frozen gqa): loss and all 12 A/B gradients within 1e-4,
+ *     base weights bit-for-bit unchanged. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -29,6 +32,7 @@
 #include <string.h>
 
 #include "common/npy.h"
+#include "common/st.h"
 #include "common/util.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/forward.h"
@@ -457,6 +461,119 @@ static void test_bad_labels(void **state) {
     fixture_free(&f);
 }
 
+/* PEFT's tensor name of layer l's projection p, A or B. */
+static void peft_name(char *out, size_t len, int l, llama_proj p, bool is_b) {
+    snprintf(out, len, "base_model.model.model.layers.%d.%s.lora_%s.weight", l,
+             llama_proj_module(p), is_b ? "B" : "A");
+}
+
+static void test_lora_gqa(void **state) {
+    (void)state;
+    fixture f;
+    fixture_load(&f, "lora_gqa");
+    /* Its batch is sft_gqa's ("the batch of ../sft_gqa/expected.json"). */
+    assert_true(json_is_string(json_object_get(f.expected, "batch")));
+    fixture sft;
+    fixture_load(&sft, "sft_gqa");
+    batch bt;
+    batch_load(&bt, json_object_get(sft.expected, "batch"));
+    fixture_free(&sft);
+    json_t *cfgj = json_object_get(f.expected, "lora");
+    int r = (int)json_integer_value(json_object_get(cfgj, "r"));
+    double alpha = json_number_value(json_object_get(cfgj, "alpha"));
+    bool target[LLAMA_NPROJ] = {false};
+    target[LLAMA_PROJ_Q] = target[LLAMA_PROJ_V] = true;
+    const llama_config *cfg = &f.model.cfg;
+    size_t n = llama_lora_count(cfg, r, target);
+    assert_true(n > 0);
+    float *params = calloc(n, sizeof *params), *grads = calloc(n, sizeof *grads);
+    assert_true(params && grads);
+    llama_lora lo;
+    char err[ERR_LEN], path[PATH_MAX + 400], name[160];
+    if (llama_lora_bind(&lo, cfg, r, (float)(alpha / r), target, params, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    snprintf(path, sizeof path, "%s/%s/adapter_model.safetensors", f.dir,
+             json_string_value(json_object_get(f.expected, "adapter_dir")));
+    st_file sf;
+    if (st_open(path, &sf, err, sizeof err) != 0) fail_msg("%s: %s", path, err);
+    for (int l = 0; l < cfg->num_hidden_layers; l++)
+        for (int p = 0; p < LLAMA_NPROJ; p++) {
+            if (!target[p]) continue;
+            size_t out, in;
+            llama_proj_dims(cfg, (llama_proj)p, &out, &in);
+            for (int isb = 0; isb < 2; isb++) {
+                peft_name(name, sizeof name, l, (llama_proj)p, isb);
+                const st_tensor *t = st_find(&sf, name);
+                if (!t) fail_msg("%s: no %s", path, name);
+                assert_int_equal(t->count, (size_t)r * (isb ? out : in));
+                float *dst = isb ? lo.b[p] + (size_t)l * out * (size_t)r
+                                 : lo.a[p] + (size_t)l * (size_t)r * in;
+                if (st_to_f32(&sf, t, dst, err, sizeof err) != 0) fail_msg("%s", err);
+            }
+        }
+    st_close(&sf);
+
+    float *before = malloc(f.model.nparams * sizeof *before);
+    assert_non_null(before);
+    memcpy(before, f.model.params, f.model.nparams * sizeof *before);
+    llama_state s;
+    const backend *be = backend_cpu();
+    if (llama_state_init_train(&s, be, cfg, bt.B, bt.T, err, sizeof err) != 0) fail_msg("%s", err);
+    double sum = 0.0;
+    long counted = 0;
+    if (llama_lora_loss_and_grad(be, &f.model, &lo, &s, bt.tokens, bt.labels, bt.lengths, bt.B,
+                                 bt.T, 1.0 / (double)bt.n_counted, grads, &sum, &counted, err,
+                                 sizeof err) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(counted, bt.n_counted);
+    double loss = sum / (double)counted, want = json_number_value(json_object_get(f.expected, "loss"));
+    printf("lora_gqa: loss %.9g ref %.9g\n", loss, want);
+    assert_true(fabs(loss - want) <= REF_REL_TOL * fabs(want));
+    assert_memory_equal(before, f.model.params, f.model.nparams * sizeof *before);
+
+    json_t *map = json_object_get(f.expected, "grads");
+    size_t checked = 0;
+    double worst = 0.0;
+    for (int l = 0; l < cfg->num_hidden_layers; l++)
+        for (int p = 0; p < LLAMA_NPROJ; p++) {
+            if (!target[p]) continue;
+            size_t out, in;
+            llama_proj_dims(cfg, (llama_proj)p, &out, &in);
+            for (int isb = 0; isb < 2; isb++) {
+                peft_name(name, sizeof name, l, (llama_proj)p, isb);
+                const char *file = json_string_value(json_object_get(map, name));
+                if (!file) fail_msg("expected.json has no gradient for %s", name);
+                snprintf(path, sizeof path, "%s/%s", f.dir, file);
+                double *ref = NULL;
+                npy_header h;
+                if (npy_read_f64(path, &ref, &h, err, sizeof err) != 0)
+                    fail_msg("%s: %s", path, err);
+                size_t cnt = (size_t)r * (isb ? out : in);
+                assert_int_equal(h.rows * h.cols, cnt);
+                const float *pt = isb ? lo.b[p] + (size_t)l * out * (size_t)r
+                                      : lo.a[p] + (size_t)l * (size_t)r * in;
+                const float *g = grads + (pt - lo.params);
+                float *wf = malloc(cnt * sizeof *wf);
+                assert_non_null(wf);
+                for (size_t i = 0; i < cnt; i++) wf[i] = (float)ref[i];
+                double e = rel_err(g, wf, cnt, name);
+                if (e > REF_REL_TOL) fail_msg("%s: gradient error %g relative", name, e);
+                if (e > worst) worst = e;
+                checked++;
+                free(wf);
+                free(ref);
+            }
+        }
+    assert_int_equal(checked, json_object_size(map));
+    printf("lora_gqa: %zu gradients, worst %.2g relative\n", checked, worst);
+    llama_state_free(&s);
+    free(before);
+    free(params);
+    free(grads);
+    batch_free(&bt);
+    fixture_free(&f);
+}
+
 int main(void) {
     find_fixtures();
     const struct CMUnitTest tests[] = {
@@ -467,6 +584,7 @@ int main(void) {
         cmocka_unit_test(test_accumulation),
         cmocka_unit_test(test_finite_differences),
         cmocka_unit_test(test_bad_labels),
+        cmocka_unit_test(test_lora_gqa),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -40,6 +40,8 @@ typedef struct backend {
     /* x (n) = 0; dst (n) = src (n) (no overlap). */
     void (*zero)(float *x, size_t n);
     void (*copy)(float *dst, const float *src, size_t n);
+    /* x (n) *= a. */
+    void (*scale)(float *x, size_t n, float a);
 
     /* out (N, out_dim) = x (N, in_dim) W^T with W (out_dim, in_dim);
      * with accumulate, out += x W^T instead (a residual connection fused

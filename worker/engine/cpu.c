@@ -41,6 +41,10 @@ static void cpu_zero(float *x, size_t n) {
     if (n) memset(x, 0, n * sizeof *x);
 }
 
+static void cpu_scale(float *x, size_t n, float a) {
+    for (size_t i = 0; i < n; i++) x[i] *= a;
+}
+
 static void cpu_copy_floats(float *dst, const float *src, size_t n) {
     if (n) memcpy(dst, src, n * sizeof *dst);
 }
@@ -930,6 +934,7 @@ static const backend cpu_backend = {
     .download = cpu_copy,
     .zero = cpu_zero,
     .copy = cpu_copy_floats,
+    .scale = cpu_scale,
     .matmul = cpu_matmul,
     .matmul_backward = cpu_matmul_backward,
     .rmsnorm = cpu_rmsnorm,

@@ -201,6 +201,7 @@ void llama_state_free(llama_state *s) {
         if (s->train) s->be->free_buf(s->train);
         if (s->row_loss) s->be->free_buf(s->row_loss);
         if (s->targets) s->be->free_buf(s->targets);
+        if (s->lora_buf) s->be->free_buf(s->lora_buf);
     }
     free(s->host_ints);
     free(s->host_hidden);
@@ -368,11 +369,101 @@ static float *forward_grad(const llama_model *m, float *grads, const float *x) {
     return grads ? grads + (x - m->params) : NULL;
 }
 
+const char *llama_proj_module(llama_proj p) {
+    static const char *const names[LLAMA_NPROJ] = {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+    return (unsigned)p < LLAMA_NPROJ ? names[p] : NULL;
+}
+
+void llama_proj_dims(const llama_config *cfg, llama_proj p, size_t *out, size_t *in) {
+    size_t C = (size_t)cfg->hidden_size, FF = (size_t)cfg->intermediate_size;
+    size_t KVD = C / (size_t)cfg->num_attention_heads * (size_t)cfg->num_key_value_heads;
+    size_t outs[LLAMA_NPROJ] = {C, KVD, KVD, C, FF, FF, C};
+    size_t ins[LLAMA_NPROJ] = {C, C, C, C, C, C, FF};
+    *out = (unsigned)p < LLAMA_NPROJ ? outs[p] : 0;
+    *in = (unsigned)p < LLAMA_NPROJ ? ins[p] : 0;
+}
+
+size_t llama_lora_count(const llama_config *cfg, int r, const bool target[LLAMA_NPROJ]) {
+    if (r < 1 || cfg->num_hidden_layers < 1) return 0;
+    size_t total = 0;
+    for (int p = 0; p < LLAMA_NPROJ; p++) {
+        if (!target[p]) continue;
+        size_t out, in, per, all;
+        llama_proj_dims(cfg, (llama_proj)p, &out, &in);
+        if (!forward_mul((size_t)r, out + in, &per) ||
+            !forward_mul(per, (size_t)cfg->num_hidden_layers, &all) ||
+            !forward_add(total, all, &total))
+            return 0;
+    }
+    return total;
+}
+
+int llama_lora_bind(llama_lora *lo, const llama_config *cfg, int r, float scaling,
+                    const bool target[LLAMA_NPROJ], float *params, char *err, size_t errlen) {
+    memset(lo, 0, sizeof *lo);
+    size_t n = llama_lora_count(cfg, r, target);
+    if (n == 0) return err_set(err, errlen, "LoRA rank %d with no target, or too large", r);
+    if (!isfinite(scaling)) return err_set(err, errlen, "LoRA scaling is not finite");
+    lo->r = r;
+    lo->scaling = scaling;
+    lo->params = params;
+    lo->nparams = n;
+    size_t L = (size_t)cfg->num_hidden_layers, off = 0;
+    for (int p = 0; p < LLAMA_NPROJ; p++) {
+        lo->target[p] = target[p];
+        if (!target[p]) continue;
+        size_t out, in;
+        llama_proj_dims(cfg, (llama_proj)p, &out, &in);
+        lo->a[p] = params + off;
+        off += L * (size_t)r * in;
+        lo->b[p] = params + off;
+        off += L * out * (size_t)r;
+    }
+    return 0;
+}
+
+/* One projection of layer l in the training forward: out (=, or += with
+ * accumulate) x W^T, plus, where lo targets p, scaling * (x A^T) B^T with
+ * u = scaling * x A^T kept in s for the backward. */
+static void forward_proj(const backend *be, llama_state *s, const llama_lora *lo, llama_proj p,
+                         size_t l, float *out, const float *x, const float *w, size_t N,
+                         size_t in, size_t outd, bool accumulate) {
+    be->matmul(out, x, w, N, in, outd, accumulate);
+    if (!lo || !lo->target[p]) return;
+    size_t r = (size_t)lo->r;
+    float *u = s->lora_u + (l * LLAMA_NPROJ + (size_t)p) * N * r;
+    be->matmul(u, x, lo->a[p] + l * r * in, N, in, r, false);
+    be->scale(u, N * r, lo->scaling);
+    be->matmul(out, u, lo->b[p] + l * outd * r, N, r, outd, true);
+}
+
+/* Backward of forward_proj given dy (N, outd): dx (=, or += with
+ * accumulate) dy W (+ the adapter's path), dW += dy^T x when dw is not
+ * NULL; with lo targeting p, dB += dy^T u and dA += du^T x with
+ * du = scaling * dy B, into lora_grads (lo's layout). */
+static void forward_proj_backward(const backend *be, llama_state *s, const llama_lora *lo,
+                                  float *lora_grads, llama_proj p, size_t l, float *dx,
+                                  float *dw, const float *dy, const float *x, const float *w,
+                                  size_t N, size_t in, size_t outd, bool accumulate) {
+    be->matmul_backward(dx, dw, dy, x, w, N, in, outd, accumulate);
+    if (!lo || !lo->target[p]) return;
+    size_t r = (size_t)lo->r;
+    const float *u = s->lora_u + (l * LLAMA_NPROJ + (size_t)p) * N * r;
+    const float *a = lo->a[p] + l * r * in, *b = lo->b[p] + l * outd * r;
+    float *ga = lora_grads + (a - lo->params), *gb = lora_grads + (b - lo->params);
+    be->matmul_backward(s->lora_du, gb, dy, u, b, N, r, outd, false);
+    be->scale(s->lora_du, N * r, lo->scaling);
+    be->matmul_backward(dx, ga, s->lora_du, x, a, N, in, r, true);
+}
+
 /* The training forward: as llama_forward, but every activation the
  * backward needs is kept (see llama_state), and the logits go to
- * s->tlogits. s->xn ends holding the final normed hidden state. */
-static void forward_train_pass(const backend *be, const llama_model *m, llama_state *s, int B,
-                               int T) {
+ * s->tlogits. s->xn ends holding the final normed hidden state. lo (or
+ * NULL) is applied unmerged. */
+static void forward_train_pass(const backend *be, const llama_model *m, const llama_lora *lo,
+                               llama_state *s, int B, int T) {
     const llama_weights *w = &m->w;
     size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF;
     size_t QD = (size_t)s->NH * (size_t)s->HS, KVD = (size_t)s->NKV * (size_t)s->HS;
@@ -385,31 +476,38 @@ static void forward_train_pass(const backend *be, const llama_model *m, llama_st
         float *att = s->tatt + l * N * QD, *gate = s->tgate + l * N * FF,
               *up = s->tup + l * N * FF;
         be->rmsnorm(s->xn, x, w->attn_norm + l * C, N, C, eps);
-        be->matmul(q, s->xn, w->wq + l * QD * C, N, C, QD, false);
-        be->matmul(k, s->xn, w->wk + l * KVD * C, N, C, KVD, false);
-        be->matmul(v, s->xn, w->wv + l * KVD * C, N, C, KVD, false);
+        forward_proj(be, s, lo, LLAMA_PROJ_Q, l, q, s->xn, w->wq + l * QD * C, N, C, QD, false);
+        forward_proj(be, s, lo, LLAMA_PROJ_K, l, k, s->xn, w->wk + l * KVD * C, N, C, KVD,
+                     false);
+        forward_proj(be, s, lo, LLAMA_PROJ_V, l, v, s->xn, w->wv + l * KVD * C, N, C, KVD,
+                     false);
         be->rope_cached(q, s->pos, N, s->NH, s->HS, s->rope_cs);
         be->rope_cached(k, s->pos, N, s->NKV, s->HS, s->rope_cs);
         be->attention(att, q, k, v, s->lengths, B, T, s->NH, s->NKV, s->HS, s->scores);
         be->copy(xmid, x, N * C);
-        be->matmul(xmid, att, w->wo + l * C * QD, N, QD, C, true);
+        forward_proj(be, s, lo, LLAMA_PROJ_O, l, xmid, att, w->wo + l * C * QD, N, QD, C, true);
         be->rmsnorm(s->xn, xmid, w->mlp_norm + l * C, N, C, eps);
-        be->matmul(gate, s->xn, w->w_gate + l * FF * C, N, C, FF, false);
-        be->matmul(up, s->xn, w->w_up + l * FF * C, N, C, FF, false);
+        forward_proj(be, s, lo, LLAMA_PROJ_GATE, l, gate, s->xn, w->w_gate + l * FF * C, N, C,
+                     FF, false);
+        forward_proj(be, s, lo, LLAMA_PROJ_UP, l, up, s->xn, w->w_up + l * FF * C, N, C, FF,
+                     false);
         be->copy(s->h, gate, N * FF);
         be->swiglu(s->h, up, N * FF);
         be->copy(xout, xmid, N * C);
-        be->matmul(xout, s->h, w->w_down + l * C * FF, N, FF, C, true);
+        forward_proj(be, s, lo, LLAMA_PROJ_DOWN, l, xout, s->h, w->w_down + l * C * FF, N, FF, C,
+                     true);
     }
     be->rmsnorm(s->xn, s->xs + (size_t)s->L * N * C, w->final_norm, N, C, eps);
     be->matmul(s->tlogits, s->xn, w->lm_head, N, C, (size_t)s->V, false);
 }
 
 /* The backward of forward_train_pass from the logits' gradient (in
- * s->tlogits) down to the embedding table, adding into grads. s->xn holds
- * the final normed hidden state on entry. */
-static void forward_train_backward(const backend *be, const llama_model *m, llama_state *s,
-                                   int B, int T, float *grads) {
+ * s->tlogits) down to the embedding table, adding into grads (NULL: base
+ * frozen) and, with lo, into lora_grads. s->xn holds the final normed
+ * hidden state on entry. */
+static void forward_train_backward(const backend *be, const llama_model *m, const llama_lora *lo,
+                                   llama_state *s, int B, int T, float *grads,
+                                   float *lora_grads) {
     const llama_weights *w = &m->w;
     size_t N = (size_t)B * (size_t)T, C = (size_t)s->C, FF = (size_t)s->FF;
     size_t QD = (size_t)s->NH * (size_t)s->HS, KVD = (size_t)s->NKV * (size_t)s->HS;
@@ -435,19 +533,21 @@ static void forward_train_backward(const backend *be, const llama_model *m, llam
         /* MLP: xout = xmid + (silu(gate) * up) Wd^T. */
         be->copy(s->h, gate, N * FF);
         be->swiglu(s->h, up, N * FF);
-        be->matmul_backward(s->dh, forward_grad(m, grads, wd), s->dx, s->h, wd, N, FF, C, false);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_DOWN, l, s->dh,
+                              forward_grad(m, grads, wd), s->dx, s->h, wd, N, FF, C, false);
         be->swiglu_backward(s->dh, s->dup, s->dh, gate, up, N * FF);
         be->rmsnorm(s->xn, xmid, w->mlp_norm + l * C, N, C, eps);
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wg), s->dh, s->xn, wg, N, C, FF,
-                            false);
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wu), s->dup, s->xn, wu, N, C, FF,
-                            true);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_GATE, l, s->dxn,
+                              forward_grad(m, grads, wg), s->dh, s->xn, wg, N, C, FF, false);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_UP, l, s->dxn,
+                              forward_grad(m, grads, wu), s->dup, s->xn, wu, N, C, FF, true);
         be->rmsnorm_backward(s->dx, forward_grad(m, grads, w->mlp_norm + l * C), s->dxn, xmid,
                              w->mlp_norm + l * C, N, C, eps);
 
         /* Attention: xmid = x + attention(rope(q), rope(k), v) Wo^T. dxn
          * (QD == C columns) takes the attention output's gradient. */
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wo), s->dx, att, wo, N, QD, C, false);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_O, l, s->dxn,
+                              forward_grad(m, grads, wo), s->dx, att, wo, N, QD, C, false);
         be->zero(s->dq, N * QD);
         be->zero(s->dk, N * KVD);
         be->zero(s->dv, N * KVD);
@@ -456,22 +556,47 @@ static void forward_train_backward(const backend *be, const llama_model *m, llam
         be->rope_backward_cached(s->dq, s->pos, N, s->NH, s->HS, s->rope_cs);
         be->rope_backward_cached(s->dk, s->pos, N, s->NKV, s->HS, s->rope_cs);
         be->rmsnorm(s->xn, x, w->attn_norm + l * C, N, C, eps);
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wq), s->dq, s->xn, wq, N, C, QD,
-                            false);
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wk), s->dk, s->xn, wk, N, C, KVD,
-                            true);
-        be->matmul_backward(s->dxn, forward_grad(m, grads, wv), s->dv, s->xn, wv, N, C, KVD,
-                            true);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_Q, l, s->dxn,
+                              forward_grad(m, grads, wq), s->dq, s->xn, wq, N, C, QD, false);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_K, l, s->dxn,
+                              forward_grad(m, grads, wk), s->dk, s->xn, wk, N, C, KVD, true);
+        forward_proj_backward(be, s, lo, lora_grads, LLAMA_PROJ_V, l, s->dxn,
+                              forward_grad(m, grads, wv), s->dv, s->xn, wv, N, C, KVD, true);
+        /* Below the first layer's projections only the embedding table is
+         * left, so without its gradient the stream's need not be formed. */
+        if (l == 0 && !grads) break;
         be->rmsnorm_backward(s->dx, forward_grad(m, grads, w->attn_norm + l * C), s->dxn, x,
                              w->attn_norm + l * C, N, C, eps);
     }
     if (grads) be->embedding_backward(forward_grad(m, grads, w->embed), s->dx, s->tokens, N, C);
 }
 
-int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
-                        const int *tokens, const int *labels, const int *lengths, int B, int T,
-                        double loss_scale, float *grads, double *loss_sum, long *n_counted,
-                        char *err, size_t errlen) {
+/* Allocates s's LoRA buffers for rank r unless already sized for it.
+ * Returns 0 or -1 with err set. */
+static int forward_lora_buffers(llama_state *s, int r, char *err, size_t errlen) {
+    if (s->lora_buf && s->lora_r == r) return 0;
+    if (s->lora_buf) s->be->free_buf(s->lora_buf);
+    s->lora_buf = NULL;
+    s->lora_r = 0;
+    size_t N = (size_t)s->B * (size_t)s->T, nu, total, bytes;
+    if (!forward_mul(N, (size_t)r, &nu) ||
+        !forward_mul(nu, (size_t)s->L * LLAMA_NPROJ + 1, &total) ||
+        !forward_mul(total, sizeof(float), &bytes))
+        return err_set(err, errlen, "LoRA activations of rank %d do not fit in memory", r);
+    s->lora_buf = s->be->alloc(bytes, err, errlen);
+    if (!s->lora_buf) return -1;
+    s->lora_r = r;
+    s->lora_u = s->lora_buf;
+    s->lora_du = s->lora_buf + nu * (size_t)s->L * LLAMA_NPROJ;
+    return 0;
+}
+
+/* The shared body of llama_loss_and_grad and llama_lora_loss_and_grad. */
+static int forward_loss_and_grad(const backend *be, const llama_model *m, const llama_lora *lo,
+                                 llama_state *s, const int *tokens, const int *labels,
+                                 const int *lengths, int B, int T, double loss_scale,
+                                 float *grads, float *lora_grads, double *loss_sum,
+                                 long *n_counted, char *err, size_t errlen) {
     const llama_config *cfg = &m->cfg;
     if (!s->acts || !s->train || be != s->be)
         return err_set(err, errlen, "state was not set up for training on backend %s", be->name);
@@ -483,13 +608,14 @@ int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
         return err_set(err, errlen, "batch %d x %d exceeds the state's %d x %d", B, T, s->B, s->T);
     if (!isfinite(loss_scale))
         return err_set(err, errlen, "loss_scale %g is not finite", loss_scale);
+    if (lo && forward_lora_buffers(s, lo->r, err, errlen) != 0) return -1;
     if (forward_prepare(s, tokens, lengths, B, T, err, errlen) != 0) return -1;
     long counted = 0;
     if (forward_targets(s, labels, lengths, B, T, &counted, err, errlen) != 0) return -1;
 
     size_t N = (size_t)B * (size_t)T;
     be->upload(s->targets, s->host_targets, N * sizeof(int));
-    forward_train_pass(be, m, s, B, T);
+    forward_train_pass(be, m, lo, s, B, T);
     be->cross_entropy(s->tlogits, s->row_loss, s->targets, N, (size_t)s->V, (float)loss_scale);
     const double *rl = s->row_loss;
     if (!be->host_memory) {
@@ -499,8 +625,29 @@ int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
     double sum = 0.0;
     for (size_t i = 0; i < N; i++) sum += rl[i];
     /* With nothing scored every gradient is zero: skip the backward. */
-    if (counted > 0) forward_train_backward(be, m, s, B, T, grads);
+    if (counted > 0) forward_train_backward(be, m, lo, s, B, T, grads, lora_grads);
     *loss_sum = sum;
     *n_counted = counted;
     return 0;
+}
+
+int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
+                        const int *tokens, const int *labels, const int *lengths, int B, int T,
+                        double loss_scale, float *grads, double *loss_sum, long *n_counted,
+                        char *err, size_t errlen) {
+    return forward_loss_and_grad(be, m, NULL, s, tokens, labels, lengths, B, T, loss_scale,
+                                 grads, NULL, loss_sum, n_counted, err, errlen);
+}
+
+int llama_lora_loss_and_grad(const backend *be, const llama_model *m, const llama_lora *lo,
+                             llama_state *s, const int *tokens, const int *labels,
+                             const int *lengths, int B, int T, double loss_scale,
+                             float *lora_grads, double *loss_sum, long *n_counted, char *err,
+                             size_t errlen) {
+    if (!lo || !lo->params || !lora_grads || lo->r < 1)
+        return err_set(err, errlen, "no LoRA adapter or gradient buffer");
+    if (llama_lora_count(&m->cfg, lo->r, lo->target) != lo->nparams)
+        return err_set(err, errlen, "LoRA adapter was not laid out for this model");
+    return forward_loss_and_grad(be, m, lo, s, tokens, labels, lengths, B, T, loss_scale, NULL,
+                                 lora_grads, loss_sum, n_counted, err, errlen);
 }

@@ -17,6 +17,7 @@
 #include "worker/engine/backend.h"
 #include "worker/engine/model.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* Activations for batches of up to B sequences of up to T tokens, sized once
@@ -60,6 +61,14 @@ typedef struct {
     int *targets;            /* (N) backend memory: label of position t+1, or -1 */
     double *host_row_loss;   /* (N) host staging; non-host backends only */
     int *host_targets;       /* (N) host */
+
+    /* LoRA training (allocated by the first llama_lora_loss_and_grad, again
+     * only if the rank changes): u = scaling * x A^T of every (layer,
+     * projection), (L, 7, N, r), saved for the backward, and its gradient
+     * (N, r). */
+    float *lora_buf;
+    int lora_r;
+    float *lora_u, *lora_du;
 } llama_state;
 
 /* Sizes s for cfg on backend be, batches of up to B x T. Returns 0, or -1
@@ -119,5 +128,65 @@ int llama_loss_and_grad(const backend *be, const llama_model *m, llama_state *s,
                         const int *tokens, const int *labels, const int *lengths, int B, int T,
                         double loss_scale, float *grads, double *loss_sum, long *n_counted,
                         char *err, size_t errlen);
+
+/* The seven projections of a decoder layer LoRA can target, in this order. */
+typedef enum {
+    LLAMA_PROJ_Q,
+    LLAMA_PROJ_K,
+    LLAMA_PROJ_V,
+    LLAMA_PROJ_O,
+    LLAMA_PROJ_GATE,
+    LLAMA_PROJ_UP,
+    LLAMA_PROJ_DOWN,
+    LLAMA_NPROJ
+} llama_proj;
+
+/* PEFT's module path of projection p inside a layer ("self_attn.q_proj",
+ * "mlp.down_proj", ...), or NULL for a value outside the enum. */
+const char *llama_proj_module(llama_proj p);
+
+/* Projection p's (out, in) dimensions for cfg. */
+void llama_proj_dims(const llama_config *cfg, llama_proj p, size_t *out, size_t *in);
+
+/* An unmerged LoRA adapter being trained: for each targeted projection p
+ * with weight W (out, in), y = x W^T + scaling * (x A^T) B^T, A = lora_A
+ * (r, in), B = lora_B (out, r) as PEFT names them, in every layer. The
+ * trainable tensors live in one flat buffer params (nparams floats, owned by
+ * the caller); a[p] / b[p] point into it at layer 0 and are stacked over
+ * layers: layer l's A is a[p] + l * r * in, its B b[p] + l * out * r.
+ * Layout: for each targeted p in enum order, A (L, r, in) then B (L, out,
+ * r); a gradient buffer with the same layout is indexed by the same offsets
+ * (grad + (a[p] - params)). Dropout is not modelled (PEFT's dropout 0, the
+ * default). The base model stays frozen and is only read. */
+typedef struct {
+    int r;
+    float scaling;               /* lora_alpha / r (or / sqrt(r) with rsLoRA) */
+    bool target[LLAMA_NPROJ];
+    float *params;
+    size_t nparams;
+    float *a[LLAMA_NPROJ], *b[LLAMA_NPROJ]; /* NULL where not targeted */
+} llama_lora;
+
+/* Floats an adapter of rank r over targets takes for cfg (0 on overflow or
+ * bad arguments). */
+size_t llama_lora_count(const llama_config *cfg, int r, const bool target[LLAMA_NPROJ]);
+
+/* Points lo at params (llama_lora_count floats, the caller's) with the
+ * layout above. Returns 0, or -1 with err set (r < 1, no target, sizes). */
+int llama_lora_bind(llama_lora *lo, const llama_config *cfg, int r, float scaling,
+                    const bool target[LLAMA_NPROJ], float *params, char *err, size_t errlen);
+
+/* llama_loss_and_grad with lo's adapter applied unmerged to m's frozen
+ * weights: the gradients of lo's A and B tensors are ADDED into lora_grads
+ * (lo->nparams floats, lo's layout); no gradient of m's weights is formed
+ * and m is not written. Same labels, scaling, loss_sum and n_counted as
+ * llama_loss_and_grad. s must come from llama_state_init_train; the first
+ * call (or one with a new rank) allocates s's LoRA buffers. Returns 0, or
+ * -1 with err set; lora_grads is then unchanged. */
+int llama_lora_loss_and_grad(const backend *be, const llama_model *m, const llama_lora *lo,
+                             llama_state *s, const int *tokens, const int *labels,
+                             const int *lengths, int B, int T, double loss_scale,
+                             float *lora_grads, double *loss_sum, long *n_counted, char *err,
+                             size_t errlen);
 
 #endif
