@@ -297,6 +297,31 @@ static int job_not_held(PGconn *conn, int64_t id, int64_t worker_id, int *status
     return -1;
 }
 
+/* Commits conn's transaction; on failure sets *status (503 when the database
+ * is down, else 500) and returns -1, the transaction left for the caller to
+ * roll back. */
+static int job_commit(PGconn *conn, int *status, char *err, size_t errlen) {
+    if (db_commit(conn, err, errlen) != 0) return job_db_error(conn, status);
+    return 0;
+}
+
+/* Begins a transaction and locks job id if worker_id holds it (params: the
+ * two texts JOB_SQL_LOCK_HELD takes). 0 with *res its locked row (attempt,
+ * max_attempts, cancel_requested; caller clears it). -1 with *status and err
+ * set: 404/409 from job_not_held (the transaction rolled back), 500/503 on a
+ * database error (the caller rolls back; *res may be set, caller clears it). */
+static int job_begin_held(PGconn *conn, int64_t id, int64_t worker_id, const char *const *params,
+                          PGresult **res, int *status, char *err, size_t errlen) {
+    if (db_begin(conn, err, errlen) != 0) return job_db_error(conn, status);
+    if (db_exec(conn, JOB_SQL_LOCK_HELD, 2, params, res, NULL, err, errlen) != 0)
+        return job_db_error(conn, status);
+    if (PQntuples(*res) == 0) {
+        db_rollback(conn);
+        return job_not_held(conn, id, worker_id, status, err, errlen);
+    }
+    return 0;
+}
+
 int job_get(PGconn *conn, int64_t id, char **doc, int *status, char *err, size_t errlen) {
     char id_text[24];
     job_id_text(id, id_text);
@@ -482,10 +507,7 @@ int job_create(PGconn *conn, const job_new *in, json_t *errors, int64_t *id_out,
         }
     }
     if (strcmp(state, "queued") == 0 && job_notify(conn, status, err, errlen) != 0) goto out;
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     log_info("job %lld: created %s job as %s (owner %lld)%s%s", (long long)id, in->kind, state,
              (long long)in->owner_id, error_text[0] ? ": " : "", error_text);
     rc = job_get(conn, id, doc, status, err, errlen);
@@ -682,10 +704,7 @@ int job_complete(PGconn *conn, int64_t id, int64_t worker_id, const char *result
         goto out;
     }
     if (job_unblock_dependents(conn, id, status, err, errlen) < 0) goto out;
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     log_info("job %lld: running -> succeeded on worker %lld", (long long)id,
              (long long)worker_id);
     rc = job_get(conn, id, doc, status, err, errlen);
@@ -704,16 +723,7 @@ int job_fail(PGconn *conn, int64_t id, int64_t worker_id, const char *error, boo
     PGresult *res = NULL;
     int rc = -1;
     *doc = NULL;
-    if (db_begin(conn, err, errlen) != 0) return job_db_error(conn, status);
-    if (db_exec(conn, JOB_SQL_LOCK_HELD, 2, params, &res, NULL, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
-    if (PQntuples(res) == 0) {
-        db_rollback(conn);
-        job_not_held(conn, id, worker_id, status, err, errlen);
-        goto out;
-    }
+    if (job_begin_held(conn, id, worker_id, params, &res, status, err, errlen) != 0) goto out;
     int64_t attempt = db_get_i64(res, 0, 0), max_attempts = db_get_i64(res, 0, 1);
     bool cancel = strcmp(PQgetvalue(res, 0, 2), "t") == 0;
     PQclear(res);
@@ -745,10 +755,7 @@ int job_fail(PGconn *conn, int64_t id, int64_t worker_id, const char *error, boo
         if (job_fail_dependents(conn, id, status, err, errlen) != 0) goto out;
         log_info("job %lld: running -> %s: %s", (long long)id, to, error);
     }
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     rc = job_get(conn, id, doc, status, err, errlen);
 out:
     PQclear(res);
@@ -765,16 +772,7 @@ int job_release(PGconn *conn, int64_t id, int64_t worker_id, char **doc, int *st
     PGresult *res = NULL;
     int rc = -1;
     *doc = NULL;
-    if (db_begin(conn, err, errlen) != 0) return job_db_error(conn, status);
-    if (db_exec(conn, JOB_SQL_LOCK_HELD, 2, params, &res, NULL, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
-    if (PQntuples(res) == 0) {
-        db_rollback(conn);
-        job_not_held(conn, id, worker_id, status, err, errlen);
-        goto out;
-    }
+    if (job_begin_held(conn, id, worker_id, params, &res, status, err, errlen) != 0) goto out;
     bool cancel = strcmp(PQgetvalue(res, 0, 2), "t") == 0;
     const char *one[] = {id_text};
     if (cancel) {
@@ -790,10 +788,7 @@ int job_release(PGconn *conn, int64_t id, int64_t worker_id, char **doc, int *st
         job_db_error(conn, status);
         goto out;
     }
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     log_info("job %lld: running -> %s (released by worker %lld)", (long long)id,
              cancel ? "cancelled" : "queued", (long long)worker_id);
     rc = job_get(conn, id, doc, status, err, errlen);
@@ -813,16 +808,7 @@ static int job_held_exec(PGconn *conn, int64_t id, int64_t worker_id, const char
     const char *params[] = {id_text, wid};
     PGresult *res = NULL;
     int rc = -1;
-    if (db_begin(conn, err, errlen) != 0) return job_db_error(conn, status);
-    if (db_exec(conn, JOB_SQL_LOCK_HELD, 2, params, &res, NULL, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
-    if (PQntuples(res) == 0) {
-        db_rollback(conn);
-        job_not_held(conn, id, worker_id, status, err, errlen);
-        goto out;
-    }
+    if (job_begin_held(conn, id, worker_id, params, &res, status, err, errlen) != 0) goto out;
     const char *p2[] = {id_text, payload};
     char sqlstate[6];
     if (db_exec(conn, sql, 2, p2, NULL, sqlstate, err, errlen) != 0) {
@@ -833,10 +819,7 @@ static int job_held_exec(PGconn *conn, int64_t id, int64_t worker_id, const char
             job_db_error(conn, status);
         goto out;
     }
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     rc = 0;
 out:
     PQclear(res);
@@ -944,10 +927,7 @@ int job_cancel(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **
         err_set(err, errlen, "job %lld is already %s", (long long)id, state);
         goto out;
     }
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     rc = job_get(conn, id, doc, status, err, errlen);
 out:
     if (PQtransactionStatus(conn) != PQTRANS_IDLE) db_rollback(conn);
@@ -977,10 +957,7 @@ int job_retry(PGconn *conn, int64_t id, int64_t user_id, bool is_admin, char **d
     bool queued = strcmp(PQgetvalue(res, 0, 0), "queued") == 0;
     log_info("job %lld: %s -> %s (retry)", (long long)id, state, PQgetvalue(res, 0, 0));
     if (queued && job_notify(conn, status, err, errlen) != 0) goto out;
-    if (db_commit(conn, err, errlen) != 0) {
-        job_db_error(conn, status);
-        goto out;
-    }
+    if (job_commit(conn, status, err, errlen) != 0) goto out;
     rc = job_get(conn, id, doc, status, err, errlen);
 out:
     PQclear(res);
