@@ -98,6 +98,24 @@ static char *api_dump(json_t *v) {
     return json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
 }
 
+/* Answers a call after the job_ function it ran returned rc: on failure the
+ * status and err that function set; else ok_status with doc (a JSON text the
+ * reply takes; a NULL doc answers 500 out of memory), or an empty 204 when
+ * ok_status is 204. wake: the change may let a waiting claim find work (a
+ * job ended, was requeued or unblocked dependents). */
+static void api_reply_job(http_req *req, int rc, int status, const char *err, int ok_status,
+                          char *doc, bool wake) {
+    if (rc != 0) {
+        api_fail(req, status, err);
+        return;
+    }
+    if (wake) notify_wake_all(req->srv->hub);
+    if (ok_status == 204)
+        http_reply_empty(req, 204);
+    else
+        http_reply_json_text(req, ok_status, doc);
+}
+
 /* --- health and metrics --------------------------------------------------- */
 
 static void api_healthz(http_req *req) {
@@ -369,11 +387,8 @@ static void api_job_get(http_req *req) {
     char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
-    if (job_get(db, req->ids[0], &doc, &status, err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_json_text(req, 200, doc);
+    int rc = job_get(db, req->ids[0], &doc, &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, 200, doc, false);
 }
 
 static void api_job_cancel(http_req *req) {
@@ -382,12 +397,9 @@ static void api_job_cancel(http_req *req) {
     char *doc = NULL;
     int status = 500, http_status = 200;
     char err[ERR_LEN];
-    if (job_cancel(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc,
-                   &http_status, &status, err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_json_text(req, http_status, doc);
+    int rc = job_cancel(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc,
+                        &http_status, &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, http_status, doc, false);
 }
 
 static void api_job_retry(http_req *req) {
@@ -396,13 +408,9 @@ static void api_job_retry(http_req *req) {
     char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
-    if (job_retry(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc, &status,
-                  err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    notify_wake_all(req->srv->hub);
-    http_reply_json_text(req, 200, doc);
+    int rc = job_retry(db, req->ids[0], req->user.id, req->user.role == AUTH_ADMIN, &doc,
+                       &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, 200, doc, true);
 }
 
 /* The artifacts a job uploaded; 404 when the job does not exist. */
@@ -444,11 +452,8 @@ static void api_job_metrics_get(http_req *req) {
     char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
-    if (job_metrics_get(db, req->ids[0], &doc, &status, err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_json_text(req, 200, doc);
+    int rc = job_metrics_get(db, req->ids[0], &doc, &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, 200, doc, false);
 }
 
 /* --- the worker protocol -------------------------------------------------- */
@@ -564,17 +569,31 @@ static void api_worker_claim(http_req *req) {
     http_reply_empty(req, 204);
 }
 
+/* Reads the optional body member key of a worker call: absent, null or an
+ * object. 0 with *text its compact JSON (NULL when absent or null; caller
+ * frees); -1 after answering 400 for field key with message. */
+static int api_optional_object(http_req *req, const char *key, const char *message,
+                               char **text) {
+    json_t *v = req->json ? json_object_get(req->json, key) : NULL;
+    *text = NULL;
+    if (v && !json_is_null(v) && !json_is_object(v)) {
+        http_reply_field_error(req, key, "%s", message);
+        return -1;
+    }
+    *text = api_dump(v);
+    return 0;
+}
+
 /* Renews the lease and stores progress; the answer tells the worker whether
  * a cancel is waiting. */
 static void api_job_heartbeat(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
-    json_t *progress = req->json ? json_object_get(req->json, "progress") : NULL;
-    if (progress && !json_is_null(progress) && !json_is_object(progress)) {
-        http_reply_field_error(req, "progress", "must be an object {\"step\", \"total\", \"message\"}");
+    char *progress_text;
+    if (api_optional_object(req, "progress",
+                            "must be an object {\"step\", \"total\", \"message\"}",
+                            &progress_text) != 0)
         return;
-    }
-    char *progress_text = api_dump(progress);
     PGconn *db = http_db(req);
     if (!db) {
         free(progress_text);
@@ -598,12 +617,8 @@ static void api_job_heartbeat(http_req *req) {
 static void api_job_complete(http_req *req) {
     int64_t worker_id;
     if (api_worker_header(req, &worker_id) != 0) return;
-    json_t *result = req->json ? json_object_get(req->json, "result") : NULL;
-    if (result && !json_is_null(result) && !json_is_object(result)) {
-        http_reply_field_error(req, "result", "must be an object");
-        return;
-    }
-    char *result_text = api_dump(result);
+    char *result_text;
+    if (api_optional_object(req, "result", "must be an object", &result_text) != 0) return;
     PGconn *db = http_db(req);
     if (!db) {
         free(result_text);
@@ -615,12 +630,7 @@ static void api_job_complete(http_req *req) {
     int rc = job_complete(db, req->ids[0], worker_id, result_text, &doc, &status, err,
                           sizeof err);
     free(result_text);
-    if (rc != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    notify_wake_all(req->srv->hub);
-    http_reply_json_text(req, 200, doc);
+    api_reply_job(req, rc, status, err, 200, doc, true);
 }
 
 /* A failed attempt: requeued with backoff, failed, or cancelled (see
@@ -649,12 +659,9 @@ static void api_job_fail(http_req *req) {
     char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
-    if (job_fail(db, req->ids[0], worker_id, json_string_value(error), json_is_true(retryable),
-                 &req->srv->policy, &doc, &status, err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_json_text(req, 200, doc);
+    int rc = job_fail(db, req->ids[0], worker_id, json_string_value(error),
+                      json_is_true(retryable), &req->srv->policy, &doc, &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, 200, doc, false);
 }
 
 /* The worker is shutting down: the job goes back to the queue without
@@ -667,12 +674,8 @@ static void api_job_release(http_req *req) {
     char *doc = NULL;
     int status = 500;
     char err[ERR_LEN];
-    if (job_release(db, req->ids[0], worker_id, &doc, &status, err, sizeof err) != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    notify_wake_all(req->srv->hub);
-    http_reply_json_text(req, 200, doc);
+    int rc = job_release(db, req->ids[0], worker_id, &doc, &status, err, sizeof err);
+    api_reply_job(req, rc, status, err, 200, doc, true);
 }
 
 /* Appends log lines (any content type). A trailing newline does not make an
@@ -707,11 +710,7 @@ static void api_job_logs_add(http_req *req) {
     int rc = len == 0 ? job_check_held(db, req->ids[0], worker_id, &status, err, sizeof err)
                       : job_logs_add(db, req->ids[0], worker_id, clean, &status, err, sizeof err);
     free(clean);
-    if (rc != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_empty(req, 204);
+    api_reply_job(req, rc, status, err, 204, NULL, false);
 }
 
 /* Stores metric points after checking every one (first 20 errors named). */
@@ -767,11 +766,7 @@ static void api_job_metrics_add(http_req *req) {
     char err[ERR_LEN];
     int rc = job_metrics_add(db, req->ids[0], worker_id, text, &status, err, sizeof err);
     free(text);
-    if (rc != 0) {
-        api_fail(req, status, err);
-        return;
-    }
-    http_reply_empty(req, 204);
+    api_reply_job(req, rc, status, err, 204, NULL, false);
 }
 
 /* --- artifacts ------------------------------------------------------------ */
