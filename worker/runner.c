@@ -1,5 +1,5 @@
-/* runner.c - see runner.h. Kinds this worker runs: cka and predict
- * (worker/predict.c).
+/* runner.c - see runner.h. Kinds this worker runs: cka, predict
+ * (worker/predict.c) and train (worker/train.c).
  *
  * A cka input is either one matrix ({"artifact": ID}, or {"path": FILE}
  * locally) or a set of per-layer matrices ({"job": ID}, or {"path": DIR}
@@ -14,6 +14,7 @@
 #include "worker/engine/blas.h"
 #include "worker/engine/cka.h"
 #include "worker/predict.h"
+#include "worker/train.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -40,7 +41,8 @@ bool runner_layer_from_name(const char *name, int *layer) {
 }
 
 bool runner_supports(const char *kind) {
-    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0);
+    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0 ||
+                    strcmp(kind, "train") == 0);
 }
 
 static void runner_log(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -329,5 +331,7 @@ int runner_run(const char *kind, json_t *spec, runner_ctx *ctx, json_t **result,
     if (!runner_supports(kind)) return err_set(err, errlen, "this worker cannot run %s jobs", kind);
     if (strcmp(kind, "predict") == 0)
         return predict_run(spec, ctx, result, retryable, cancelled, err, errlen);
+    if (strcmp(kind, "train") == 0)
+        return train_run(spec, ctx, result, retryable, cancelled, err, errlen);
     return runner_cka(spec, ctx, result, retryable, cancelled, err, errlen);
 }
