@@ -4,6 +4,7 @@
 #include "common/spec.h"
 #include "common/util.h"
 #include "worker/runner.h"
+#include "worker/train.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -20,7 +21,8 @@
 #define LOCAL_SPEC_MAX (16u << 20)
 
 typedef struct {
-    const char *out_dir; /* NULL: artifacts are refused */
+    const char *out_dir;    /* NULL: artifacts are refused */
+    const char *resume_dir; /* --resume: where a train job's checkpoints are; NULL: none */
     bool bad_input;      /* an input reference could not be resolved */
 } local_state;
 
@@ -33,7 +35,7 @@ static void local_on_sigint(int signo) {
 
 static void local_usage(FILE *out) {
     fprintf(out,
-            "usage: strata-worker run --kind KIND --spec JSON|@FILE [--out DIR]\n"
+            "usage: strata-worker run --kind KIND --spec JSON|@FILE [--out DIR] [--resume DIR]\n"
             "\n"
             "Runs one job here, without a server, and prints its result as JSON.\n"
             "Inputs are {\"path\": \"x.npy\"} or, per layer, {\"path\": \"dir\"} holding\n"
@@ -47,9 +49,11 @@ static void local_usage(FILE *out) {
             "or Flan JSONL file (\"format\" tells them apart when the content does not);\n"
             "an adapter is {\"path\": \"dir\"} with adapter_config.json.\n"
             "\n"
-            "  --kind KIND   job kind (cka, predict)\n"
+            "  --kind KIND   job kind (cka, predict, train)\n"
             "  --spec SPEC   the job spec as JSON, or @FILE to read it from FILE\n"
             "  --out DIR     where the job's output artifacts go (created if missing)\n"
+            "  --resume DIR  train: continue from the highest checkpoint-{step}-* set in DIR\n"
+            "                (an earlier run's --out)\n"
             "Exit status: 0 success, 2 bad arguments/spec/input, 1 other failure.\n");
 }
 
@@ -180,6 +184,31 @@ out:
     return rc;
 }
 
+/* --resume DIR: the highest complete checkpoint in DIR (an earlier run's
+ * --out); without --resume, none. A --resume DIR without a checkpoint is a
+ * bad argument, not a fresh start. */
+static int local_resolve_checkpoint(runner_ctx *ctx, char *dir, size_t dirlen, int64_t *step,
+                                    char *err, size_t errlen) {
+    local_state *st = ctx->user;
+    *step = 0;
+    if (!st->resume_dir) return 0;
+    if (train_find_checkpoint(st->resume_dir, step, err, errlen) != 0) {
+        st->bad_input = true;
+        return -1;
+    }
+    if (*step == 0) {
+        st->bad_input = true;
+        return err_set(err, errlen, "--resume %s: no checkpoint-{step}-trainer_state.json there",
+                       st->resume_dir);
+    }
+    int n = snprintf(dir, dirlen, "%s", st->resume_dir);
+    if (n < 0 || (size_t)n >= dirlen) {
+        st->bad_input = true;
+        return err_set(err, errlen, "--resume: path too long");
+    }
+    return 0;
+}
+
 static void local_progress(runner_ctx *ctx, int64_t step, int64_t total, const char *message) {
     (void)ctx;
     fprintf(stderr, "progress %lld/%lld %s\n", (long long)step, (long long)total,
@@ -302,7 +331,7 @@ static const char *local_option(int argc, char **argv, int *i, const char *name,
 }
 
 int local_main(int argc, char **argv) {
-    const char *kind = NULL, *spec_arg = NULL, *out_dir = NULL;
+    const char *kind = NULL, *spec_arg = NULL, *out_dir = NULL, *resume_dir = NULL;
     for (int i = 1; i < argc; i++) {
         bool missing = false;
         const char *v;
@@ -316,6 +345,8 @@ int local_main(int argc, char **argv) {
             spec_arg = v;
         else if ((v = local_option(argc, argv, &i, "--out", &missing)) != NULL)
             out_dir = v;
+        else if ((v = local_option(argc, argv, &i, "--resume", &missing)) != NULL)
+            resume_dir = v;
         if (missing) {
             fprintf(stderr, "strata-worker run: %s needs a value\n", argv[i]);
             return 2;
@@ -332,7 +363,7 @@ int local_main(int argc, char **argv) {
         return 2;
     }
     if (!runner_supports(kind)) {
-        fprintf(stderr, "strata-worker run: unknown job kind \"%s\" (this worker runs: cka, predict)\n",
+        fprintf(stderr, "strata-worker run: unknown job kind \"%s\" (this worker runs: cka, predict, train)\n",
                 kind);
         return 2;
     }
@@ -370,7 +401,12 @@ int local_main(int argc, char **argv) {
         goto out;
     }
 
-    local_state st = {out_dir, false};
+    if (resume_dir && strcmp(kind, "train") != 0) {
+        fprintf(stderr, "strata-worker run: --resume is for train jobs\n");
+        status = 2;
+        goto out;
+    }
+    local_state st = {out_dir, resume_dir, false};
     atomic_store(&local_cancel, 0);
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = local_on_sigint;
@@ -384,6 +420,7 @@ int local_main(int argc, char **argv) {
                       .progress = local_progress,
                       .log = local_log,
                       .add_artifact = local_add_artifact,
+                      .resolve_checkpoint = local_resolve_checkpoint,
                       .cancel = &local_cancel,
                       .work_dir = work_dir,
                       .user = &st};

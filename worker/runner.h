@@ -54,6 +54,16 @@ struct runner_ctx {
     /* Publishes the file at path as an output artifact called name. */
     int (*add_artifact)(runner_ctx *ctx, const char *name, const char *path, char *err,
                         size_t errlen);
+    /* Records one point of a metric series (e.g. "loss" at an optimizer step;
+     * may be NULL). The agent batches points to POST /jobs/{id}/metrics. */
+    void (*metric)(runner_ctx *ctx, const char *name, int64_t step, double value);
+    /* Finds the latest checkpoint an earlier attempt of this job left (may be
+     * NULL: never any). Returns 0 with *step 0 when there is none, or with
+     * *step > 0 and dir naming a local directory that holds that
+     * checkpoint's files under their artifact names
+     * (checkpoint-{step}-*). Returns -1 with err set when looking failed. */
+    int (*resolve_checkpoint)(runner_ctx *ctx, char *dir, size_t dirlen, int64_t *step,
+                              char *err, size_t errlen);
     /* Set to non-zero by the agent when the job is cancelled or the lease is
      * lost; long computations check it between steps and stop. */
     atomic_int *cancel;

@@ -14,6 +14,7 @@
 #include "worker/engine/template.h"
 #include "worker/engine/tok.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
@@ -500,11 +501,11 @@ out:
     return rc;
 }
 
-/* Reads every lora_A / lora_B tensor of adapter_init into job->lora; the
- * file must hold exactly those, with the bound shapes. */
-static int train_adapter_weights(train_job *job, const char *dir, char *err, size_t errlen) {
-    char path[4200], name[160];
-    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+/* Reads every lora_A / lora_B tensor of the adapter file at path (adapter_init's
+ * or a checkpoint's) into job->lora; the file must hold exactly those, with
+ * the bound shapes. */
+static int train_adapter_weights(train_job *job, const char *path, char *err, size_t errlen) {
+    char name[160];
     st_file f;
     if (st_open(path, &f, err, errlen) != 0) return -1;
     const llama_config *cfg = &job->model.cfg;
@@ -577,9 +578,13 @@ static int train_make_lora(train_job *job, json_t *spec, runner_ctx *ctx, bool *
     if (llama_lora_bind(&job->lora, cfg, job->o.lora_r, scaling, job->o.target,
                         job->lora_params, err, errlen) != 0)
         return -1;
-    if (init) return train_adapter_weights(job, dir, err, errlen) != 0
-                         ? train_wrap(err, errlen, "adapter_init")
-                         : 0;
+    if (init) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+        return train_adapter_weights(job, path, err, errlen) != 0
+                   ? train_wrap(err, errlen, "adapter_init")
+                   : 0;
+    }
     sft_rng r;
     sft_rng_init(&r, job->o.seed, TRAIN_LORA_STREAM);
     for (int p = 0; p < LLAMA_NPROJ; p++) {
@@ -879,9 +884,10 @@ static int train_checkpoint(train_job *job, runner_ctx *ctx, int64_t step, sft_p
     if (rc != 0 || train_publish(ctx, name, path, artifacts, err, errlen) != 0) return -1;
 
     snprintf(name, sizeof name, "checkpoint-%lld-trainer_state.json", (long long)step);
-    json_t *state = json_pack("{s:I, s:I, s:I, s:I, s:O}", "step", (json_int_t)step, "epoch",
-                              (json_int_t)pos.epoch, "cursor", (json_int_t)pos.cursor, "seed",
-                              (json_int_t)job->o.seed, "losses", job->losses);
+    json_t *state = json_pack("{s:I, s:I, s:I, s:I, s:O, s:O, s:O}", "step", (json_int_t)step,
+                              "epoch", (json_int_t)pos.epoch, "cursor", (json_int_t)pos.cursor,
+                              "seed", (json_int_t)job->o.seed, "losses", job->losses,
+                              "learning_rates", job->lrs, "grad_norms", job->norms);
     char *text = state ? json_dumps(state, JSON_COMPACT) : NULL;
     json_decref(state);
     if (!text) return err_set(err, errlen, "out of memory");
@@ -939,10 +945,140 @@ static int train_make_optimizer(train_job *job, char *err, size_t errlen) {
     return rc;
 }
 
+/* Reads the full model's parameters from a checkpoint's model.safetensors
+ * (every tensor train_tensors names, with its shape, and nothing else). */
+static int train_read_weights(llama_model *m, const char *path, char *err, size_t errlen) {
+    train_tensor *t = NULL;
+    size_t n = train_tensors(m, &t);
+    if (n == 0) return err_set(err, errlen, "out of memory");
+    st_file f;
+    if (st_open(path, &f, err, errlen) != 0) {
+        free(t);
+        return -1;
+    }
+    int rc = -1;
+    for (size_t i = 0; i < n; i++) {
+        const st_tensor *x = st_find(&f, t[i].name);
+        if (!x) {
+            err_set(err, errlen, "%s: no tensor %s", path, t[i].name);
+            goto out;
+        }
+        if (x->ndim != t[i].ndim || x->shape[0] != t[i].rows ||
+            (t[i].ndim == 2 && x->shape[1] != t[i].cols)) {
+            err_set(err, errlen, "%s: tensor %s has another shape than the model's", path,
+                    t[i].name);
+            goto out;
+        }
+        if (st_to_f32(&f, x, t[i].data, err, errlen) != 0) goto out;
+    }
+    if (f.ntensors != n) {
+        err_set(err, errlen, "%s: %zu tensors, the model has %zu", path, f.ntensors, n);
+        goto out;
+    }
+    rc = 0;
+out:
+    st_close(&f);
+    free(t);
+    return rc;
+}
+
+/* Copies the first n numbers of the state's array key into *dst (replacing
+ * it). Returns 0, or -1 with err when the array is missing or short. */
+static int train_state_series(json_t *state, const char *key, int64_t n, json_t **dst,
+                              const char *path, char *err, size_t errlen) {
+    json_t *a = json_object_get(state, key);
+    if (!json_is_array(a) || json_array_size(a) < (size_t)n)
+        return err_set(err, errlen, "%s: %s must list the %lld steps taken", path, key,
+                       (long long)n);
+    json_t *copy = json_array();
+    for (int64_t i = 0; copy && i < n; i++) {
+        json_t *v = json_array_get(a, (size_t)i);
+        if (!json_is_number(v)) {
+            json_decref(copy);
+            return err_set(err, errlen, "%s: %s[%lld] is not a number", path, key, (long long)i);
+        }
+        json_array_append_new(copy, json_real(json_number_value(v)));
+    }
+    if (!copy) return err_set(err, errlen, "out of memory");
+    json_decref(*dst);
+    *dst = copy;
+    return 0;
+}
+
+/* Continues from the checkpoint of step in dir (files named as
+ * train_checkpoint publishes them): the parameters (model or adapter), the
+ * optimizer state, the trainer state's data position and the series so far.
+ * A checkpoint of another spec (seed, shapes, optimizer ranges, more steps
+ * than this run has) is refused. Returns 0 with *pos set, or -1 with err. */
+static int train_resume(train_job *job, const char *dir, int64_t step, int64_t total,
+                        sft_pos *pos, char *err, size_t errlen) {
+    char path[4200];
+    if (step > total)
+        return err_set(err, errlen, "checkpoint of step %lld is past this run's %lld steps",
+                       (long long)step, (long long)total);
+    snprintf(path, sizeof path, "%s/checkpoint-%lld-trainer_state.json", dir, (long long)step);
+    json_error_t jerr;
+    json_t *state = json_load_file(path, 0, &jerr);
+    if (!state) return err_set(err, errlen, "%s: %s", path, jerr.text);
+    int rc = -1;
+    json_t *v;
+    if (!json_is_integer(v = json_object_get(state, "step")) || json_integer_value(v) != step) {
+        err_set(err, errlen, "%s: step is not %lld", path, (long long)step);
+        goto out;
+    }
+    if (!json_is_integer(v = json_object_get(state, "seed")) ||
+        (uint64_t)json_integer_value(v) != job->o.seed) {
+        err_set(err, errlen, "%s: written with another seed", path);
+        goto out;
+    }
+    json_t *epoch = json_object_get(state, "epoch"), *cursor = json_object_get(state, "cursor");
+    if (!json_is_integer(epoch) || json_integer_value(epoch) < 0 || !json_is_integer(cursor) ||
+        json_integer_value(cursor) < 0) {
+        err_set(err, errlen, "%s: epoch and cursor must be integers >= 0", path);
+        goto out;
+    }
+    pos->epoch = (uint64_t)json_integer_value(epoch);
+    pos->cursor = (uint64_t)json_integer_value(cursor);
+    if (train_state_series(state, "losses", step, &job->losses, path, err, errlen) != 0 ||
+        train_state_series(state, "learning_rates", step, &job->lrs, path, err, errlen) != 0 ||
+        train_state_series(state, "grad_norms", step, &job->norms, path, err, errlen) != 0)
+        goto out;
+
+    snprintf(path, sizeof path, "%s/checkpoint-%lld-%s.safetensors", dir, (long long)step,
+             job->o.lora ? "adapter_model" : "model");
+    if ((job->o.lora ? train_adapter_weights(job, path, err, errlen)
+                     : train_read_weights(&job->model, path, err, errlen)) != 0)
+        goto out;
+
+    snprintf(path, sizeof path, "%s/checkpoint-%lld-optimizer.bin", dir, (long long)step);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        err_set(err, errlen, "open %s: %s", path, strerror(errno));
+        goto out;
+    }
+    int orc = adamw_read_file(job->opt, f, err, errlen);
+    fclose(f);
+    if (orc != 0) {
+        train_wrap(err, errlen, "%s", path);
+        goto out;
+    }
+    if (adamw_steps(job->opt) != step) {
+        err_set(err, errlen, "%s: the optimizer has taken %lld steps, not %lld", path,
+                (long long)adamw_steps(job->opt), (long long)step);
+        goto out;
+    }
+    for (int64_t k = job->o.save_steps; job->o.save_steps > 0 && k <= step; k += job->o.save_steps)
+        json_array_append_new(job->checkpoints, json_integer(k));
+    rc = 0;
+out:
+    json_decref(state);
+    return rc;
+}
+
 /* The training loop; see train.h. */
-static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_t total,
-                      size_t *tokens_out, bool *retryable, bool *cancelled, char *err,
-                      size_t errlen) {
+static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_t start,
+                      sft_pos start_pos, int64_t total, size_t *tokens_out, bool *retryable,
+                      bool *cancelled, char *err, size_t errlen) {
     const backend *be = backend_cpu();
     sft_loader loader;
     sft_step step;
@@ -960,9 +1096,13 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
         *retryable = train_oom(err);
         goto out;
     }
+    if (start > 0 && sft_loader_seek(&loader, start_pos, err, errlen) != 0) {
+        train_wrap(err, errlen, "checkpoint of step %lld", (long long)start);
+        goto out;
+    }
     size_t tokens = 0;
     double started = util_now_seconds();
-    for (int64_t k = 0; k < total; k++) {
+    for (int64_t k = start; k < total; k++) {
         if (sft_loader_next(&loader, &step, err, errlen) != 0) {
             *retryable = train_oom(err);
             goto out;
@@ -1016,10 +1156,16 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
         json_array_append_new(job->losses, json_real(loss));
         json_array_append_new(job->lrs, json_real(lr));
         json_array_append_new(job->norms, json_real(norm));
+        if (ctx->metric) {
+            ctx->metric(ctx, "loss", k + 1, loss);
+            ctx->metric(ctx, "learning_rate", k + 1, lr);
+            ctx->metric(ctx, "grad_norm", k + 1, norm);
+        }
         double elapsed = util_now_seconds() - started;
         double tps = elapsed > 0 ? (double)tokens / elapsed : 0.0;
         char message[128];
-        snprintf(message, sizeof message, "loss %.4f, %.0f tokens/s", loss, tps);
+        snprintf(message, sizeof message, "step %lld/%lld, loss %.4f, %.0f tokens/s",
+                 (long long)k + 1, (long long)total, loss, tps);
         if (ctx->progress) ctx->progress(ctx, k + 1, total, message);
         train_log(ctx, "step %lld/%lld: loss %.6f, lr %.3e, grad norm %.4f, epoch %llu, %.0f tokens/s",
                   (long long)k + 1, (long long)total, loss, lr, norm,
@@ -1103,9 +1249,30 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
               job.set.n_label, (long long)steps, spe,
               job.o.batch_size, job.o.grad_accum, longest, cfg->hidden_size,
               cfg->num_hidden_layers, cfg->vocab_size, adamw_trainable(job.opt));
+    int64_t resumed = 0;
+    sft_pos pos = {0, 0};
+    if (ctx->resolve_checkpoint) {
+        char dir[4096];
+        if (ctx->resolve_checkpoint(ctx, dir, sizeof dir, &resumed, err, errlen) != 0) {
+            *retryable = true;
+            train_wrap(err, errlen, "checkpoint");
+            goto out;
+        }
+        if (resumed > 0) {
+            if (train_resume(&job, dir, resumed, steps, &pos, err, errlen) != 0) {
+                *retryable = train_oom(err);
+                train_wrap(err, errlen, "resume");
+                goto out;
+            }
+            train_log(ctx, "train: resumed from checkpoint step %lld (epoch %llu, cursor %llu)",
+                      (long long)resumed, (unsigned long long)pos.epoch,
+                      (unsigned long long)pos.cursor);
+        }
+    }
     size_t tokens = 0;
     double loop_start = util_now_seconds();
-    if (train_loop(&job, ctx, artifacts, steps, &tokens, retryable, cancelled, err, errlen) != 0)
+    if (train_loop(&job, ctx, artifacts, resumed, pos, steps, &tokens, retryable, cancelled, err,
+                   errlen) != 0)
         goto out;
     double loop_seconds = util_now_seconds() - loop_start;
     if (train_write_outputs(&job, ctx, artifacts, err, errlen) != 0) {
@@ -1125,6 +1292,7 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
                     (json_int_t)tokens, "seconds", util_now_seconds() - started,
                     "tokens_per_second", loop_seconds > 0 ? (double)tokens / loop_seconds : 0.0,
                     "checkpoints", job.checkpoints, "artifacts", artifacts);
+    if (out) json_object_set_new(out, "resumed_from", json_integer(resumed));
     if (out && job.o.mode == SFT_MODE_SFT)
         json_object_set_new(out, "template", json_string(tmpl_name(job.o.tmpl)));
     if (!out) {
@@ -1141,4 +1309,37 @@ out:
     train_job_free(&job);
     json_decref(artifacts);
     return rc;
+}
+
+bool train_checkpoint_name(const char *name, int64_t *step, const char **rest) {
+    static const char prefix[] = "checkpoint-";
+    size_t n = sizeof prefix - 1;
+    if (strncmp(name, prefix, n) != 0) return false;
+    const char *digits = name + n, *dash = strchr(digits, '-');
+    if (!dash || dash == digits || dash - digits > 18 || digits[0] == '0' || dash[1] == '\0')
+        return false;
+    int64_t v = 0;
+    for (const char *c = digits; c < dash; c++) {
+        if (*c < '0' || *c > '9') return false;
+        v = v * 10 + (*c - '0');
+    }
+    *step = v;
+    *rest = dash + 1;
+    return true;
+}
+
+int train_find_checkpoint(const char *dir, int64_t *step, char *err, size_t errlen) {
+    *step = 0;
+    DIR *d = opendir(dir);
+    if (!d) return err_set(err, errlen, "open %s: %s", dir, strerror(errno));
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        int64_t s;
+        const char *rest;
+        if (train_checkpoint_name(e->d_name, &s, &rest) &&
+            strcmp(rest, "trainer_state.json") == 0 && s > *step)
+            *step = s;
+    }
+    closedir(d);
+    return 0;
 }

@@ -35,8 +35,15 @@
  * or checkpoint-{step}-adapter_model.safetensors (lora), the trained
  * parameters as above; checkpoint-{step}-optimizer.bin (adamw_write_file);
  * checkpoint-{step}-trainer_state.json ({"step", "epoch", "cursor" (the data
- * position sft_loader_seek takes), "seed", "losses"}). The data order
- * depends only on (seed, epoch), so that is all a resumed run needs.
+ * position sft_loader_seek takes), "seed", "losses", "learning_rates",
+ * "grad_norms"}). The data order depends only on (seed, epoch), so that is
+ * all a resumed run needs.
+ *
+ * Resume: when ctx->resolve_checkpoint names a checkpoint (an earlier
+ * attempt's), the run loads its parameters, optimizer state, data position
+ * and series, and continues with step + 1; the steps after it are the same
+ * as an uninterrupted run's (same arithmetic in the same order). Each step's
+ * loss, learning rate and gradient norm also go to ctx->metric.
  *
  * Memory: the model; full: its gradient and AdamW's two moments (4 float32
  * copies of the parameters in all); lora: the adapter 4 times; plus the
@@ -48,17 +55,30 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 /* Runs a train job (spec already validated). Returns 0 with *result (caller
  * owns it): {"method", "mode", "template" (sft only), "examples",
  * "truncated", "steps", "steps_per_epoch", "losses" (one per optimizer step),
  * "learning_rates", "grad_norms" (before clipping), "final_loss",
  * "trainable_parameters", "tokens", "seconds", "tokens_per_second",
- * "checkpoints" (steps saved), "artifacts"}. Returns -1 with err set;
+ * "checkpoints" (steps saved), "resumed_from" (the checkpoint step continued
+ * from; 0 for none), "artifacts"}. Returns -1 with err set;
  * *retryable for resolver failures, writing outputs and running out of
  * memory, not for bad inputs or a diverged loss (non-finite gradient norm);
  * *cancelled when ctx->cancel was set (checked between micro-batches). */
 int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, bool *cancelled,
               char *err, size_t errlen);
+
+/* Parses an artifact name checkpoint-{step}-{rest} (step a plain positive
+ * decimal); *rest points into name. Returns false for any other name. */
+bool train_checkpoint_name(const char *name, int64_t *step, const char **rest);
+
+/* The highest step whose checkpoint-{step}-trainer_state.json is in dir (the
+ * trainer state is written last, so its presence marks a complete set), or
+ * *step 0 when there is none. Returns 0, or -1 with err when dir cannot be
+ * read. */
+int train_find_checkpoint(const char *dir, int64_t *step, char *err, size_t errlen);
 
 #endif
