@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <ftw.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -25,8 +26,11 @@
 #include "common/util.h"
 #include "worker/client.h"
 #include "worker/runner.h"
+#include "worker/train.h"
 
 #define AGENT_LOG_FLUSH_BYTES ((size_t)64 << 10) /* wake the flusher past this */
+#define AGENT_METRIC_FLUSH 1000  /* metric points: wake the flusher past this */
+#define AGENT_METRIC_MAX 50000   /* pending points kept while the server is away */
 #define AGENT_LOG_MAX_BYTES ((size_t)1 << 20)    /* pending lines kept in an outage */
 #define AGENT_HEARTBEAT_TIMEOUT_S 15L
 #define AGENT_FINISH_GRACE_S 10.0 /* least time the final report is retried */
@@ -76,6 +80,8 @@ typedef struct {
     double lease_expires; /* wall clock, seconds since the epoch */
     buf_t logs;           /* pending log lines */
     size_t dropped_lines;
+    json_t *metrics;      /* pending metric points ({"name", "step", "value"}) */
+    size_t dropped_points;
 
     pthread_mutex_t flush_lock; /* keeps log batches in order */
 } agent_job;
@@ -735,6 +741,102 @@ static int agent_resolve_adapter(runner_ctx *ctx, json_t *ref, char *path, size_
     return 0;
 }
 
+/* One checkpoint artifact of the job itself (checkpoint-{step}-{rest}). */
+typedef struct {
+    int64_t id, step;
+    char name[256];
+    char sha256[SHA256_HEX_LEN];
+} agent_ckpt_file;
+
+typedef struct {
+    agent_ckpt_file *files;
+    size_t n, cap;
+} agent_ckpt_set;
+
+/* Collects the checkpoint artifacts of a page of the job's own list. */
+static int agent_ckpt_page(json_t *items, void *state, char *err, size_t errlen) {
+    agent_ckpt_set *set = state;
+    size_t i;
+    json_t *item;
+    json_array_foreach(items, i, item) {
+        const char *name = json_string_value(json_object_get(item, "name"));
+        const char *sha256 = json_string_value(json_object_get(item, "sha256"));
+        json_t *idv = json_object_get(item, "id");
+        int64_t step;
+        const char *rest;
+        if (!name || strlen(name) >= sizeof set->files[0].name ||
+            !train_checkpoint_name(name, &step, &rest))
+            continue;
+        if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
+            return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
+        if (set->n == set->cap) {
+            size_t cap = set->cap ? 2 * set->cap : 16;
+            agent_ckpt_file *grown = realloc(set->files, cap * sizeof *grown);
+            if (!grown) return err_set(err, errlen, "out of memory");
+            set->files = grown;
+            set->cap = cap;
+        }
+        agent_ckpt_file *f = &set->files[set->n++];
+        f->id = (int64_t)json_integer_value(idv);
+        f->step = step;
+        snprintf(f->name, sizeof f->name, "%s", name);
+        snprintf(f->sha256, sizeof f->sha256, "%s", sha256);
+    }
+    return 0;
+}
+
+/* The latest checkpoint an earlier attempt of this job uploaded: lists the
+ * job's own artifacts, takes the highest step that has its
+ * trainer_state.json (written last, so the set is complete), and downloads
+ * that step's files (the newest artifact of each name: a later attempt may
+ * have uploaded the same name again) into work_dir/checkpoint-{step}/.
+ * *step 0 when there is none. */
+static int agent_resolve_checkpoint(runner_ctx *ctx, char *dir, size_t dirlen, int64_t *step,
+                                    char *err, size_t errlen) {
+    agent_job *job = ctx->user;
+    agent_ckpt_set set = {NULL, 0, 0};
+    int rc = -1;
+    *step = 0;
+    if (agent_list_job_artifacts(job, job->id, agent_ckpt_page, &set, err, errlen) != 0)
+        goto out;
+    int64_t best = 0;
+    for (size_t i = 0; i < set.n; i++) {
+        const char *rest = NULL;
+        int64_t s;
+        if (train_checkpoint_name(set.files[i].name, &s, &rest) &&
+            strcmp(rest, "trainer_state.json") == 0 && s > best)
+            best = s;
+    }
+    if (best == 0) {
+        rc = 0;
+        goto out;
+    }
+    int n = snprintf(dir, dirlen, "%s/checkpoint-%lld", job->work_dir, (long long)best);
+    if (n < 0 || (size_t)n >= dirlen) {
+        err_set(err, errlen, "work directory path too long");
+        goto out;
+    }
+    if (util_mkdirs(dir, 0700, err, errlen) != 0) goto out;
+    for (size_t i = 0; i < set.n; i++) {
+        const agent_ckpt_file *f = &set.files[i];
+        bool newest = f->step == best;
+        for (size_t j = 0; j < set.n && newest; j++)
+            if (j != i && strcmp(set.files[j].name, f->name) == 0 && set.files[j].id > f->id)
+                newest = false;
+        if (!newest) continue;
+        char path[PATH_MAX];
+        if (agent_join(path, sizeof path, dir, f->name, err, errlen) != 0 ||
+            agent_download(job, f->id, f->sha256, path, err, errlen) != 0)
+            goto out;
+    }
+    log_info("job %lld: resuming from checkpoint %lld", (long long)job->id, (long long)best);
+    *step = best;
+    rc = 0;
+out:
+    free(set.files);
+    return rc;
+}
+
 static void agent_progress(runner_ctx *ctx, int64_t step, int64_t total, const char *message) {
     agent_job *job = ctx->user;
     pthread_mutex_lock(&job->lock);
@@ -789,6 +891,77 @@ static int agent_add_artifact(runner_ctx *ctx, const char *name, const char *pat
     if (status != 200 && status != 201) return -1;
     log_info("job %lld: uploaded %s", (long long)job->id, name);
     return 0;
+}
+
+/* Queues one metric point for the next flush (with the heartbeat, or sooner
+ * when many are pending). Past AGENT_METRIC_MAX pending points (a long
+ * outage) new points are counted and dropped. */
+static void agent_metric(runner_ctx *ctx, const char *name, int64_t step, double value) {
+    agent_job *job = ctx->user;
+    json_t *point = isfinite(value)
+                        ? json_pack("{s:s, s:I, s:f}", "name", name, "step", (json_int_t)step,
+                                    "value", value)
+                        : NULL;
+    pthread_mutex_lock(&job->lock);
+    if (point && (!job->metrics || json_array_size(job->metrics) >= AGENT_METRIC_MAX)) {
+        json_decref(point);
+        point = NULL;
+    }
+    /* json_array_append_new releases the point when it fails */
+    if (!point || json_array_append_new(job->metrics, point) != 0) {
+        job->dropped_points++;
+    } else if (json_array_size(job->metrics) >= AGENT_METRIC_FLUSH) {
+        pthread_cond_signal(&job->wake);
+    }
+    pthread_mutex_unlock(&job->lock);
+}
+
+/* Posts the pending metric points with client c, in order. Points the server
+ * could not take because it is away go back in front of newer ones; returns
+ * -1 then, 0 otherwise (sent, nothing to send, or refused for good). */
+static int agent_flush_metrics(agent_job *job, client *c) {
+    pthread_mutex_lock(&job->flush_lock);
+    pthread_mutex_lock(&job->lock);
+    json_t *batch = job->metrics;
+    job->metrics = json_array();
+    size_t dropped = job->dropped_points;
+    job->dropped_points = 0;
+    pthread_mutex_unlock(&job->lock);
+    bool transient = false;
+    if (dropped > 0)
+        log_warn("job %lld: %zu metric points dropped", (long long)job->id, dropped);
+    if (!batch || json_array_size(batch) == 0) goto out;
+
+    char url[128], err[ERR_LEN];
+    snprintf(url, sizeof url, "/api/v1/jobs/%lld/metrics", (long long)job->id);
+    json_t *body = json_pack("{s:O}", "points", batch), *answer = NULL;
+    long status = 0;
+    int rc = body ? client_json(c, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S, &status,
+                                &answer, &transient, err, sizeof err)
+                  : err_set(err, sizeof err, "out of memory");
+    json_decref(body);
+    json_decref(answer);
+    if (rc == 0 && status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
+    else if (rc == 0 && (status < 200 || status >= 300))
+        log_warn("job %lld: metric points rejected (HTTP %ld)", (long long)job->id, status);
+    else if (rc != 0 && !transient)
+        log_warn("job %lld: sending metric points: %s", (long long)job->id, err);
+    if (rc != 0 && transient) {
+        pthread_mutex_lock(&job->lock);
+        size_t newer = job->metrics ? json_array_size(job->metrics) : 0;
+        if (job->metrics && json_array_size(batch) + newer <= AGENT_METRIC_MAX &&
+            json_array_extend(batch, job->metrics) == 0) {
+            json_decref(job->metrics);
+            job->metrics = json_incref(batch);
+        } else {
+            job->dropped_points += json_array_size(batch);
+        }
+        pthread_mutex_unlock(&job->lock);
+    }
+out:
+    json_decref(batch);
+    pthread_mutex_unlock(&job->flush_lock);
+    return transient ? -1 : 0;
 }
 
 /* ---- heartbeat thread ---- */
@@ -936,7 +1109,8 @@ static void *agent_beat_main(void *arg) {
         }
         pthread_cond_timedwait(&job->wake, &job->lock, &until);
         if (job->done) break;
-        bool big_batch = job->logs.len >= AGENT_LOG_FLUSH_BYTES;
+        bool big_batch = job->logs.len >= AGENT_LOG_FLUSH_BYTES ||
+                         json_array_size(job->metrics) >= AGENT_METRIC_FLUSH;
         pthread_mutex_unlock(&job->lock);
 
         int signals = atomic_load(&agent_signals);
@@ -951,7 +1125,10 @@ static void *agent_beat_main(void *arg) {
             }
         }
         bool beat_due = util_now_seconds() >= next_beat;
-        if (big_batch || beat_due) agent_flush_logs(job, &job->a->beat_client);
+        if (big_batch || beat_due) {
+            agent_flush_logs(job, &job->a->beat_client);
+            agent_flush_metrics(job, &job->a->beat_client);
+        }
         if (beat_due) {
             agent_heartbeat(job);
             next_beat = util_now_seconds() + period;
@@ -1039,6 +1216,7 @@ static void agent_run_job(agent *a, json_t *claimed) {
     pthread_mutex_init(&job.flush_lock, NULL);
     pthread_cond_init(&job.wake, NULL);
     buf_init(&job.logs, AGENT_LOG_MAX_BYTES);
+    job.metrics = json_array();
     double expires;
     const char *lease = json_string_value(json_object_get(claimed, "lease_expires_at"));
     job.lease_expires = (lease && client_parse_time(lease, &expires) == 0)
@@ -1095,6 +1273,8 @@ static void agent_run_job(agent *a, json_t *claimed) {
                       .progress = agent_progress,
                       .log = agent_log_line,
                       .add_artifact = agent_add_artifact,
+                      .metric = agent_metric,
+                      .resolve_checkpoint = agent_resolve_checkpoint,
                       .cancel = &job.cancel,
                       .work_dir = job.work_dir,
                       .user = &job};
@@ -1133,7 +1313,9 @@ report:
         if (deadline < agent_wall_now() + AGENT_FINISH_GRACE_S)
             deadline = agent_wall_now() + AGENT_FINISH_GRACE_S;
         agent_stop stop = {.flag = &agent_signals, .threshold = 2};
-        for (unsigned attempt = 0; agent_flush_logs(&job, &a->main_client) != 0; attempt++) {
+        for (unsigned attempt = 0;; attempt++) {
+            int logs_rc = agent_flush_logs(&job, &a->main_client);
+            if (agent_flush_metrics(&job, &a->main_client) == 0 && logs_rc == 0) break;
             if (agent_stopped(stop) || agent_wall_now() >= deadline) break;
             agent_sleep(client_backoff_seconds(attempt, agent_jitter()), stop);
         }
@@ -1168,6 +1350,7 @@ report:
     json_decref(result);
     agent_remove_tree(job.work_dir);
     buf_free(&job.logs);
+    json_decref(job.metrics);
     pthread_cond_destroy(&job.wake);
     pthread_mutex_destroy(&job.flush_lock);
     pthread_mutex_destroy(&job.lock);
