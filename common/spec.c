@@ -624,7 +624,8 @@ static int spec_validate_train(json_t *spec, enum spec_mode mode, json_t *errors
 }
 
 bool spec_known_kind(const char *kind) {
-    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0);
+    return kind && (strcmp(kind, "cka") == 0 || strcmp(kind, "predict") == 0 ||
+                     strcmp(kind, "train") == 0);
 }
 
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors) {
