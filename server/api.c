@@ -1038,7 +1038,7 @@ const http_route api_routes[] = {
     {"GET", "/api/v1/jobs/{id}/metrics", RW, HTTP_BODY_NONE, api_job_metrics_get, NULL},
     {"POST", "/api/v1/jobs/{id}/metrics", WK, HTTP_BODY_JSON, api_job_metrics_add, NULL},
     {"POST", "/api/v1/jobs/{id}/heartbeat", WK, HTTP_BODY_JSON, api_job_heartbeat, NULL},
-    {"POST", "/api/v1/jobs/{id}/complete", WK, HTTP_BODY_JSON, api_job_complete, NULL},
+    {"POST", "/api/v1/jobs/{id}/complete", WK, HTTP_BODY_RESULT, api_job_complete, NULL},
     {"POST", "/api/v1/jobs/{id}/fail", WK, HTTP_BODY_JSON, api_job_fail, NULL},
     {"POST", "/api/v1/jobs/{id}/release", WK, HTTP_BODY_JSON, api_job_release, NULL},
     {"POST", "/api/v1/workers", WK, HTTP_BODY_JSON, api_workers_register, NULL},

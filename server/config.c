@@ -36,6 +36,8 @@ static const cfg_option cfg_options[] = {
      "JSON/text body limit in bytes (default 1048576)"},
     {"STRATA_MAX_UPLOAD", "--max-upload", CFG_I64, CFG_S(max_upload), 1, INT64_C(1) << 50,
      "artifact size limit in bytes (default 68719476736)"},
+    {"STRATA_MAX_RESULT", "--max-result", CFG_I64, CFG_S(max_result), 1024, INT64_C(1) << 40,
+     "job result (complete) body limit in bytes (default 67108864)"},
     {"STRATA_LEASE_S", "--lease-s", CFG_INT, CFG_S(lease_s), 1, 86400,
      "job lease in seconds (default 60)"},
     {"STRATA_REAPER_INTERVAL_S", "--reaper-interval-s", CFG_INT, CFG_S(reaper_interval_s), 1,
@@ -141,6 +143,7 @@ int cfg_load(cfg_t *cfg, int argc, char **argv, int first, char **rest, int *nre
     cfg->port = 8080;
     cfg->max_body = 1048576;
     cfg->max_upload = INT64_C(68719476736);
+    cfg->max_result = INT64_C(67108864);
     cfg->lease_s = 60;
     cfg->reaper_interval_s = 5;
     cfg->retry_base_s = 5;

@@ -18,6 +18,7 @@ typedef struct {
     int port;                     /* STRATA_PORT */
     int64_t max_body;             /* STRATA_MAX_BODY */
     int64_t max_upload;           /* STRATA_MAX_UPLOAD */
+    int64_t max_result;           /* STRATA_MAX_RESULT: a job's completion body */
     int lease_s;                  /* STRATA_LEASE_S */
     int reaper_interval_s;        /* STRATA_REAPER_INTERVAL_S */
     int retry_base_s;             /* STRATA_RETRY_BASE_S */

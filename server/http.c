@@ -321,6 +321,16 @@ static int http_authenticate(http_req *req) {
 /* The first call for a request: route, authenticate, check the announced
  * size, run the route's precheck and open the upload. Any failure replies at
  * once (before the body is read). */
+/* The most bytes a route's body may have: uploads and job results have their
+ * own limits, everything else STRATA_MAX_BODY. */
+static int64_t http_body_limit(const http_req *req) {
+    switch (req->route->body) {
+    case HTTP_BODY_UPLOAD: return req->srv->cfg->max_upload;
+    case HTTP_BODY_RESULT: return req->srv->cfg->max_result;
+    default: return req->srv->cfg->max_body;
+    }
+}
+
 static void http_begin(http_req *req) {
     srv_t *srv = req->srv;
     bool path_known;
@@ -333,8 +343,7 @@ static void http_begin(http_req *req) {
         return;
     }
     if (req->route->roles && http_authenticate(req) != 0) return;
-    int64_t limit = req->route->body == HTTP_BODY_UPLOAD ? srv->cfg->max_upload
-                                                         : srv->cfg->max_body;
+    int64_t limit = http_body_limit(req);
     const char *length = http_header(req, MHD_HTTP_HEADER_CONTENT_LENGTH);
     int64_t announced;
     if (length && util_parse_i64(length, 0, INT64_MAX, &announced) == 0 && announced > limit) {
@@ -345,7 +354,7 @@ static void http_begin(http_req *req) {
         return;
     }
     if (req->route->precheck && req->route->precheck(req) != 0) return;
-    buf_init(&req->body, (size_t)srv->cfg->max_body);
+    buf_init(&req->body, (size_t)limit);
     if (req->route->body == HTTP_BODY_UPLOAD) {
         char err[ERR_LEN];
         req->upload = art_upload_begin(srv->cfg->tmp_dir, err, sizeof err);
@@ -380,7 +389,7 @@ static void http_body_data(http_req *req, const char *data, size_t len) {
     if (buf_append(&req->body, data, len) != 0) {
         req->pending_status = 413;
         snprintf(req->pending_detail, sizeof req->pending_detail,
-                 "body is over the limit of %lld bytes", (long long)req->srv->cfg->max_body);
+                 "body is over the limit of %lld bytes", (long long)http_body_limit(req));
     }
 }
 
@@ -390,7 +399,8 @@ static void http_finish(http_req *req) {
         http_reply_problem(req, req->pending_status, req->pending_detail, NULL);
         return;
     }
-    if (req->route->body == HTTP_BODY_JSON && req->body.len > 0) {
+    if ((req->route->body == HTTP_BODY_JSON || req->route->body == HTTP_BODY_RESULT) &&
+        req->body.len > 0) {
         json_error_t jerr;
         req->json = json_loadb(req->body.data, req->body.len, JSON_REJECT_DUPLICATES, &jerr);
         if (!req->json) {

@@ -23,6 +23,8 @@
 enum http_body {
     HTTP_BODY_NONE,   /* ignored (still bounded by STRATA_MAX_BODY) */
     HTTP_BODY_JSON,   /* parsed into req->json (NULL when empty) */
+    HTTP_BODY_RESULT, /* JSON too, bounded by STRATA_MAX_RESULT: a long train job's
+                         result carries every step's loss */
     HTTP_BODY_TEXT,   /* kept in req->body */
     HTTP_BODY_UPLOAD  /* streamed into req->upload, bounded by STRATA_MAX_UPLOAD */
 };

@@ -46,4 +46,19 @@ expect_eq "not cancelled" false "$(jbody .cancel_requested)"
 TOKEN=$A api POST "/api/v1/jobs/$job/heartbeat" -H 'Content-Type: application/json' -H "Strata-Worker: 999999" --data-binary '{}'
 expect_problem "heartbeat as an unknown worker" 409
 
+# A long train job's result (every step's loss) is larger than STRATA_MAX_BODY
+# (1 MiB here): the completion body has its own limit, STRATA_MAX_RESULT.
+"$PY" -c 'import json; print(json.dumps({"result": {"losses": [1.0 + i / 1e6 for i in range(150000)]}}))' \
+    >"$TD/big_result.json"
+expect_true "the result is over 1 MiB" test "$(stat -c %s "$TD/big_result.json")" -gt 1048576
+TOKEN=$A api POST "/api/v1/jobs/$job/complete" -H 'Content-Type: application/json' \
+    -H "Strata-Worker: $wa" --data-binary "@$TD/big_result.json"
+expect_status "complete with a 2 MB result" 200
+job_get "$job"
+expect_eq "job succeeded" succeeded "$(jbody .state)"
+expect_eq "every loss stored" 150000 "$(jbody '.result.losses | length')"
+# Other JSON bodies keep the small limit.
+TOKEN=$ADMIN api POST /api/v1/jobs -H 'Content-Type: application/json' --data-binary "@$TD/big_result.json"
+expect_problem "a 2 MB job submission" 413
+
 it_done
