@@ -260,7 +260,12 @@ static int train_load_init_tokenizer(train_job *job, json_t *ref, int vocab, run
         if (file) train_dirname(path, path, sizeof path); /* a llama2.c .bin: its directory */
         file = false;
     } else {
-        if (ctx->resolve_file(ctx, ref, path, sizeof path, err, errlen) != 0) {
+        /* A local path may be a directory (an empty one means the byte-level
+         * tokenizer), which resolve_file refuses; resolve_model takes both. */
+        bool local = json_object_get(ref, "path") && ctx->resolve_model;
+        int got = local ? ctx->resolve_model(ctx, ref, path, sizeof path, err, errlen)
+                        : ctx->resolve_file(ctx, ref, path, sizeof path, err, errlen);
+        if (got != 0) {
             *retryable = true;
             return train_wrap(err, errlen, "tokenizer");
         }
