@@ -183,7 +183,9 @@ static bool spec_is_one_of(json_t *v, const char *const *choices) {
     return false;
 }
 
-static const char *const spec_predict_model_ids[] = {"model", NULL};
+/* A predict's model: registered, or the output of a full fine-tuning train
+ * job (the server checks the job's kind and method). */
+static const char *const spec_predict_model_ids[] = {"model", "job", NULL};
 static const char *const spec_predict_adapter_ids[] = {"job", "artifact", NULL};
 static const char *const spec_predict_dataset_ids[] = {"dataset", NULL};
 static const char *const spec_templates[] = {"llama2", "alpaca", "default", "vanilla", NULL};
@@ -220,8 +222,8 @@ static int spec_validate_predict(json_t *spec, enum spec_mode mode, json_t *erro
         char field[80];
         snprintf(field, sizeof field, "spec.%s", key);
         if (strcmp(key, "model") == 0) {
-            spec_check_ref_of(value, field, spec_predict_model_ids, "{\"model\": 3}", mode,
-                              errors);
+            spec_check_ref_of(value, field, spec_predict_model_ids,
+                              "{\"model\": 3} or {\"job\": 12} (a full train job)", mode, errors);
         } else if (strcmp(key, "adapter") == 0) {
             /* null: no adapter, as when the field is left out */
             if (!json_is_null(value))
@@ -636,7 +638,7 @@ int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *e
     if (kind && strcmp(kind, "cka") == 0) return spec_validate_cka(spec, mode, errors);
     if (kind && strcmp(kind, "predict") == 0) return spec_validate_predict(spec, mode, errors);
     if (kind && strcmp(kind, "train") == 0) return spec_validate_train(spec, mode, errors);
-    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict)",
+    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict, train)",
                kind ? kind : "");
     return -1;
 }

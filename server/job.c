@@ -23,7 +23,9 @@ static const char JOB_SQL_LOCK_DEPS[] =
     "SELECT id, state FROM jobs WHERE id = ANY($1::bigint[]) FOR SHARE";
 static const char JOB_SQL_ARTIFACT_EXISTS[] = "SELECT 1 FROM artifacts WHERE id = $1";
 static const char JOB_SQL_EXISTS[] = "SELECT 1 FROM jobs WHERE id = $1";
-static const char JOB_SQL_KIND[] = "SELECT kind FROM jobs WHERE id = $1";
+/* A train job's method defaults to "lora", as its spec validation does. */
+static const char JOB_SQL_KIND[] =
+    "SELECT kind, COALESCE(spec->>'method', 'lora') FROM jobs WHERE id = $1";
 static const char JOB_SQL_INSERT[] =
     "INSERT INTO jobs (kind, name, state, spec, priority, max_attempts, resources, owner_id,"
     " error, finished_at)"
@@ -377,8 +379,9 @@ static int job_id_array(buf_t *b, const int64_t *ids, size_t n) {
  * {"model": ID}, {"dataset": ID} at its top level) exist, appending
  * "spec.KEY.artifact" / "spec.KEY.job" / ... errors. A job input must be a
  * predict job (only those write hidden_states_{layer} artifacts), except a
- * predict spec's "adapter", which comes from a train job: anything else
- * would fail on a worker instead of here. */
+ * predict spec's "model" (a train job with method "full", which writes
+ * config.json + model.safetensors) and an "adapter" / "adapter_init" (a
+ * "lora" train job): anything else would fail on a worker instead of here. */
 static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *status,
                                char *err, size_t errlen) {
     const char *key;
@@ -403,13 +406,25 @@ static int job_check_spec_refs(PGconn *conn, json_t *spec, json_t *errors, int *
                 if (db_exec(conn, k == 0 ? JOB_SQL_ARTIFACT_EXISTS : JOB_SQL_KIND, 1, params,
                             &res, NULL, err, errlen) != 0)
                     return job_db_error(conn, status);
-                const char *want = strcmp(key, "adapter") == 0 ? "train" : "predict";
+                /* A predict's "model" job is a full fine-tuning run, its
+                 * "adapter" job a LoRA run; other job inputs are predicts. */
+                bool is_model = strcmp(key, "model") == 0;
+                bool is_adapter = strcmp(key, "adapter") == 0 || strcmp(key, "adapter_init") == 0;
+                const char *want = is_model || is_adapter ? "train" : "predict";
+                const char *what = is_model     ? "models"
+                                   : is_adapter ? "adapters"
+                                                : "per-layer inputs";
+                const char *method = is_model ? "full" : is_adapter ? "lora" : NULL;
                 if (PQntuples(res) == 0)
                     snprintf(message, sizeof message, "no %s %s", kinds[k], id_text);
                 else if (k == 1 && strcmp(PQgetvalue(res, 0, 0), want) != 0)
                     snprintf(message, sizeof message, "job %s is a %s job; %s come from a %s job",
-                             id_text, PQgetvalue(res, 0, 0),
-                             strcmp(want, "train") == 0 ? "adapters" : "per-layer inputs", want);
+                             id_text, PQgetvalue(res, 0, 0), what, want);
+                else if (k == 1 && method && strcmp(PQgetvalue(res, 0, 1), method) != 0)
+                    snprintf(message, sizeof message,
+                             "job %s is a %s train job; %s come from a \"%s\" train job%s",
+                             id_text, PQgetvalue(res, 0, 1), what, method,
+                             is_model ? " (name a LoRA job as \"adapter\")" : "");
                 PQclear(res);
             }
             if (message[0])

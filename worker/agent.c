@@ -489,6 +489,93 @@ static int agent_shared_path(agent_job *job, const char *what, const char *path,
     return 0;
 }
 
+/* The newest artifact of each of up to AGENT_MAX_NAMED names in a job's
+ * artifact list (ids[k] stays 0 for a name the job does not have). */
+#define AGENT_MAX_NAMED 5
+typedef struct {
+    const char *const *names;
+    size_t n;
+    int64_t ids[AGENT_MAX_NAMED];
+    char sha256[AGENT_MAX_NAMED][SHA256_HEX_LEN];
+} agent_named_refs;
+
+/* Keeps the newest artifact of each wanted name on one page. */
+static int agent_named_page(json_t *items, void *state, char *err, size_t errlen) {
+    agent_named_refs *refs = state;
+    size_t i;
+    json_t *item;
+    json_array_foreach(items, i, item) {
+        const char *name = json_string_value(json_object_get(item, "name"));
+        const char *sha256 = json_string_value(json_object_get(item, "sha256"));
+        json_t *idv = json_object_get(item, "id");
+        for (size_t k = 0; k < refs->n && name; k++) {
+            if (strcmp(name, refs->names[k]) != 0) continue;
+            if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
+                return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
+            int64_t id = (int64_t)json_integer_value(idv);
+            if (id < refs->ids[k]) continue;
+            refs->ids[k] = id;
+            snprintf(refs->sha256[k], SHA256_HEX_LEN, "%s", sha256);
+        }
+    }
+    return 0;
+}
+
+/* Downloads every artifact refs found into dir (created) under its name.
+ * Returns 0, or -1 with err set. */
+static int agent_fetch_named(agent_job *job, const agent_named_refs *refs, const char *dir,
+                             char *err, size_t errlen) {
+    if (util_mkdirs(dir, 0700, err, errlen) != 0) return -1;
+    for (size_t k = 0; k < refs->n; k++) {
+        if (refs->ids[k] == 0) continue;
+        char file_path[PATH_MAX];
+        if (agent_join(file_path, sizeof file_path, dir, refs->names[k], err, errlen) != 0)
+            return -1;
+        if (agent_download(job, refs->ids[k], refs->sha256[k], file_path, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* The two files of a PEFT adapter, as a train job publishes them. */
+static const char *const agent_adapter_files[] = {"adapter_config.json",
+                                                  "adapter_model.safetensors"};
+
+/* A full fine-tuning job's Hugging Face checkpoint: the first two are
+ * required, the tokenizer's files are taken when the job has them. */
+static const char *const agent_full_files[] = {"config.json", "model.safetensors",
+                                               "tokenizer.json", "tokenizer_config.json",
+                                               "special_tokens_map.json"};
+#define AGENT_FULL_REQUIRED 2
+_Static_assert(sizeof agent_full_files / sizeof agent_full_files[0] <= AGENT_MAX_NAMED,
+               "agent_named_refs holds AGENT_MAX_NAMED names");
+
+/* {"job": ID} (a full fine-tuning train job; the server has checked the
+ * kind and method): downloads the newest config.json, model.safetensors and
+ * whichever tokenizer files the job published into work_dir/model-job-ID/.
+ * A job without the first two (a LoRA job) is a permanent input error. */
+static int agent_resolve_model_job(agent_job *job, json_t *ref, char *path, size_t pathlen,
+                                   char *err, size_t errlen) {
+    int64_t source;
+    if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
+    agent_named_refs refs = {.names = agent_full_files,
+                             .n = sizeof agent_full_files / sizeof agent_full_files[0]};
+    if (agent_list_job_artifacts(job, source, agent_named_page, &refs, err, errlen) != 0)
+        return -1;
+    for (size_t k = 0; k < AGENT_FULL_REQUIRED; k++)
+        if (refs.ids[k] == 0) {
+            job->input_permanent = true;
+            return err_set(err, errlen, "job %lld has no %s artifact, so it is not a model (a "
+                           "full fine-tuning train job writes one when it succeeds: list it in "
+                           "depends_on; a LoRA train job writes an adapter: name it as "
+                           "\"adapter\": {\"job\": %lld} with its base model)",
+                           (long long)source, agent_full_files[k], (long long)source);
+        }
+    int n = snprintf(path, pathlen, "%s/model-job-%lld", job->work_dir, (long long)source);
+    if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "work directory path too long");
+    return agent_fetch_named(job, &refs, path, err, errlen);
+}
+
 /* {"model": ID}: GETs the registration, then uses its path as it is, or
  * downloads its files ("files": into work_dir/model-ID/ under their names;
  * "file", llama2c: to work_dir/model-ID.bin). Nothing is cached across jobs:
@@ -500,6 +587,8 @@ static int agent_resolve_model(runner_ctx *ctx, json_t *ref, char *path, size_t 
     json_t *doc = NULL;
     int rc = -1;
     char url[128], what[64];
+    if (json_object_get(ref, "job"))
+        return agent_resolve_model_job(job, ref, path, pathlen, err, errlen);
     if (agent_ref_id(ref, "model", &id, err, errlen) != 0) return -1;
     snprintf(url, sizeof url, "/api/v1/models/%lld", (long long)id);
     snprintf(what, sizeof what, "model %lld", (long long)id);
@@ -672,37 +761,6 @@ out:
     return rc;
 }
 
-/* The two files of a PEFT adapter, as a train job publishes them. */
-static const char *const agent_adapter_files[] = {"adapter_config.json",
-                                                  "adapter_model.safetensors"};
-
-typedef struct {
-    int64_t ids[2];
-    char sha256[2][SHA256_HEX_LEN];
-} agent_adapter_refs;
-
-/* Keeps the newest artifact of each adapter file name. */
-static int agent_adapter_page(json_t *items, void *state, char *err, size_t errlen) {
-    agent_adapter_refs *refs = state;
-    size_t i;
-    json_t *item;
-    json_array_foreach(items, i, item) {
-        const char *name = json_string_value(json_object_get(item, "name"));
-        const char *sha256 = json_string_value(json_object_get(item, "sha256"));
-        json_t *idv = json_object_get(item, "id");
-        for (int k = 0; k < 2 && name; k++) {
-            if (strcmp(name, agent_adapter_files[k]) != 0) continue;
-            if (!json_is_integer(idv) || !sha256 || strlen(sha256) != SHA256_HEX_LEN - 1)
-                return err_set(err, errlen, "artifact %s: listing lacks id or sha256", name);
-            int64_t id = (int64_t)json_integer_value(idv);
-            if (id < refs->ids[k]) continue;
-            refs->ids[k] = id;
-            snprintf(refs->sha256[k], SHA256_HEX_LEN, "%s", sha256);
-        }
-    }
-    return 0;
-}
-
 /* {"job": ID} (a train job; the server has checked the kind): downloads its
  * adapter_config.json and adapter_model.safetensors into
  * work_dir/adapter-job-ID/. {"artifact": ID} is refused: an adapter is two
@@ -719,10 +777,10 @@ static int agent_resolve_adapter(runner_ctx *ctx, json_t *ref, char *path, size_
     }
     int64_t source;
     if (agent_ref_id(ref, "job", &source, err, errlen) != 0) return -1;
-    agent_adapter_refs refs = {{0, 0}, {"", ""}};
-    if (agent_list_job_artifacts(job, source, agent_adapter_page, &refs, err, errlen) != 0)
+    agent_named_refs refs = {.names = agent_adapter_files, .n = 2};
+    if (agent_list_job_artifacts(job, source, agent_named_page, &refs, err, errlen) != 0)
         return -1;
-    for (int k = 0; k < 2; k++)
+    for (size_t k = 0; k < refs.n; k++)
         if (refs.ids[k] == 0) {
             job->input_permanent = true;
             return err_set(err, errlen, "job %lld has no %s artifact", (long long)source,
@@ -730,15 +788,7 @@ static int agent_resolve_adapter(runner_ctx *ctx, json_t *ref, char *path, size_
         }
     int n = snprintf(path, pathlen, "%s/adapter-job-%lld", job->work_dir, (long long)source);
     if (n < 0 || (size_t)n >= pathlen) return err_set(err, errlen, "work directory path too long");
-    if (util_mkdirs(path, 0700, err, errlen) != 0) return -1;
-    for (int k = 0; k < 2; k++) {
-        char file_path[PATH_MAX];
-        if (agent_join(file_path, sizeof file_path, path, agent_adapter_files[k], err, errlen) != 0)
-            return -1;
-        if (agent_download(job, refs.ids[k], refs.sha256[k], file_path, err, errlen) != 0)
-            return -1;
-    }
-    return 0;
+    return agent_fetch_named(job, &refs, path, err, errlen);
 }
 
 /* One checkpoint artifact of the job itself (checkpoint-{step}-{rest}). */

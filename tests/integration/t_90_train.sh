@@ -12,6 +12,12 @@
 #   with the final loss of an uninterrupted local run of the same spec
 #   (strata-worker run, path references) within 1e-5 relative.
 # - A predict job naming the LoRA train job as its adapter succeeds.
+# - A predict job naming the full train job as its model ({"job": ID})
+#   succeeds; its hidden states (float32) differ from the base model's at
+#   some layer by more than 1e-4 and equal, within 1e-6, a local
+#   `strata-worker run --kind predict` on the job's downloaded config.json,
+#   model.safetensors and tokenizer files. Naming the LoRA train job as a
+#   model is a 400 on spec.model.job that says to name it as "adapter".
 source "$(dirname "$0")/lib.sh"
 
 FIX=$IT_REPO/tests/reference/fixtures/chat
@@ -117,5 +123,79 @@ submit '{"kind": "predict", "spec": {"model": {"model": '"$m"'}, "dataset": {"da
 p=$JOB_ID
 wait_for_state "$p" succeeded 120
 expect_eq "predict with a train job's adapter" succeeded "$(jbody .state)"
+
+# ---- predict with the full train job as model
+# fetch JOB DIR NAME... : downloads the job's artifacts of those names into DIR.
+fetch() {
+    local job=$1 dir=$2 id name
+    shift 2
+    mkdir -p "$dir"
+    api GET "/api/v1/jobs/$job/artifacts?limit=500"
+    for name in "$@"; do
+        id=$(jbody --arg n "$name" '[.items[] | select(.name == $n) | .id] | max // empty')
+        [[ -n $id ]] || continue
+        curl -sS -H "Authorization: Bearer $TOKEN" -o "$dir/$name" \
+            "$URL/api/v1/artifacts/$id/content" || it_fail "download $name of job $job"
+    done
+}
+# maxdiff A B : the number of hidden_states_*.npy files of A (all also in B)
+# and the largest absolute difference between the two over all of them.
+maxdiff() {
+    "$PY" - "$1" "$2" <<'PYEOF'
+import glob, os, sys
+import numpy as np
+a, b = sys.argv[1], sys.argv[2]
+names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(a, "hidden_states_*.npy")))
+worst = 0.0
+for n in names:
+    x = np.load(os.path.join(a, n)).astype(np.float64)
+    y = np.load(os.path.join(b, n)).astype(np.float64)
+    if x.shape != y.shape:
+        print(len(names), "inf")
+        sys.exit(0)
+    worst = max(worst, float(np.max(np.abs(x - y))))
+print(len(names), worst)
+PYEOF
+}
+pspec() {
+    printf '{"model": %s, "dataset": {"dataset": %s}, "template": "vanilla", "dtype": "float32"}' \
+        "$1" "$d"
+}
+submit '{"kind": "predict", "spec": '"$(pspec '{"job": '"$tf"'}')"'}'
+pf=$JOB_ID
+submit '{"kind": "predict", "spec": '"$(pspec '{"model": '"$m"'}')"'}'
+pb=$JOB_ID
+[[ -n $pf && -n $pb ]] || it_abort "predict jobs over the trained and base models not accepted"
+wait_for_state "$pf" succeeded 120
+expect_eq "predict with a full train job as model" succeeded "$(jbody .state)"
+wait_for_state "$pb" succeeded 120
+expect_eq "predict with the base model" succeeded "$(jbody .state)"
+hs=$(for ((l = 0; l < 64; l++)); do printf 'hidden_states_%d.npy ' "$l"; done)
+# shellcheck disable=SC2086
+fetch "$pf" "$TD/pred-full" $hs
+# shellcheck disable=SC2086
+fetch "$pb" "$TD/pred-base" $hs
+fetch "$tf" "$TD/full-model" config.json model.safetensors tokenizer.json tokenizer_config.json \
+    special_tokens_map.json
+read -r nl diff_base < <(maxdiff "$TD/pred-full" "$TD/pred-base")
+it_log "trained vs base model: $nl layers, max |diff| $diff_base"
+expect_eq "predict outputs: hidden states of every layer" true \
+    "$([[ $nl -ge 2 ]] && echo true || echo false)"
+expect_eq "the trained model's hidden states differ from the base model's (> 1e-4)" true \
+    "$("$PY" -c 'import sys; print("true" if float(sys.argv[1]) > 1e-4 else "false")' "$diff_base")"
+local_pspec=$(jq -nc --arg m "$TD/full-model" --arg d "$DATA" \
+    '{model: {path: $m}, dataset: {path: $d}, template: "vanilla", dtype: "float32"}')
+"$IT_BIN/strata-worker" run --kind predict --spec "$local_pspec" --out "$TD/pred-local" \
+    >"$TD/pred-local.json" 2>"$TD/pred-local.err" || it_fail "local predict on the downloaded model: $(tail -3 "$TD/pred-local.err")"
+read -r nl2 diff_local < <(maxdiff "$TD/pred-local" "$TD/pred-full")
+it_log "job vs local predict on the downloaded model: $nl2 layers, max |diff| $diff_local"
+expect_eq "local predict: as many layers" "$nl" "$nl2"
+expect_eq "the job's hidden states equal a local predict on the downloaded model (1e-6)" true \
+    "$("$PY" -c 'import sys; print("true" if float(sys.argv[1]) <= 1e-6 else "false")' "$diff_local")"
+
+api_json POST /api/v1/jobs '{"kind": "predict", "spec": '"$(pspec '{"job": '"$tl"'}')"'}'
+expect_problem "a LoRA train job as model is refused" 400 spec.model.job
+expect_match "the message says to name it as adapter" 'lora train job; models come from a "full" train job.*adapter' \
+    "$(jbody -r '.errors[] | select(.field == "spec.model.job") | .message')"
 
 it_done

@@ -236,8 +236,22 @@ static void test_predict_refs(void **state) {
     snprintf(text, sizeof text, "{\"model\": 3, %s}", ds);
     expect_predict(text, SPEC_SERVER, "spec.model", "must be an object such as {\"model\": 3}");
     snprintf(text, sizeof text, "{\"model\": {}, %s}", ds);
-    expect_predict(text, SPEC_SERVER, "spec.model", "needs \"model\"");
-    expect_predict(text, SPEC_LOCAL, "spec.model", "needs one of \"model\" or \"path\"");
+    expect_predict(text, SPEC_SERVER, "spec.model", "needs one of \"model\" or \"job\"");
+    expect_predict(text, SPEC_LOCAL, "spec.model", "needs one of \"model\", \"job\" or \"path\"");
+    /* A full fine-tuning train job's output is a model (the server checks
+     * the job's kind and method). */
+    snprintf(text, sizeof text, "{\"model\": {\"job\": 12}, %s}", ds);
+    expect_predict_ok(text, SPEC_SERVER);
+    snprintf(text, sizeof text, "{\"model\": {\"job\": 12}, %s, \"adapter\": {\"job\": 13}}", ds);
+    expect_predict_ok(text, SPEC_SERVER);
+    snprintf(text, sizeof text, "{\"model\": {\"job\": 0}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.job", "positive integer id");
+    snprintf(text, sizeof text, "{\"model\": {\"job\": \"12\"}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model.job", "positive integer id");
+    snprintf(text, sizeof text, "{\"model\": {\"job\": 12, \"model\": 3}, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model", "exactly one input");
+    snprintf(text, sizeof text, "{\"model\": 12, %s}", ds);
+    expect_predict(text, SPEC_SERVER, "spec.model", "{\"job\": 12} (a full train job)");
     snprintf(text, sizeof text, "{\"model\": {\"model\": 0}, %s}", ds);
     expect_predict(text, SPEC_SERVER, "spec.model.model", "positive integer id");
     snprintf(text, sizeof text, "{\"model\": {\"model\": \"3\"}, %s}", ds);
@@ -330,7 +344,7 @@ static void test_predict_reports_all(void **state) {
     assert_int_equal(rc, -1);
     assert_int_equal(json_array_size(errors), 7);
     expect_error(errors, "spec.model.path", "unknown field");
-    expect_error(errors, "spec.model", "needs \"model\"");
+    expect_error(errors, "spec.model", "needs one of \"model\" or \"job\"");
     expect_error(errors, "spec.pool", "\"last_token\"");
     expect_error(errors, "spec.dtype", "\"float32\"");
     expect_error(errors, "spec.batch_size", "from 1 to 1024");
