@@ -638,7 +638,7 @@ int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *e
     if (kind && strcmp(kind, "cka") == 0) return spec_validate_cka(spec, mode, errors);
     if (kind && strcmp(kind, "predict") == 0) return spec_validate_predict(spec, mode, errors);
     if (kind && strcmp(kind, "train") == 0) return spec_validate_train(spec, mode, errors);
-    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict, train)",
+    spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: " SPEC_KINDS ")",
                kind ? kind : "");
     return -1;
 }

@@ -51,9 +51,11 @@ enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };
  * not (errors then holds at least one entry). */
 int spec_validate(const char *kind, json_t *spec, enum spec_mode mode, json_t *errors);
 
-/* True for the job kinds the server accepts and workers run: cka and
- * predict (model, adapter, dataset, template, max_samples, pool, layers,
- * dtype, batch_size, generate, format: see docs/api.md). A kind is added
+/* The job kinds this build validates and runs, as messages list them. */
+#define SPEC_KINDS "cka, predict, train"
+
+/* True for the job kinds the server accepts and workers run (SPEC_KINDS;
+ * their spec fields are in docs/api.md). A kind is added
  * here only once runner_supports() knows it, so the server never queues a
  * job no worker can run. */
 bool spec_known_kind(const char *kind);

@@ -297,7 +297,7 @@ static void api_jobs_create(http_req *req) {
     /* spec_known_kind lists only the kinds workers run, so a kind that
      * spec_validate might learn first is still refused here. */
     if (in.kind && !spec_known_kind(in.kind))
-        spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: cka, predict)",
+        spec_error(errors, "kind", "unknown job kind \"%s\" (this server runs: " SPEC_KINDS ")",
                    in.kind);
     else if (in.kind)
         spec_validate(in.kind, in.spec, SPEC_SERVER, errors);
@@ -345,7 +345,7 @@ static void api_jobs_list(http_req *req) {
         return;
     }
     if (kind && !spec_known_kind(kind)) {
-        http_reply_field_error(req, "kind", "must be a job kind this server runs (cka, predict)");
+        http_reply_field_error(req, "kind", "must be a job kind this server runs (" SPEC_KINDS ")");
         return;
     }
     if (owner && (strlen(owner) > 100 || !api_valid_utf8(owner))) {
