@@ -569,10 +569,8 @@ static int train_make_lora(train_job *job, json_t *spec, runner_ctx *ctx, bool *
         if (train_adapter_config(job, dir, &scaling, err, errlen) != 0)
             return train_wrap(err, errlen, "adapter_init");
     }
-    if (job->o.lora_dropout > 0)
-        return err_set(err, errlen,
-                       "lora dropout %g: the engine trains LoRA without dropout (0 only)",
-                       job->o.lora_dropout);
+    if (!(job->o.lora_dropout >= 0 && job->o.lora_dropout < 1))
+        return err_set(err, errlen, "lora dropout %g is not in [0, 1)", job->o.lora_dropout);
     size_t n = llama_lora_count(cfg, job->o.lora_r, job->o.target);
     if (n == 0) return err_set(err, errlen, "lora: no adapter for these targets and r");
     job->lora_params = calloc(n, sizeof *job->lora_params);
@@ -583,6 +581,10 @@ static int train_make_lora(train_job *job, json_t *spec, runner_ctx *ctx, bool *
     if (llama_lora_bind(&job->lora, cfg, job->o.lora_r, scaling, job->o.target,
                         job->lora_params, err, errlen) != 0)
         return -1;
+    /* Masks are keyed by the run's seed and the micro-batch's number (set
+     * per call), so a resumed run redraws the ones it would have drawn. */
+    job->lora.dropout = (float)job->o.lora_dropout;
+    job->lora.dropout_seed = job->o.seed;
     if (init) {
         char path[4200];
         snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
@@ -1131,6 +1133,8 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
             for (size_t i = 0; i < mb->rows; i++) job->lens[i] = (int)mb->lens[i];
             double ls = 0;
             long nc = 0;
+            job->lora.dropout_counter =
+                (uint64_t)k * (uint64_t)job->o.grad_accum + (uint64_t)b;
             int lrc =
                 job->o.lora
                     ? llama_lora_loss_and_grad(be, &job->model, &job->lora, &job->state,

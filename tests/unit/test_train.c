@@ -10,7 +10,7 @@
  *     adapter_init continues it;
  *   - from scratch (init, byte-level tokenizer, pretraining): the first loss
  *     is ln(259) within 0.05 (near-uniform logits from std 0.02 weights);
- *   - refusals: LoRA dropout, a bad adapter_init, a mixture without tasks. */
+ *   - refusals: LoRA dropout outside [0, 1), a bad adapter_init, a mixture without tasks. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -333,10 +333,10 @@ static void test_refused(void **state) {
     tu_run_begin(&a, "train-refused");
     assert_int_equal(run_train(&a,
                                "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, "
-                               "'max_steps': 1, 'lora': {'dropout': 0.1}}",
+                               "'max_steps': 1, 'lora': {'dropout': 1}}",
                                &r, err, sizeof err),
                      -1);
-    assert_non_null(strstr(err, "without dropout"));
+    assert_non_null(strstr(err, "spec.lora.dropout"));
     assert_int_equal(run_train(&a,
                                "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, "
                                "'max_steps': 1, 'adapter_init': {'path': '%D'}}",

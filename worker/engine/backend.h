@@ -23,6 +23,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 typedef struct backend {
     const char *name; /* "cpu" */
@@ -134,7 +135,34 @@ typedef struct backend {
     /* x (n) += y (n). Also the backward of a residual connection: the
      * gradient passes to both branches unchanged. */
     void (*residual_add)(float *x, const float *y, size_t n);
+
+    /* Inverted dropout with a counter-based mask: element i of x (n) is kept
+     * iff backend_dropout_keep(key, i, threshold) (see there and forward.h's
+     * llama_dropout_key), out[i] = x[i] * scale when kept and 0 otherwise;
+     * with accumulate, out[i] += that instead. The same (key, threshold)
+     * gives the same mask, so the backward applies it to the gradient
+     * without storing it. out may equal x unless accumulating. */
+    void (*dropout)(float *out, const float *x, size_t n, uint64_t key, uint64_t threshold,
+                    float scale, bool accumulate);
 } backend;
+
+/* splitmix64's output function (Steele, Lea and Flood): z + the golden
+ * gamma, then two xor-shift-multiply rounds. Every backend must hash
+ * dropout masks with exactly this, so they agree with each other and with
+ * the PyTorch reference that re-implements it. */
+static inline uint64_t backend_mix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+/* Whether dropout keeps element i under key: the top 53 bits of
+ * backend_mix64(key ^ i) as an integer are >= threshold (floor(p * 2^53)
+ * for drop probability p), so an element survives with probability 1 - p. */
+static inline bool backend_dropout_keep(uint64_t key, uint64_t i, uint64_t threshold) {
+    return (backend_mix64(key ^ i) >> 11) >= threshold;
+}
 
 /* The CPU backend: OpenBLAS sgemm for the matrix products, every op split
  * over a process-wide pool of as many threads as OpenBLAS is configured for

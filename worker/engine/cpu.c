@@ -925,6 +925,33 @@ static void cpu_residual_add(float *x, const float *y, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] += y[i];
 }
 
+typedef struct {
+    float *out;
+    const float *x;
+    size_t n;
+    uint64_t key, threshold;
+    float scale;
+    bool accumulate;
+} cpu_dropout_ctx;
+
+/* Chunk task of cpu_dropout. */
+static void cpu_dropout_task(void *vctx, size_t task, int worker) {
+    (void)worker;
+    const cpu_dropout_ctx *c = vctx;
+    size_t i = task * CPU_CHUNK, end = i + CPU_CHUNK < c->n ? i + CPU_CHUNK : c->n;
+    for (; i < end; i++) {
+        float v = backend_dropout_keep(c->key, (uint64_t)i, c->threshold) ? c->x[i] * c->scale
+                                                                           : 0.0f;
+        c->out[i] = c->accumulate ? c->out[i] + v : v;
+    }
+}
+
+static void cpu_dropout(float *out, const float *x, size_t n, uint64_t key, uint64_t threshold,
+                        float scale, bool accumulate) {
+    cpu_dropout_ctx c = {out, x, n, key, threshold, scale, accumulate};
+    cpu_parallel(cpu_dropout_task, &c, cpu_chunks(n));
+}
+
 static const backend cpu_backend = {
     .name = "cpu",
     .host_memory = true,
@@ -951,6 +978,7 @@ static const backend cpu_backend = {
     .embedding_backward = cpu_embedding_backward,
     .cross_entropy = cpu_cross_entropy,
     .residual_add = cpu_residual_add,
+    .dropout = cpu_dropout,
 };
 
 const backend *backend_cpu(void) { return &cpu_backend; }

@@ -202,6 +202,7 @@ void llama_state_free(llama_state *s) {
         if (s->row_loss) s->be->free_buf(s->row_loss);
         if (s->targets) s->be->free_buf(s->targets);
         if (s->lora_buf) s->be->free_buf(s->lora_buf);
+        if (s->lora_xd) s->be->free_buf(s->lora_xd);
     }
     free(s->host_ints);
     free(s->host_hidden);
@@ -424,9 +425,42 @@ int llama_lora_bind(llama_lora *lo, const llama_config *cfg, int r, float scalin
     return 0;
 }
 
+uint64_t llama_dropout_key(uint64_t seed, uint64_t counter, int layer, llama_proj p) {
+    uint64_t k = backend_mix64(backend_mix64(seed) ^ counter);
+    return backend_mix64(k ^ ((uint64_t)layer * LLAMA_NPROJ + (uint64_t)p));
+}
+
+/* floor(p * 2^53): the multiplication by a power of two is exact in double,
+ * so the reference can reproduce it bit for bit. */
+static uint64_t forward_dropout_threshold(float p) { return (uint64_t)((double)p * 0x1p53); }
+
+void llama_dropout_mask(float *mask, float p, uint64_t seed, uint64_t counter, int layer,
+                        llama_proj proj, size_t n) {
+    uint64_t key = llama_dropout_key(seed, counter, layer, proj);
+    uint64_t thr = forward_dropout_threshold(p);
+    float scale = 1.0f / (1.0f - p);
+    for (size_t i = 0; i < n; i++)
+        mask[i] = backend_dropout_keep(key, (uint64_t)i, thr) ? scale : 0.0f;
+}
+
+/* Dropout of (layer l, projection p) for lo's micro-batch over n elements:
+ * forward, s->lora_xd = x dropped out; with dx not NULL, its backward,
+ * dx += the mask times s->lora_xd (there the input's gradient). */
+static void forward_lora_dropout(const backend *be, llama_state *s, const llama_lora *lo,
+                                 llama_proj p, size_t l, float *dx, const float *x, size_t n) {
+    uint64_t key = llama_dropout_key(lo->dropout_seed, lo->dropout_counter, (int)l, p);
+    uint64_t thr = forward_dropout_threshold(lo->dropout);
+    float scale = 1.0f / (1.0f - lo->dropout);
+    if (dx)
+        be->dropout(dx, s->lora_xd, n, key, thr, scale, true);
+    else
+        be->dropout(s->lora_xd, x, n, key, thr, scale, false);
+}
+
 /* One projection of layer l in the training forward: out (=, or += with
- * accumulate) x W^T, plus, where lo targets p, scaling * (x A^T) B^T with
- * u = scaling * x A^T kept in s for the backward. */
+ * accumulate) x W^T, plus, where lo targets p, scaling * (x_d A^T) B^T with
+ * u = scaling * x_d A^T kept in s for the backward; x_d is x, or x dropped
+ * out with lo's dropout. */
 static void forward_proj(const backend *be, llama_state *s, const llama_lora *lo, llama_proj p,
                          size_t l, float *out, const float *x, const float *w, size_t N,
                          size_t in, size_t outd, bool accumulate) {
@@ -434,15 +468,21 @@ static void forward_proj(const backend *be, llama_state *s, const llama_lora *lo
     if (!lo || !lo->target[p]) return;
     size_t r = (size_t)lo->r;
     float *u = s->lora_u + (l * LLAMA_NPROJ + (size_t)p) * N * r;
-    be->matmul(u, x, lo->a[p] + l * r * in, N, in, r, false);
+    const float *xa = x;
+    if (lo->dropout > 0) {
+        forward_lora_dropout(be, s, lo, p, l, NULL, x, N * in);
+        xa = s->lora_xd;
+    }
+    be->matmul(u, xa, lo->a[p] + l * r * in, N, in, r, false);
     be->scale(u, N * r, lo->scaling);
     be->matmul(out, u, lo->b[p] + l * outd * r, N, r, outd, true);
 }
 
 /* Backward of forward_proj given dy (N, outd): dx (=, or += with
  * accumulate) dy W (+ the adapter's path), dW += dy^T x when dw is not
- * NULL; with lo targeting p, dB += dy^T u and dA += du^T x with
- * du = scaling * dy B, into lora_grads (lo's layout). */
+ * NULL; with lo targeting p, dB += dy^T u and dA += du^T x_d with
+ * du = scaling * dy B, into lora_grads (lo's layout), and dx += du A, times
+ * the dropout mask when lo drops out (x_d then redrawn from x). */
 static void forward_proj_backward(const backend *be, llama_state *s, const llama_lora *lo,
                                   float *lora_grads, llama_proj p, size_t l, float *dx,
                                   float *dw, const float *dy, const float *x, const float *w,
@@ -455,6 +495,14 @@ static void forward_proj_backward(const backend *be, llama_state *s, const llama
     float *ga = lora_grads + (a - lo->params), *gb = lora_grads + (b - lo->params);
     be->matmul_backward(s->lora_du, gb, dy, u, b, N, r, outd, false);
     be->scale(s->lora_du, N * r, lo->scaling);
+    if (lo->dropout > 0) {
+        forward_lora_dropout(be, s, lo, p, l, NULL, x, N * in);
+        be->matmul_backward(NULL, ga, s->lora_du, s->lora_xd, a, N, in, r, false);
+        /* x_d is spent: the buffer takes du A, which the mask then gates. */
+        be->matmul_backward(s->lora_xd, NULL, s->lora_du, x, a, N, in, r, false);
+        forward_lora_dropout(be, s, lo, p, l, dx, x, N * in);
+        return;
+    }
     be->matmul_backward(dx, ga, s->lora_du, x, a, N, in, r, true);
 }
 
@@ -571,9 +619,20 @@ static void forward_train_backward(const backend *be, const llama_model *m, cons
     if (grads) be->embedding_backward(forward_grad(m, grads, w->embed), s->dx, s->tokens, N, C);
 }
 
-/* Allocates s's LoRA buffers for rank r unless already sized for it.
- * Returns 0 or -1 with err set. */
-static int forward_lora_buffers(llama_state *s, int r, char *err, size_t errlen) {
+/* Allocates s's LoRA buffers for rank r unless already sized for it, and
+ * with dropout the dropped-out input's (once). Returns 0 or -1 with err
+ * set. */
+static int forward_lora_buffers(llama_state *s, int r, bool dropout, char *err, size_t errlen) {
+    if (dropout && !s->lora_xd) {
+        size_t N = (size_t)s->B * (size_t)s->T, in = (size_t)s->C, n, bytes;
+        size_t qd = (size_t)s->NH * (size_t)s->HS;
+        if ((size_t)s->FF > in) in = (size_t)s->FF;
+        if (qd > in) in = qd;
+        if (!forward_mul(N, in, &n) || !forward_mul(n, sizeof(float), &bytes))
+            return err_set(err, errlen, "LoRA dropout buffer does not fit in memory");
+        s->lora_xd = s->be->alloc(bytes, err, errlen);
+        if (!s->lora_xd) return -1;
+    }
     if (s->lora_buf && s->lora_r == r) return 0;
     if (s->lora_buf) s->be->free_buf(s->lora_buf);
     s->lora_buf = NULL;
@@ -608,7 +667,7 @@ static int forward_loss_and_grad(const backend *be, const llama_model *m, const 
         return err_set(err, errlen, "batch %d x %d exceeds the state's %d x %d", B, T, s->B, s->T);
     if (!isfinite(loss_scale))
         return err_set(err, errlen, "loss_scale %g is not finite", loss_scale);
-    if (lo && forward_lora_buffers(s, lo->r, err, errlen) != 0) return -1;
+    if (lo && forward_lora_buffers(s, lo->r, lo->dropout > 0, err, errlen) != 0) return -1;
     if (forward_prepare(s, tokens, lengths, B, T, err, errlen) != 0) return -1;
     long counted = 0;
     if (forward_targets(s, labels, lengths, B, T, &counted, err, errlen) != 0) return -1;
@@ -648,6 +707,8 @@ int llama_lora_loss_and_grad(const backend *be, const llama_model *m, const llam
         return err_set(err, errlen, "no LoRA adapter or gradient buffer");
     if (llama_lora_count(&m->cfg, lo->r, lo->target) != lo->nparams)
         return err_set(err, errlen, "LoRA adapter was not laid out for this model");
+    if (!(lo->dropout >= 0.0f && lo->dropout < 1.0f))
+        return err_set(err, errlen, "LoRA dropout %g is not in [0, 1)", (double)lo->dropout);
     return forward_loss_and_grad(be, m, lo, s, tokens, labels, lengths, B, T, loss_scale, NULL,
                                  lora_grads, loss_sum, n_counted, err, errlen);
 }

@@ -19,6 +19,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Activations for batches of up to B sequences of up to T tokens, sized once
  * and reused by every llama_forward call. Float buffers are slices of one
@@ -69,6 +70,10 @@ typedef struct {
     float *lora_buf;
     int lora_r;
     float *lora_u, *lora_du;
+    /* With LoRA dropout only (else NULL): the dropped-out input of the
+     * projection at hand, (N, max in), reused as its gradient in the
+     * backward; the masks are regenerated, not stored. */
+    float *lora_xd;
 } llama_state;
 
 /* Sizes s for cfg on backend be, batches of up to B x T. Returns 0, or -1
@@ -156,8 +161,17 @@ void llama_proj_dims(const llama_config *cfg, llama_proj p, size_t *out, size_t 
  * layers: layer l's A is a[p] + l * r * in, its B b[p] + l * out * r.
  * Layout: for each targeted p in enum order, A (L, r, in) then B (L, out,
  * r); a gradient buffer with the same layout is indexed by the same offsets
- * (grad + (a[p] - params)). Dropout is not modelled (PEFT's dropout 0, the
- * default). The base model stays frozen and is only read. */
+ * (grad + (a[p] - params)). The base model stays frozen and is only read.
+ *
+ * Dropout (PEFT's lora_dropout, an nn.Dropout in front of lora_A): with
+ * dropout p > 0 the adapter's branch reads x_d = x * m / (1 - p) instead of
+ * x, m a 0/1 mask drawn per element of the projection's input (N, in) and
+ * applied to the gradient too; the base path x W^T is unchanged. The
+ * masks are a pure function of (dropout_seed, dropout_counter, layer,
+ * projection, element), so a resumed run redraws the same ones; the caller
+ * gives each micro-batch its own dropout_counter. llama_dropout_key has the
+ * exact formula. llama_lora_bind sets dropout 0 (off). Inference never
+ * drops out. */
 typedef struct {
     int r;
     float scaling;               /* lora_alpha / r (or / sqrt(r) with rsLoRA) */
@@ -165,7 +179,27 @@ typedef struct {
     float *params;
     size_t nparams;
     float *a[LLAMA_NPROJ], *b[LLAMA_NPROJ]; /* NULL where not targeted */
+    float dropout;               /* p in [0, 1); 0: no dropout */
+    uint64_t dropout_seed;       /* the run's seed */
+    uint64_t dropout_counter;    /* which micro-batch: a fresh mask per value */
 } llama_lora;
+
+/* The dropout key of (layer, projection p) for the micro-batch numbered
+ * counter of a run seeded with seed, with mix = backend_mix64 (splitmix64's
+ * output function):
+ *   key = mix(mix(mix(seed) ^ counter) ^ (layer * LLAMA_NPROJ + p))
+ * Element i (row-major over the projection's (N, in) input, N = B * T of
+ * the padded batch) is kept iff (mix(key ^ i) >> 11) >= floor(p * 2^53),
+ * p the float dropout widened to double; kept elements are multiplied by
+ * the float 1 / (1 - p). */
+uint64_t llama_dropout_key(uint64_t seed, uint64_t counter, int layer, llama_proj p);
+
+/* Fills mask (n) with the multipliers dropout applies to the first n
+ * elements of (layer, proj)'s LoRA input: 1 / (1 - p) where kept, 0 where
+ * dropped, for drop probability p in [0, 1) (p 0: all ones). For tests and
+ * references; training regenerates the masks itself. */
+void llama_dropout_mask(float *mask, float p, uint64_t seed, uint64_t counter, int layer,
+                        llama_proj proj, size_t n);
 
 /* Floats an adapter of rank r over targets takes for cfg (0 on overflow or
  * bad arguments). */
@@ -180,9 +214,12 @@ int llama_lora_bind(llama_lora *lo, const llama_config *cfg, int r, float scalin
  * weights: the gradients of lo's A and B tensors are ADDED into lora_grads
  * (lo->nparams floats, lo's layout); no gradient of m's weights is formed
  * and m is not written. Same labels, scaling, loss_sum and n_counted as
- * llama_loss_and_grad. s must come from llama_state_init_train; the first
- * call (or one with a new rank) allocates s's LoRA buffers. Returns 0, or
- * -1 with err set; lora_grads is then unchanged. */
+ * llama_loss_and_grad. With lo->dropout > 0 the adapter's inputs are
+ * dropped out with the masks of (lo->dropout_seed, lo->dropout_counter)
+ * (see llama_lora). s must come from llama_state_init_train; the first
+ * call (or one with a new rank, or the first with dropout) allocates s's
+ * LoRA buffers. Returns 0, or -1 with err set (dropout outside [0, 1) among
+ * them); lora_grads is then unchanged. */
 int llama_lora_loss_and_grad(const backend *be, const llama_model *m, const llama_lora *lo,
                              llama_state *s, const int *tokens, const int *labels,
                              const int *lengths, int B, int T, double loss_scale,
