@@ -22,8 +22,9 @@
  * (llama_lora, unmerged; the base weights frozen and only read): new, with
  * PEFT's initialisation (A uniform in +-1/sqrt(in), B zero; seeded), or
  * continued from adapter_init (its adapter_config.json sets r, alpha and the
- * targets: a list of module names, no layers_to_transform). LoRA dropout is
- * not modelled by the engine: a dropout above 0 is refused.
+ * targets: a list of module names, no layers_to_transform). LoRA dropout
+ * (lora.dropout or the adapter's lora_dropout) applies to the adapter
+ * branch's input in training, with masks keyed by seed and micro-batch.
  *
  * Outputs (ctx->add_artifact): full: config.json (Hugging Face names,
  * torch_dtype float32) and model.safetensors (F32, Hugging Face tensor names,
