@@ -25,6 +25,17 @@ int err_set(char *err, size_t errlen, const char *fmt, ...) {
     return -1;
 }
 
+int err_prefix(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || !errlen) return -1;
+    char inner[ERR_LEN], prefix[ERR_LEN];
+    snprintf(inner, sizeof inner, "%s", err);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    return err_set(err, errlen, "%s: %s", prefix, inner);
+}
+
 int util_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out) {
     /* strtoll would skip leading blanks and a '+': "limit= 10" is not a number. */
     if (!s || !(*s == '-' || (*s >= '0' && *s <= '9'))) return -1;

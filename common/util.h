@@ -17,6 +17,10 @@
  * `return err_set(err, errlen, "...")` reads as one step. */
 int err_set(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* Prefixes the reason already in err with what was being done ("model x:
+ * <reason>"), so errors read outward-in. Returns -1 like err_set. */
+int err_prefix(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 /* Strict decimal parse: the whole string must be an integer in [min, max]. */
 int util_parse_i64(const char *s, int64_t min, int64_t max, int64_t *out);
 

@@ -329,14 +329,30 @@ out:
     free(deps);
 }
 
+/* Reads ?limit= (1..500, default 50) and ?cursor= (an id this server issued)
+ * for a paged list. Returns 0, or -1 having replied 400 naming the field. */
+static int api_page_params(http_req *req, int64_t *limit, int64_t *before) {
+    const char *limit_text = http_query(req, "limit");
+    const char *cursor = http_query(req, "cursor");
+    *limit = 50;
+    *before = 0;
+    if (limit_text && util_parse_i64(limit_text, 1, 500, limit) != 0) {
+        http_reply_field_error(req, "limit", "must be an integer from 1 to 500");
+        return -1;
+    }
+    if (cursor && api_cursor_parse(cursor, before) != 0) {
+        http_reply_field_error(req, "cursor", "is not a cursor this server issued");
+        return -1;
+    }
+    return 0;
+}
+
 /* GET /api/v1/jobs: filters and paging parameters are checked first; the
  * cursor is the hex id of the last job of the previous page. */
 static void api_jobs_list(http_req *req) {
     const char *state = http_query(req, "state");
     const char *kind = http_query(req, "kind");
     const char *owner = http_query(req, "owner");
-    const char *limit_text = http_query(req, "limit");
-    const char *cursor = http_query(req, "cursor");
     int64_t limit = 50, before = 0;
     if (state && !job_valid_state(state)) {
         http_reply_field_error(req, "state",
@@ -352,14 +368,7 @@ static void api_jobs_list(http_req *req) {
         http_reply_field_error(req, "owner", "must be a user name of at most 100 characters");
         return;
     }
-    if (limit_text && util_parse_i64(limit_text, 1, 500, &limit) != 0) {
-        http_reply_field_error(req, "limit", "must be an integer from 1 to 500");
-        return;
-    }
-    if (cursor && api_cursor_parse(cursor, &before) != 0) {
-        http_reply_field_error(req, "cursor", "is not a cursor this server issued");
-        return;
-    }
+    if (api_page_params(req, &limit, &before) != 0) return;
     PGconn *db = http_db(req);
     if (!db) return;
     char *items = NULL;
@@ -964,22 +973,13 @@ static void api_datasets_create(http_req *req) {
  * ?name= filter to look one up by name. */
 static void api_reg_list(http_req *req, enum reg_kind kind) {
     const char *name = http_query(req, "name");
-    const char *limit_text = http_query(req, "limit");
-    const char *cursor = http_query(req, "cursor");
     int64_t limit = 50, before = 0;
     if (name && (strlen(name) > REG_MAX_NAME || !api_valid_utf8(name))) {
         http_reply_field_error(req, "name", "must be a name of at most %d characters",
                                REG_MAX_NAME);
         return;
     }
-    if (limit_text && util_parse_i64(limit_text, 1, 500, &limit) != 0) {
-        http_reply_field_error(req, "limit", "must be an integer from 1 to 500");
-        return;
-    }
-    if (cursor && api_cursor_parse(cursor, &before) != 0) {
-        http_reply_field_error(req, "cursor", "is not a cursor this server issued");
-        return;
-    }
+    if (api_page_params(req, &limit, &before) != 0) return;
     PGconn *db = http_db(req);
     if (!db) return;
     char *items = NULL;

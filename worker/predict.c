@@ -62,32 +62,6 @@ typedef struct {
     const size_t *members; /* example indices of the batch's sequences */
 } predict_batch;
 
-static void predict_log(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void predict_log(runner_ctx *ctx, const char *fmt, ...) {
-    if (!ctx->log) return;
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    ctx->log(ctx, line);
-}
-
-static bool predict_oom(const char *err) { return strstr(err, "out of memory") != NULL; }
-
-/* Prefixes err with what was being done ("model x: ..."). */
-static int predict_wrap(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int predict_wrap(char *err, size_t errlen, const char *fmt, ...) {
-    char inner[ERR_LEN], prefix[ERR_LEN];
-    snprintf(inner, sizeof inner, "%s", err);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
-    va_end(ap);
-    return err_set(err, errlen, "%s: %s", prefix, inner);
-}
-
 static void predict_job_free(predict_job *job) {
     if (job->model_loaded) llama_free(&job->model);
     tok_free(job->tok);
@@ -115,15 +89,15 @@ static int predict_load_model(predict_job *job, json_t *spec, runner_ctx *ctx, b
     if (ctx->resolve_model(ctx, json_object_get(spec, "model"), path, sizeof path, err,
                            errlen) != 0) {
         *retryable = true;
-        return predict_wrap(err, errlen, "model");
+        return err_prefix(err, errlen, "model");
     }
     if (stat(path, &st) != 0) return err_set(err, errlen, "model %s: %s", path, strerror(errno));
     bool is_dir = S_ISDIR(st.st_mode);
     int rc = is_dir ? llama_load_hf(path, &job->model, err, errlen)
                     : llama_load_llama2c(path, &job->model, err, errlen);
     if (rc != 0) {
-        *retryable = predict_oom(err);
-        return predict_wrap(err, errlen, "model %s", path);
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "model %s", path);
     }
     job->model_loaded = true;
     snprintf(dir, sizeof dir, "%s", path);
@@ -137,12 +111,12 @@ static int predict_load_model(predict_job *job, json_t *spec, runner_ctx *ctx, b
             snprintf(dir, sizeof dir, ".");
     }
     if (tok_load_dir(dir, job->model.cfg.vocab_size, &job->tok, err, errlen) != 0) {
-        *retryable = predict_oom(err);
+        *retryable = runner_err_is_oom(err);
         if (!is_dir)
-            return predict_wrap(err, errlen,
+            return err_prefix(err, errlen,
                                 "llama2.c checkpoint %s needs a tokenizer.json in its directory",
                                 path);
-        return predict_wrap(err, errlen, "tokenizer");
+        return err_prefix(err, errlen, "tokenizer");
     }
     json_t *adapter = json_object_get(spec, "adapter");
     if (adapter && !json_is_null(adapter)) {
@@ -150,11 +124,11 @@ static int predict_load_model(predict_job *job, json_t *spec, runner_ctx *ctx, b
         if (!ctx->resolve_adapter) return err_set(err, errlen, "this worker cannot resolve adapters");
         if (ctx->resolve_adapter(ctx, adapter, adir, sizeof adir, err, errlen) != 0) {
             *retryable = true;
-            return predict_wrap(err, errlen, "adapter");
+            return err_prefix(err, errlen, "adapter");
         }
         if (lora_apply(&job->model, adir, err, errlen) != 0) {
-            *retryable = predict_oom(err);
-            return predict_wrap(err, errlen, "adapter %s", adir);
+            *retryable = runner_err_is_oom(err);
+            return err_prefix(err, errlen, "adapter %s", adir);
         }
     }
     return 0;
@@ -169,7 +143,7 @@ static int predict_load_dataset(predict_job *job, json_t *spec, runner_ctx *ctx,
     if (ctx->resolve_dataset(ctx, json_object_get(spec, "dataset"), path, sizeof path, format,
                              sizeof format, err, errlen) != 0) {
         *retryable = true;
-        return predict_wrap(err, errlen, "dataset");
+        return err_prefix(err, errlen, "dataset");
     }
     /* spec.format only comes with a local file, and says more than "auto" */
     const char *given = json_string_value(json_object_get(spec, "format"));
@@ -179,7 +153,7 @@ static int predict_load_dataset(predict_job *job, json_t *spec, runner_ctx *ctx,
     json_t *max = json_object_get(spec, "max_samples");
     size_t max_samples = max ? (size_t)json_integer_value(max) : 0;
     if (ds_load(path, fmt, max_samples, &job->ds, err, errlen) != 0) {
-        *retryable = predict_oom(err);
+        *retryable = runner_err_is_oom(err);
         return -1; /* ds_load names the file and record */
     }
     if (job->ds.n == 0) return err_set(err, errlen, "dataset %s has no examples", path);
@@ -199,7 +173,7 @@ static int predict_encode(predict_job *job, char *err, size_t errlen) {
         tok_ids_init(&e->ids, TOK_MAX_TEXT);
         if (tmpl_encode(job->tmpl, job->tok, d->system, d->query, NULL, &e->ids, NULL,
                         &system_len, err, errlen) != 0)
-            return predict_wrap(err, errlen, "example %zu", i);
+            return err_prefix(err, errlen, "example %zu", i);
         if (e->ids.len == 0)
             return err_set(err, errlen, "example %zu: the prompt encodes to no tokens", i);
         if (e->ids.len > cutoff) {
@@ -399,7 +373,7 @@ static int predict_write_hidden(predict_job *job, runner_ctx *ctx, json_t *artif
         }
         if (w != 0 || ctx->add_artifact(ctx, name, path, err, errlen) != 0) {
             *retryable = true;
-            predict_wrap(err, errlen, "%s", name);
+            err_prefix(err, errlen, "%s", name);
             goto out;
         }
         if (!json_is_array(artifacts) || json_array_append_new(artifacts, json_string(name)) != 0) {
@@ -612,15 +586,15 @@ static int predict_generate(predict_job *job, runner_ctx *ctx, json_t *artifacts
     if (predict_greedy(backend_cpu(), &job->model, prompts, job->n, job->batch_size,
                        job->max_new, eos, max_len, ctx->cancel, gen, err, errlen) != 0) {
         *cancelled = ctx->cancel && atomic_load(ctx->cancel);
-        *retryable = predict_oom(err);
-        predict_wrap(err, errlen, "generate");
+        *retryable = runner_err_is_oom(err);
+        err_prefix(err, errlen, "generate");
         goto out;
     }
     for (size_t i = 0; i < job->n; i++) {
         char *text = NULL;
         size_t len = 0;
         if (tok_decode(job->tok, gen[i].v, gen[i].len, true, &text, &len, err, errlen) != 0) {
-            predict_wrap(err, errlen, "example %zu: decode", i);
+            err_prefix(err, errlen, "example %zu: decode", i);
             goto out;
         }
         json_t *line = json_pack("{s:s, s:s%}", "label", job->ds.items[i].response, "predict",
@@ -687,11 +661,11 @@ int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
     if (predict_load_dataset(&job, spec, ctx, retryable, err, errlen) != 0) goto out;
     if (predict_encode(&job, err, errlen) != 0 || predict_make_order(&job, err, errlen) != 0 ||
         predict_layers(&job, spec, err, errlen) != 0) {
-        *retryable = predict_oom(err);
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     const llama_config *cfg = &job.model.cfg;
-    predict_log(ctx,
+    runner_logf(ctx,
                 "predict: %zu examples, template %s, pool %s, %d of %d hidden states, batch %d, "
                 "model C=%d L=%d V=%d",
                 job.n, tmpl_name(job.tmpl), predict_pool_names[job.pool], job.nlayers,
@@ -700,7 +674,7 @@ int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
     size_t tokens = 0;
     double fwd_start = util_now_seconds();
     if (predict_hidden(&job, ctx, cancelled, &tokens, err, errlen) != 0) {
-        *retryable = predict_oom(err);
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     double fwd_seconds = util_now_seconds() - fwd_start;
@@ -730,7 +704,7 @@ int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
         err_set(err, errlen, "out of memory");
         goto out;
     }
-    predict_log(ctx, "predict: %zu prompt tokens in %.3f s (%.1f tokens/s)", tokens, fwd_seconds,
+    runner_logf(ctx, "predict: %zu prompt tokens in %.3f s (%.1f tokens/s)", tokens, fwd_seconds,
                 fwd_seconds > 0 ? (double)tokens / fwd_seconds : 0.0);
     *result = out;
     rc = 0;

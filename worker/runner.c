@@ -22,6 +22,18 @@
 #include <string.h>
 #include <sys/stat.h>
 
+void runner_logf(runner_ctx *ctx, const char *fmt, ...) {
+    if (!ctx->log) return;
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    ctx->log(ctx, line);
+}
+
+bool runner_err_is_oom(const char *err) { return strstr(err, "out of memory") != NULL; }
+
 bool runner_layer_from_name(const char *name, int *layer) {
     static const char prefix[] = "hidden_states_", suffix[] = ".npy";
     size_t n = strlen(name), np = sizeof prefix - 1, ns = sizeof suffix - 1;

@@ -77,6 +77,14 @@ struct runner_ctx {
  * local runs both find layers by it. */
 bool runner_layer_from_name(const char *name, int *layer);
 
+/* Appends a printf-formatted line to the job's log (nothing when ctx->log
+ * is NULL). */
+void runner_logf(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* True when an error message reports memory exhaustion, the one failure of
+ * a loader or engine call that a retry (on another worker) may not repeat. */
+bool runner_err_is_oom(const char *err);
+
 /* Checks that kind is one this worker can run. */
 bool runner_supports(const char *kind);
 

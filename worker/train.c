@@ -73,32 +73,6 @@ typedef struct {
     json_t *losses, *lrs, *norms, *checkpoints;
 } train_job;
 
-static void train_log(runner_ctx *ctx, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void train_log(runner_ctx *ctx, const char *fmt, ...) {
-    if (!ctx->log) return;
-    char line[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    ctx->log(ctx, line);
-}
-
-static bool train_oom(const char *err) { return strstr(err, "out of memory") != NULL; }
-
-/* Prefixes err with what was being done ("dataset x: ..."). Returns -1. */
-static int train_wrap(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int train_wrap(char *err, size_t errlen, const char *fmt, ...) {
-    char inner[ERR_LEN], prefix[ERR_LEN];
-    snprintf(inner, sizeof inner, "%s", err);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(prefix, sizeof prefix, fmt, ap);
-    va_end(ap);
-    return err_set(err, errlen, "%s: %s", prefix, inner);
-}
-
 static void train_job_free(train_job *job) {
     if (job->model_loaded) llama_free(&job->model);
     tok_free(job->tok);
@@ -254,7 +228,7 @@ static int train_load_init_tokenizer(train_job *job, json_t *ref, int vocab, run
         if (!ctx->resolve_model) return err_set(err, errlen, "this worker cannot resolve models");
         if (ctx->resolve_model(ctx, ref, path, sizeof path, err, errlen) != 0) {
             *retryable = true;
-            return train_wrap(err, errlen, "tokenizer");
+            return err_prefix(err, errlen, "tokenizer");
         }
         file = !train_is_dir(path);
         if (file) train_dirname(path, path, sizeof path); /* a llama2.c .bin: its directory */
@@ -267,15 +241,15 @@ static int train_load_init_tokenizer(train_job *job, json_t *ref, int vocab, run
                         : ctx->resolve_file(ctx, ref, path, sizeof path, err, errlen);
         if (got != 0) {
             *retryable = true;
-            return train_wrap(err, errlen, "tokenizer");
+            return err_prefix(err, errlen, "tokenizer");
         }
         file = !train_is_dir(path);
     }
     int rc = file ? tok_load_hf(path, &job->tok, err, errlen)
                   : tok_load_dir(path, vocab, &job->tok, err, errlen);
     if (rc != 0) {
-        *retryable = train_oom(err);
-        return train_wrap(err, errlen, "tokenizer %s", path);
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "tokenizer %s", path);
     }
     if (tok_vocab_size(job->tok) > vocab)
         return err_set(err, errlen, "tokenizer %s has ids up to %d, beyond init.vocab_size %d",
@@ -297,8 +271,8 @@ static int train_load_model(train_job *job, json_t *spec, runner_ctx *ctx, bool 
         llama_config cfg;
         train_init_config(init, job->tok, &cfg);
         if (llama_alloc(&job->model, &cfg, err, errlen) != 0) {
-            *retryable = train_oom(err);
-            return train_wrap(err, errlen, "base_model.init");
+            *retryable = runner_err_is_oom(err);
+            return err_prefix(err, errlen, "base_model.init");
         }
         job->model_loaded = true;
         train_init_weights(&job->model, train_num(init, "initializer_range",
@@ -310,14 +284,14 @@ static int train_load_model(train_job *job, json_t *spec, runner_ctx *ctx, bool 
     if (!ctx->resolve_model) return err_set(err, errlen, "this worker cannot resolve models");
     if (ctx->resolve_model(ctx, base, path, sizeof path, err, errlen) != 0) {
         *retryable = true;
-        return train_wrap(err, errlen, "base_model");
+        return err_prefix(err, errlen, "base_model");
     }
     bool is_dir = train_is_dir(path);
     int rc = is_dir ? llama_load_hf(path, &job->model, err, errlen)
                     : llama_load_llama2c(path, &job->model, err, errlen);
     if (rc != 0) {
-        *retryable = train_oom(err);
-        return train_wrap(err, errlen, "base_model %s", path);
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "base_model %s", path);
     }
     job->model_loaded = true;
     if (is_dir)
@@ -325,8 +299,8 @@ static int train_load_model(train_job *job, json_t *spec, runner_ctx *ctx, bool 
     else
         train_dirname(path, job->tok_dir, sizeof job->tok_dir);
     if (tok_load_dir(job->tok_dir, job->model.cfg.vocab_size, &job->tok, err, errlen) != 0) {
-        *retryable = train_oom(err);
-        return train_wrap(err, errlen, "tokenizer");
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "tokenizer");
     }
     return 0;
 }
@@ -340,14 +314,14 @@ static int train_add_dataset(train_job *job, json_t *ref, runner_ctx *ctx, bool 
     if (ctx->resolve_dataset(ctx, ref, path, sizeof path, format, sizeof format, err, errlen) !=
         0) {
         *retryable = true;
-        return train_wrap(err, errlen, "dataset");
+        return err_prefix(err, errlen, "dataset");
     }
     if (ds_format_parse(format, &fmt) != 0)
         return err_set(err, errlen, "dataset %s: unknown format \"%s\"", path, format);
     ds_dataset one;
     memset(&one, 0, sizeof one);
     if (ds_load(path, fmt, 0, &one, err, errlen) != 0) {
-        *retryable = train_oom(err);
+        *retryable = runner_err_is_oom(err);
         return -1; /* ds_load names the file and record */
     }
     if (one.n == 0) {
@@ -381,7 +355,7 @@ static int train_load_data(train_job *job, json_t *spec, runner_ctx *ctx, bool *
         json_t *ref;
         json_array_foreach(dataset, i, ref) {
             if (train_add_dataset(job, ref, ctx, retryable, err, errlen) != 0)
-                return train_wrap(err, errlen, "dataset[%zu]", i);
+                return err_prefix(err, errlen, "dataset[%zu]", i);
         }
     } else if (train_add_dataset(job, dataset, ctx, retryable, err, errlen) != 0) {
         return -1;
@@ -399,24 +373,24 @@ static int train_load_data(train_job *job, json_t *spec, runner_ctx *ctx, bool *
             if (ctx->resolve_file(ctx, json_object_get(mixture, "task_map"), path, sizeof path,
                                   err, errlen) != 0) {
                 *retryable = true;
-                return train_wrap(err, errlen, "mixture.task_map");
+                return err_prefix(err, errlen, "mixture.task_map");
             }
             if (sft_taskmap_load(path, &map, err, errlen) != 0)
-                return train_wrap(err, errlen, "mixture.task_map");
+                return err_prefix(err, errlen, "mixture.task_map");
         }
         size_t cap = (size_t)json_integer_value(json_object_get(mixture, "cap"));
         int rc = sft_mix_cap(&job->ds, cluster ? &map : NULL,
                              cluster ? SFT_CAP_CLUSTER : SFT_CAP_TASK, cap, job->o.seed,
                              &job->mix, err, errlen);
         sft_taskmap_free(&map);
-        if (rc != 0) return train_wrap(err, errlen, "mixture");
+        if (rc != 0) return err_prefix(err, errlen, "mixture");
         job->mixed = true;
         subset = job->mix.keep;
         n_subset = job->mix.n_keep;
     }
     sft_opts so = {job->o.mode, job->o.tmpl, job->o.cutoff_len, 1};
     if (sft_build(&job->ds, subset, n_subset, job->tok, &so, &job->set, err, errlen) != 0) {
-        *retryable = train_oom(err);
+        *retryable = runner_err_is_oom(err);
         return -1;
     }
     return 0;
@@ -564,10 +538,10 @@ static int train_make_lora(train_job *job, json_t *spec, runner_ctx *ctx, bool *
         if (!ctx->resolve_adapter) return err_set(err, errlen, "this worker cannot resolve adapters");
         if (ctx->resolve_adapter(ctx, init, dir, sizeof dir, err, errlen) != 0) {
             *retryable = true;
-            return train_wrap(err, errlen, "adapter_init");
+            return err_prefix(err, errlen, "adapter_init");
         }
         if (train_adapter_config(job, dir, &scaling, err, errlen) != 0)
-            return train_wrap(err, errlen, "adapter_init");
+            return err_prefix(err, errlen, "adapter_init");
     }
     if (!(job->o.lora_dropout >= 0 && job->o.lora_dropout < 1))
         return err_set(err, errlen, "lora dropout %g is not in [0, 1)", job->o.lora_dropout);
@@ -589,7 +563,7 @@ static int train_make_lora(train_job *job, json_t *spec, runner_ctx *ctx, bool *
         char path[4200];
         snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
         return train_adapter_weights(job, path, err, errlen) != 0
-                   ? train_wrap(err, errlen, "adapter_init")
+                   ? err_prefix(err, errlen, "adapter_init")
                    : 0;
     }
     sft_rng r;
@@ -798,7 +772,7 @@ static int train_write_config(const llama_config *c, const char *path, char *err
 static int train_publish(runner_ctx *ctx, const char *name, const char *path, json_t *artifacts,
                          char *err, size_t errlen) {
     if (ctx->add_artifact(ctx, name, path, err, errlen) != 0)
-        return train_wrap(err, errlen, "artifact %s", name);
+        return err_prefix(err, errlen, "artifact %s", name);
     json_array_append_new(artifacts, json_string(name));
     return 0;
 }
@@ -1066,7 +1040,7 @@ static int train_resume(train_job *job, const char *dir, int64_t step, int64_t t
     int orc = adamw_read_file(job->opt, f, err, errlen);
     fclose(f);
     if (orc != 0) {
-        train_wrap(err, errlen, "%s", path);
+        err_prefix(err, errlen, "%s", path);
         goto out;
     }
     if (adamw_steps(job->opt) != step) {
@@ -1100,18 +1074,18 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
         sched_check(&sch, err, errlen) != 0)
         goto out;
     if (sft_loader_init(&loader, &job->set, &lo, err, errlen) != 0) {
-        *retryable = train_oom(err);
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     if (start > 0 && sft_loader_seek(&loader, start_pos, err, errlen) != 0) {
-        train_wrap(err, errlen, "checkpoint of step %lld", (long long)start);
+        err_prefix(err, errlen, "checkpoint of step %lld", (long long)start);
         goto out;
     }
     size_t tokens = 0;
     double started = util_now_seconds();
     for (int64_t k = start; k < total; k++) {
         if (sft_loader_next(&loader, &step, err, errlen) != 0) {
-            *retryable = train_oom(err);
+            *retryable = runner_err_is_oom(err);
             goto out;
         }
         if (step.n_label == 0) {
@@ -1145,8 +1119,8 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
                                           job->lens, (int)mb->rows, (int)mb->seq_len, scale,
                                           job->grads, &ls, &nc, err, errlen);
             if (lrc != 0) {
-                *retryable = train_oom(err);
-                train_wrap(err, errlen, "step %lld", (long long)k + 1);
+                *retryable = runner_err_is_oom(err);
+                err_prefix(err, errlen, "step %lld", (long long)k + 1);
                 goto out;
             }
             loss_sum += ls;
@@ -1176,7 +1150,7 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
         snprintf(message, sizeof message, "step %lld/%lld, loss %.4f, %.0f tokens/s",
                  (long long)k + 1, (long long)total, loss, tps);
         if (ctx->progress) ctx->progress(ctx, k + 1, total, message);
-        train_log(ctx, "step %lld/%lld: loss %.6f, lr %.3e, grad norm %.4f, epoch %llu, %.0f tokens/s",
+        runner_logf(ctx, "step %lld/%lld: loss %.6f, lr %.3e, grad norm %.4f, epoch %llu, %.0f tokens/s",
                   (long long)k + 1, (long long)total, loss, lr, norm,
                   (unsigned long long)step.epoch, tps);
         if (job->o.save_steps > 0 && (k + 1) % job->o.save_steps == 0 &&
@@ -1241,16 +1215,16 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
     }
     if (llama_state_init_train(&job.state, backend_cpu(), &job.model.cfg, (int)job.o.batch_size,
                                (int)longest, err, errlen) != 0) {
-        *retryable = train_oom(err);
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     job.state_ready = true;
     if (train_make_optimizer(&job, err, errlen) != 0) {
-        *retryable = train_oom(err);
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     const llama_config *cfg = &job.model.cfg;
-    train_log(ctx,
+    runner_logf(ctx,
               "train: %s, %zu examples (%zu truncated, %zu labels), %lld steps "
               "(%zu per epoch), batch %zu x %zu, longest %zu tokens, model C=%d L=%d V=%d, "
               "%zu trainable parameters",
@@ -1264,16 +1238,16 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
         char dir[4096];
         if (ctx->resolve_checkpoint(ctx, dir, sizeof dir, &resumed, err, errlen) != 0) {
             *retryable = true;
-            train_wrap(err, errlen, "checkpoint");
+            err_prefix(err, errlen, "checkpoint");
             goto out;
         }
         if (resumed > 0) {
             if (train_resume(&job, dir, resumed, steps, &pos, err, errlen) != 0) {
-                *retryable = train_oom(err);
-                train_wrap(err, errlen, "resume");
+                *retryable = runner_err_is_oom(err);
+                err_prefix(err, errlen, "resume");
                 goto out;
             }
-            train_log(ctx, "train: resumed from checkpoint step %lld (epoch %llu, cursor %llu)",
+            runner_logf(ctx, "train: resumed from checkpoint step %lld (epoch %llu, cursor %llu)",
                       (long long)resumed, (unsigned long long)pos.epoch,
                       (unsigned long long)pos.cursor);
         }
@@ -1309,7 +1283,7 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
         err_set(err, errlen, "out of memory");
         goto out;
     }
-    train_log(ctx, "train: %lld steps, final loss %.6f, %zu tokens in %.3f s", (long long)steps,
+    runner_logf(ctx, "train: %lld steps, final loss %.6f, %zu tokens in %.3f s", (long long)steps,
               final_loss, tokens, loop_seconds);
     *result = out;
     rc = 0;
