@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/testutil.h"
 #include "common/npy.h"
 #include "common/st.h"
 #include "common/util.h"
@@ -44,57 +45,9 @@
 
 static char train_dir[PATH_MAX + 64];
 
-/* tests/unit/../reference/train/fixtures, or $STRATA_REFERENCE/../train/fixtures. */
+/* Where this test's fixtures are (testutil.h). */
 static void find_fixtures(void) {
-    const char *env = getenv("STRATA_REFERENCE");
-    if (env && *env) {
-        snprintf(train_dir, sizeof train_dir, "%s/../train/fixtures", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(train_dir, sizeof train_dir, "%s/../reference/train/fixtures", src);
-}
-
-/* A batch read from a JSON object with input_ids, labels, lengths. */
-typedef struct {
-    int B, T;
-    int *tokens, *labels, *lengths;
-    long n_counted;
-} batch;
-
-static void batch_load(batch *bt, json_t *j) {
-    json_t *ids = json_object_get(j, "input_ids"), *labs = json_object_get(j, "labels"),
-           *lens = json_object_get(j, "lengths");
-    bt->B = (int)json_array_size(lens);
-    bt->T = (int)json_integer_value(json_object_get(j, "T"));
-    bt->n_counted = (long)json_integer_value(json_object_get(j, "n_counted"));
-    assert_true(bt->B > 0 && bt->T > 0);
-    size_t n = (size_t)bt->B * (size_t)bt->T;
-    bt->tokens = malloc(n * sizeof(int));
-    bt->labels = malloc(n * sizeof(int));
-    bt->lengths = malloc((size_t)bt->B * sizeof(int));
-    assert_true(bt->tokens && bt->labels && bt->lengths);
-    for (int b = 0; b < bt->B; b++) {
-        bt->lengths[b] = (int)json_integer_value(json_array_get(lens, (size_t)b));
-        json_t *ir = json_array_get(ids, (size_t)b), *lr = json_array_get(labs, (size_t)b);
-        assert_int_equal(json_array_size(ir), (size_t)bt->T);
-        for (int t = 0; t < bt->T; t++) {
-            bt->tokens[b * bt->T + t] = (int)json_integer_value(json_array_get(ir, (size_t)t));
-            bt->labels[b * bt->T + t] = (int)json_integer_value(json_array_get(lr, (size_t)t));
-        }
-    }
-}
-
-static void batch_free(batch *bt) {
-    free(bt->tokens);
-    free(bt->labels);
-    free(bt->lengths);
+    tu_reference_path(train_dir, sizeof train_dir, "../train/fixtures");
 }
 
 /* A fixture directory: its expected.json and its model. */
@@ -177,7 +130,7 @@ static double rel_err(const float *got, const float *want, size_t n, const char 
 
 /* Runs llama_loss_and_grad over bt with scale 1/n_counted into grads
  * (added to); returns the mean loss. */
-static double run(const llama_model *m, const batch *bt, int cap_T, double scale, float *grads) {
+static double run(const llama_model *m, const tu_batch *bt, int cap_T, double scale, float *grads) {
     llama_state s;
     char err[ERR_LEN];
     const backend *be = backend_cpu();
@@ -198,8 +151,8 @@ static double run(const llama_model *m, const batch *bt, int cap_T, double scale
 static void check_reference(const char *name) {
     fixture f;
     fixture_load(&f, name);
-    batch bt;
-    batch_load(&bt, json_object_get(f.expected, "batch"));
+    tu_batch bt;
+    tu_batch_load(&bt, json_object_get(f.expected, "batch"));
     float *grads = calloc(f.model.nparams, sizeof *grads);
     assert_non_null(grads);
     double loss = run(&f.model, &bt, bt.T, 1.0 / (double)bt.n_counted, grads);
@@ -234,7 +187,7 @@ static void check_reference(const char *name) {
     printf("%s: %zu gradients, worst %.2g relative\n", name, checked, worst);
     assert_true(checked > 0);
     free(grads);
-    batch_free(&bt);
+    tu_batch_free(&bt);
     fixture_free(&f);
 }
 
@@ -269,14 +222,14 @@ static void test_padding_invariance(void **state) {
     (void)state;
     fixture f;
     fixture_load(&f, "sft_gqa");
-    batch bt;
-    batch_load(&bt, json_object_get(f.expected, "batch"));
+    tu_batch bt;
+    tu_batch_load(&bt, json_object_get(f.expected, "batch"));
     size_t np = f.model.nparams;
     float *g1 = calloc(np, sizeof *g1), *g2 = calloc(np, sizeof *g2);
     assert_true(g1 && g2);
     double scale = 1.0 / (double)bt.n_counted;
     double l1 = run(&f.model, &bt, bt.T, scale, g1);
-    batch wide = bt;
+    tu_batch wide = bt;
     wide.T = bt.T + 3;
     size_t n = (size_t)bt.B * (size_t)wide.T;
     wide.tokens = malloc(n * sizeof(int));
@@ -300,7 +253,7 @@ static void test_padding_invariance(void **state) {
     free(wide.labels);
     free(g1);
     free(g2);
-    batch_free(&bt);
+    tu_batch_free(&bt);
     fixture_free(&f);
 }
 
@@ -309,9 +262,9 @@ static void test_accumulation(void **state) {
     fixture f;
     fixture_load(&f, "adamw_full");
     json_t *mbs = json_object_get(f.expected, "micro_batches");
-    batch a, b;
-    batch_load(&a, json_array_get(mbs, 0));
-    batch_load(&b, json_array_get(mbs, 1));
+    tu_batch a, b;
+    tu_batch_load(&a, json_array_get(mbs, 0));
+    tu_batch_load(&b, json_array_get(mbs, 1));
     long total = a.n_counted + b.n_counted;
     size_t np = f.model.nparams;
     float *g1 = calloc(np, sizeof *g1), *g2 = calloc(np, sizeof *g2);
@@ -323,14 +276,14 @@ static void test_accumulation(void **state) {
     double wb = json_number_value(json_array_get(json_object_get(f.expected, "micro_loss"), 1));
     assert_true(fabs(la - wa) <= REF_REL_TOL * wa && fabs(lb - wb) <= REF_REL_TOL * wb);
 
-    batch both = {.B = a.B + b.B, .T = a.T > b.T ? a.T : b.T, .n_counted = total};
+    tu_batch both = {.B = a.B + b.B, .T = a.T > b.T ? a.T : b.T, .n_counted = total};
     size_t n = (size_t)both.B * (size_t)both.T;
     both.tokens = malloc(n * sizeof(int));
     both.labels = malloc(n * sizeof(int));
     both.lengths = malloc((size_t)both.B * sizeof(int));
     assert_true(both.tokens && both.labels && both.lengths);
     for (int r = 0; r < both.B; r++) {
-        const batch *src = r < a.B ? &a : &b;
+        const tu_batch *src = r < a.B ? &a : &b;
         int sr = r < a.B ? r : r - a.B;
         both.lengths[r] = src->lengths[sr];
         for (int t = 0; t < both.T; t++) {
@@ -348,9 +301,9 @@ static void test_accumulation(void **state) {
     double e = whole_rel(g2, g1, np);
     printf("accumulation: step loss %.9g (ref %.9g), grads %.2g relative\n", lboth, step, e);
     assert_true(e <= ACCUM_REL_TOL);
-    batch_free(&a);
-    batch_free(&b);
-    batch_free(&both);
+    tu_batch_free(&a);
+    tu_batch_free(&b);
+    tu_batch_free(&both);
     free(g1);
     free(g2);
     fixture_free(&f);
@@ -378,7 +331,7 @@ static void test_finite_differences(void **state) {
     int tokens[2 * 6] = {1, 5, 7, 3, 9, 2, 1, 4, 11, 12, 0, 0};
     int labels[2 * 6] = {-100, -100, 7, 3, 9, 2, -100, 4, 11, 12, -100, -100};
     int lengths[2] = {6, 4};
-    batch bt = {.B = 2, .T = 6, .tokens = tokens, .labels = labels, .lengths = lengths};
+    tu_batch bt = {.B = 2, .T = 6, .tokens = tokens, .labels = labels, .lengths = lengths};
     float *g = calloc(m.nparams, sizeof *g);
     assert_non_null(g);
     double base = run(&m, &bt, 6, 1.0, g); /* scale 1: gradient of the loss SUM */
@@ -423,8 +376,8 @@ static void test_bad_labels(void **state) {
     (void)state;
     fixture f;
     fixture_load(&f, "sft_gqa");
-    batch bt;
-    batch_load(&bt, json_object_get(f.expected, "batch"));
+    tu_batch bt;
+    tu_batch_load(&bt, json_object_get(f.expected, "batch"));
     llama_state s;
     char err[ERR_LEN];
     const backend *be = backend_cpu();
@@ -457,7 +410,7 @@ static void test_bad_labels(void **state) {
     llama_state_free(&inf);
     llama_state_free(&s);
     free(g);
-    batch_free(&bt);
+    tu_batch_free(&bt);
     fixture_free(&f);
 }
 
@@ -475,8 +428,8 @@ static void test_lora_gqa(void **state) {
     assert_true(json_is_string(json_object_get(f.expected, "batch")));
     fixture sft;
     fixture_load(&sft, "sft_gqa");
-    batch bt;
-    batch_load(&bt, json_object_get(sft.expected, "batch"));
+    tu_batch bt;
+    tu_batch_load(&bt, json_object_get(sft.expected, "batch"));
     fixture_free(&sft);
     json_t *cfgj = json_object_get(f.expected, "lora");
     int r = (int)json_integer_value(json_object_get(cfgj, "r"));
@@ -570,7 +523,7 @@ static void test_lora_gqa(void **state) {
     free(before);
     free(params);
     free(grads);
-    batch_free(&bt);
+    tu_batch_free(&bt);
     fixture_free(&f);
 }
 

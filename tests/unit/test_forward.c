@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/testutil.h"
 #include "common/npy.h"
 #include "common/util.h"
 #include "worker/engine/backend.h"
@@ -35,21 +36,9 @@
 
 static char reference_dir[PATH_MAX + 64];
 
-/* tests/unit/../reference/fixtures, or $STRATA_REFERENCE. */
+/* Where this test's fixtures are (testutil.h). */
 static void find_reference(void) {
-    const char *env = getenv("STRATA_REFERENCE");
-    if (env && *env) {
-        snprintf(reference_dir, sizeof reference_dir, "%s", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(reference_dir, sizeof reference_dir, "%s/../reference/fixtures", src);
+    tu_reference_path(reference_dir, sizeof reference_dir, "");
 }
 
 /* One reference model with its batch. */

@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/testutil.h"
 #include "common/npy.h"
 #include "common/util.h"
 #include "worker/engine/backend.h"
@@ -28,21 +29,9 @@
 static char fixture_dir[PATH_MAX + 64];
 static json_t *meta;
 
-/* tests/unit/../fixtures/ops_backward, or $STRATA_FIXTURES/ops_backward. */
+/* Where this test's fixtures are (testutil.h). */
 static void find_fixtures(void) {
-    const char *env = getenv("STRATA_FIXTURES");
-    if (env && *env) {
-        snprintf(fixture_dir, sizeof fixture_dir, "%s/ops_backward", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(fixture_dir, sizeof fixture_dir, "%s/../fixtures/ops_backward", src);
+    tu_fixture_path(fixture_dir, sizeof fixture_dir, "ops_backward");
 }
 
 static int setup_all(void **state) {

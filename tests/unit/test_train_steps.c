@@ -38,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/testutil.h"
 #include "common/npy.h"
 #include "common/st.h"
 #include "common/util.h"
@@ -52,59 +53,9 @@
 
 static char train_dir[PATH_MAX + 64];
 
-/* tests/unit/../reference/train/fixtures, or $STRATA_REFERENCE/../train/fixtures
- * (as test_backward.c finds them). */
+/* Where this test's fixtures are (testutil.h). */
 static void find_fixtures(void) {
-    const char *env = getenv("STRATA_REFERENCE");
-    if (env && *env) {
-        snprintf(train_dir, sizeof train_dir, "%s/../train/fixtures", env);
-        return;
-    }
-    char src[PATH_MAX];
-    snprintf(src, sizeof src, "%s", __FILE__);
-    char *slash = strrchr(src, '/');
-    if (slash)
-        *slash = '\0';
-    else
-        snprintf(src, sizeof src, ".");
-    snprintf(train_dir, sizeof train_dir, "%s/../reference/train/fixtures", src);
-}
-
-/* One micro-batch of the fixture (input_ids, labels, lengths, T, n_counted). */
-typedef struct {
-    int B, T;
-    int *tokens, *labels, *lengths;
-    long n_counted;
-} batch;
-
-static void batch_load(batch *bt, json_t *j) {
-    json_t *ids = json_object_get(j, "input_ids"), *labs = json_object_get(j, "labels"),
-           *lens = json_object_get(j, "lengths");
-    bt->B = (int)json_array_size(lens);
-    bt->T = (int)json_integer_value(json_object_get(j, "T"));
-    bt->n_counted = (long)json_integer_value(json_object_get(j, "n_counted"));
-    assert_true(bt->B > 0 && bt->T > 0 && bt->n_counted > 0);
-    size_t n = (size_t)bt->B * (size_t)bt->T;
-    bt->tokens = malloc(n * sizeof(int));
-    bt->labels = malloc(n * sizeof(int));
-    bt->lengths = malloc((size_t)bt->B * sizeof(int));
-    assert_true(bt->tokens && bt->labels && bt->lengths);
-    for (int b = 0; b < bt->B; b++) {
-        bt->lengths[b] = (int)json_integer_value(json_array_get(lens, (size_t)b));
-        json_t *ir = json_array_get(ids, (size_t)b), *lr = json_array_get(labs, (size_t)b);
-        assert_int_equal(json_array_size(ir), (size_t)bt->T);
-        assert_int_equal(json_array_size(lr), (size_t)bt->T);
-        for (int t = 0; t < bt->T; t++) {
-            bt->tokens[b * bt->T + t] = (int)json_integer_value(json_array_get(ir, (size_t)t));
-            bt->labels[b * bt->T + t] = (int)json_integer_value(json_array_get(lr, (size_t)t));
-        }
-    }
-}
-
-static void batch_free(batch *bt) {
-    free(bt->tokens);
-    free(bt->labels);
-    free(bt->lengths);
+    tu_reference_path(train_dir, sizeof train_dir, "../train/fixtures");
 }
 
 /* A named trained tensor: its offset in the trained buffer, its float count,
@@ -127,7 +78,7 @@ typedef struct {
     size_t ntrain;
     tensor tensors[MAX_TENSORS];
     size_t ntensors;
-    batch mb[MAX_MB];
+    tu_batch mb[MAX_MB];
     size_t nmb;
     int max_T, max_B;
 } run_t;
@@ -259,14 +210,15 @@ static void run_load(run_t *r, const char *name) {
     r->nmb = json_array_size(mbs);
     assert_true(r->nmb > 0 && r->nmb <= MAX_MB);
     for (size_t i = 0; i < r->nmb; i++) {
-        batch_load(&r->mb[i], json_array_get(mbs, i));
+        tu_batch_load(&r->mb[i], json_array_get(mbs, i));
+        assert_true(r->mb[i].n_counted > 0);
         if (r->mb[i].T > r->max_T) r->max_T = r->mb[i].T;
         if (r->mb[i].B > r->max_B) r->max_B = r->mb[i].B;
     }
 }
 
 static void run_free(run_t *r) {
-    for (size_t i = 0; i < r->nmb; i++) batch_free(&r->mb[i]);
+    for (size_t i = 0; i < r->nmb; i++) tu_batch_free(&r->mb[i]);
     if (r->is_lora) free(r->train);
     llama_free(&r->model);
     json_decref(r->expected);
@@ -331,7 +283,7 @@ static adamw *make_optimizer(const run_t *r) {
 
 /* Forward + backward of micro-batch bt into grads with loss_scale scale;
  * returns its CE sum, its counted tokens in *counted. */
-static double micro_step(run_t *r, llama_state *s, const batch *bt, double scale, float *grads,
+static double micro_step(run_t *r, llama_state *s, const tu_batch *bt, double scale, float *grads,
                          long *counted) {
     const backend *be = backend_cpu();
     char err[ERR_LEN];

@@ -40,6 +40,12 @@ void tu_fixture_path(char *out, size_t outlen, const char *rel) {
 }
 
 void tu_reference_path(char *out, size_t outlen, const char *rel) {
+    const char *env = getenv("STRATA_REFERENCE");
+    if (env && *env) {
+        int n = snprintf(out, outlen, "%s%s%s", env, *rel ? "/" : "", rel);
+        if (n < 0 || (size_t)n >= outlen) fail_msg("path too long: %s/%s", env, rel);
+        return;
+    }
     char sub[PATH_MAX];
     int n = snprintf(sub, sizeof sub, "../reference/fixtures%s%s", *rel ? "/" : "", rel);
     if (n < 0 || (size_t)n >= sizeof sub) fail_msg("path too long: %s", rel);
@@ -166,4 +172,34 @@ void tu_stdout_on(int saved) {
     fflush(stdout);
     dup2(saved, 1);
     close(saved);
+}
+
+void tu_batch_load(tu_batch *bt, json_t *j) {
+    json_t *ids = json_object_get(j, "input_ids"), *labs = json_object_get(j, "labels"),
+           *lens = json_object_get(j, "lengths");
+    bt->B = (int)json_array_size(lens);
+    bt->T = (int)json_integer_value(json_object_get(j, "T"));
+    bt->n_counted = (long)json_integer_value(json_object_get(j, "n_counted"));
+    assert_true(bt->B > 0 && bt->T > 0);
+    size_t n = (size_t)bt->B * (size_t)bt->T;
+    bt->tokens = malloc(n * sizeof(int));
+    bt->labels = malloc(n * sizeof(int));
+    bt->lengths = malloc((size_t)bt->B * sizeof(int));
+    assert_true(bt->tokens && bt->labels && bt->lengths);
+    for (int b = 0; b < bt->B; b++) {
+        bt->lengths[b] = (int)json_integer_value(json_array_get(lens, (size_t)b));
+        json_t *ir = json_array_get(ids, (size_t)b), *lr = json_array_get(labs, (size_t)b);
+        assert_int_equal(json_array_size(ir), (size_t)bt->T);
+        assert_int_equal(json_array_size(lr), (size_t)bt->T);
+        for (int t = 0; t < bt->T; t++) {
+            bt->tokens[b * bt->T + t] = (int)json_integer_value(json_array_get(ir, (size_t)t));
+            bt->labels[b * bt->T + t] = (int)json_integer_value(json_array_get(lr, (size_t)t));
+        }
+    }
+}
+
+void tu_batch_free(tu_batch *bt) {
+    free(bt->tokens);
+    free(bt->labels);
+    free(bt->lengths);
 }

@@ -23,8 +23,9 @@
  * too small. */
 void tu_fixture_path(char *out, size_t outlen, const char *rel);
 
-/* out = tests/reference/fixtures/rel (the PyTorch reference fixtures), found
- * as tu_fixture_path finds tests/fixtures. */
+/* out = $STRATA_REFERENCE/rel when that is set, else
+ * tests/reference/fixtures/rel (the PyTorch reference fixtures), found as
+ * tu_fixture_path finds tests/fixtures. */
 void tu_reference_path(char *out, size_t outlen, const char *rel);
 
 /* Makes /tmp/strata-<tag>-XXXXXX in dir (dirlen bytes). 0, or -1 if the name
@@ -79,5 +80,19 @@ int tu_stdout_off(void);
 
 /* Restores the stdout that tu_stdout_off(saved) silenced. */
 void tu_stdout_on(int saved);
+
+/* A right-padded token batch from a JSON object {"input_ids": [[...]],
+ * "labels": [[...]], "lengths": [...], "T", "n_counted"} (the training
+ * reference fixtures' layout). Rows are b*T + t. */
+typedef struct {
+    int B, T;
+    int *tokens, *labels, *lengths;
+    long n_counted;
+} tu_batch;
+
+/* Fills bt from j (fails the test on a malformed batch); free with
+ * tu_batch_free. */
+void tu_batch_load(tu_batch *bt, json_t *j);
+void tu_batch_free(tu_batch *bt);
 
 #endif
