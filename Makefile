@@ -29,7 +29,8 @@ endif
 
 COMMON_SRC := $(sort $(wildcard common/*.c))
 SERVER_SRC := $(filter-out server/main.c,$(sort $(wildcard server/*.c)))
-WORKER_SRC := $(filter-out worker/main.c,$(sort $(wildcard worker/*.c worker/engine/*.c)))
+WORKER_SRC := $(filter-out worker/main.c,$(sort $(wildcard worker/*.c worker/engine/*.c))) \
+              $(filter-out worker/engine/cuda/none%,$(sort $(wildcard worker/engine/cuda/*.c)))
 TEST_SRC   := $(sort $(wildcard tests/unit/test_*.c))
 
 obj = $(patsubst %.c,$(BUILD)/obj/%.o,$(1))
@@ -40,6 +41,51 @@ TEST_BIN   := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRC))
 
 SERVER := $(BUILD)/strata-server
 WORKER := $(BUILD)/strata-worker
+
+# --- CUDA (worker/engine/cuda/, see compat.cuh) ------------------------------
+# With nvcc (found at $(CUDA_HOME)/bin/nvcc or on PATH; NVCC= turns it off) the
+# .cu files are compiled for sm_80 and sm_90 into build-cuda/ (host code built
+# by nvcc is the same for every SANITIZER, so the builds share it) and the
+# worker links cudart, cuBLAS and cublasLt; without it, none*.c stand in and
+# the worker reports that it has no GPU support. The plain C files beside
+# them (launch plans, precision names) are part of libworker either way. CUDA_LINK goes before the
+# libraries on every link line of the worker and its tests.
+# The emulated build of the same .cu files (g++ -DSTRATA_CUDA_EMU, with this
+# build's sanitizer) runs every kernel on the CPU: tests/unit/test_cudaemu_*.c
+# link it instead of the real thing, on every machine.
+CUDA_HOME ?= /usr/local/cuda
+NVCC      ?= $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+CUDA_BUILD ?= build-cuda
+CUDA_SRC  := $(sort $(wildcard worker/engine/cuda/*.cu))
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NVCCFLAGS ?= -O2 -g -lineinfo
+NVCCFLAGS += -std=c++17 $(CUDA_ARCH) -I. --Werror all-warnings \
+             -Xcompiler -Wall,-Wextra,-Werror,-fno-strict-aliasing,-pthread
+ifneq ($(NVCC),)
+CUDA_LINK := $(patsubst %.cu,$(CUDA_BUILD)/%.o,$(CUDA_SRC))
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++
+else
+CUDA_LINK := $(call obj,$(sort $(wildcard worker/engine/cuda/none*.c)))
+CUDA_LIBS :=
+endif
+
+$(CUDA_BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -MMD -MP -c $< -o $@
+
+EMU_CXX   ?= g++
+EMU_FLAGS := -O1 -g -std=c++17 -DSTRATA_CUDA_EMU -D_GNU_SOURCE -pthread -Wall -Wextra -Werror \
+             -fno-strict-aliasing -I. $(filter -fsanitize=% -fno-sanitize-recover=% -fno-omit-frame-pointer,$(CFLAGS))
+EMU_SRC   := $(filter-out worker/engine/cuda/gemm.cu,$(CUDA_SRC)) $(sort $(wildcard tests/cuda_emu/*.cc))
+EMU_LINK  := $(patsubst %,$(BUILD)/emu/%.o,$(EMU_SRC)) $(call obj,$(sort $(wildcard tests/cuda_emu/*.c)))
+EMU_LIBS  := -lstdc++
+
+$(BUILD)/emu/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -x c++ -MMD -MP -c $< -o $@
+$(BUILD)/emu/%.cc.o: %.cc
+	@mkdir -p $(dir $@)
+	$(EMU_CXX) $(EMU_FLAGS) -MMD -MP -c $< -o $@
 
 .PHONY: all deps test unit integration demo up down status clean bench
 all: $(SERVER) $(WORKER)
@@ -57,8 +103,8 @@ $(BUILD)/libworker.a: $(WORKER_OBJ)
 
 $(SERVER): $(call obj,server/main.c) $(BUILD)/libserver.a $(BUILD)/libcommon.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
-$(WORKER): $(call obj,worker/main.c) $(BUILD)/libworker.a $(BUILD)/libcommon.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+$(WORKER): $(call obj,worker/main.c) $(CUDA_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
 
 # Each unit test links the libraries of the program it tests (test_server_*
 # the server's, the others the worker's) and tests/unit/testutil.c, the
@@ -68,9 +114,12 @@ TESTUTIL_OBJ := $(call obj,tests/unit/testutil.c)
 $(BUILD)/tests/test_server_%: $(call obj,tests/unit/test_server_%.c) $(TESTUTIL_OBJ) $(BUILD)/libserver.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
-$(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+$(BUILD)/tests/test_cudaemu_%: $(call obj,tests/unit/test_cudaemu_%.c) $(TESTUTIL_OBJ) $(EMU_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
 	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS) -lcmocka
+	$(CC) $(LDFLAGS) -o $@ $^ $(EMU_LIBS) $(LDLIBS) -lcmocka
+$(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(CUDA_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $^ $(CUDA_LIBS) $(LDLIBS) -lcmocka
 
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
@@ -103,7 +152,7 @@ bench: all
 	BUILD=$(BUILD) bench/run.sh
 
 clean:
-	rm -rf build build-address build-undefined
+	rm -rf build build-address build-undefined $(CUDA_BUILD)
 
 # --- fuzz targets (tests/fuzz/, see its README) --------------------------------
 # fuzz-replay: each tests/fuzz/fuzz_<t>.c linked by $(CC) with the replay driver
@@ -168,4 +217,4 @@ fuzz: $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_NAMES))
 	        -print_final_stats=1 -artifact_prefix=$(FUZZ_WORK)/$$t- \
 	        $(FUZZ_WORK)/$$t tests/fuzz/corpus/$$t; done
 
--include $(shell find $(BUILD)/obj -name '*.d' 2>/dev/null)
+-include $(shell find $(BUILD)/obj $(BUILD)/emu $(CUDA_BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,51 @@
+/* gemm.h - the matrix products of the CUDA backend and of GPU CKA, behind
+ * one small interface: gemm.cu implements it with cuBLAS / cublasLt;
+ * tests/cuda_emu/gemm_emu.c implements it with CBLAS on the host (rounding
+ * operands to bf16/fp16 where the real one reads them so), so that the
+ * backend runs under the emulator too.
+ *
+ * Row-major throughout, as the engine is: C (M, N) = alpha * op(A) op(B) +
+ * beta * C with op(X) = X or X^T, lda/ldb/ldc the row strides in elements.
+ * A and B share one element type (fp32, bf16 or fp16, raw uint16_t bits for
+ * the last two); C and the accumulation are fp32. */
+#ifndef STRATA_CUDA_GEMM_H
+#define STRATA_CUDA_GEMM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { GEMM_F32 = 0, GEMM_BF16, GEMM_F16 } gemm_type;
+
+typedef struct gemm_ctx gemm_ctx;
+
+/* A context on the current device bound to stream (a cudaStream_t as void
+ * *), with workspace_bytes of workspace for cublasLt. 0 and *out, or -1
+ * with err. */
+int gemm_ctx_new(void *stream, size_t workspace_bytes, gemm_ctx **out, char *err, size_t errlen);
+void gemm_ctx_free(gemm_ctx *g);
+
+/* C (M, N) = alpha * op(A) op(B) + beta * C, row-major, fp32 accumulate;
+ * op(A) is (M, K), op(B) is (K, N). 0, or -1 with err (dimensions that do
+ * not fit the library's int, a library error). */
+int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, size_t N,
+             size_t K, float alpha, const void *A, size_t lda, const void *B, size_t ldb,
+             float beta, float *C, size_t ldc, char *err, size_t errlen);
+
+/* Float64 products for CKA: C (N, N) = alpha * A^T A + beta * C (A (M, N)
+ * row-major; both triangles of C are written), and C (N1, N2) =
+ * alpha * A^T B + beta * C. */
+int gemm_dsyrk_t(gemm_ctx *g, size_t M, size_t N, double alpha, const double *A, size_t lda,
+                 double beta, double *C, size_t ldc, char *err, size_t errlen);
+int gemm_dgemm_tn(gemm_ctx *g, size_t M, size_t N1, size_t N2, double alpha, const double *A,
+                  size_t lda, const double *B, size_t ldb, double beta, double *C, size_t ldc,
+                  char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
