@@ -191,7 +191,16 @@ static const char *const spec_predict_dataset_ids[] = {"dataset", NULL};
 static const char *const spec_templates[] = {"llama2", "alpaca", "default", "vanilla", NULL};
 static const char *const spec_pools[] = {"last_token", "mean", "mean_after_system", NULL};
 static const char *const spec_dtypes[] = {"float16", "float32", NULL};
+static const char *const spec_precisions[] = {"bf16", "fp16", "fp32", NULL};
 static const char *const spec_dataset_formats[] = {"alpaca", "flan", NULL};
+
+/* "precision" of a predict or train job's matrix products on a GPU. */
+static void spec_check_precision(json_t *value, const char *field, json_t *errors) {
+    if (!spec_is_one_of(value, spec_precisions))
+        spec_error(errors, field,
+                   "must be \"bf16\" (the default on a GPU), \"fp16\" or \"fp32\" (the CPU "
+                   "always computes in fp32)");
+}
 
 /* "generate": {"max_new_tokens": 1..4096}. */
 static void spec_check_generate(json_t *value, json_t *errors) {
@@ -250,6 +259,8 @@ static int spec_validate_predict(json_t *spec, enum spec_mode mode, json_t *erro
         } else if (strcmp(key, "dtype") == 0) {
             if (!spec_is_one_of(value, spec_dtypes))
                 spec_error(errors, field, "must be \"float16\" (default) or \"float32\"");
+        } else if (strcmp(key, "precision") == 0) {
+            spec_check_precision(value, field, errors);
         } else if (strcmp(key, "batch_size") == 0) {
             if (!json_is_integer(value) || json_integer_value(value) < 1 ||
                 json_integer_value(value) > SPEC_MAX_BATCH)
@@ -590,6 +601,8 @@ static int spec_validate_train(json_t *spec, enum spec_mode mode, json_t *errors
                               "{\"artifact\": 7} or {\"job\": 12} (a train job)", mode, errors);
         } else if (strcmp(key, "mixture") == 0) {
             spec_check_mixture(value, mode, errors);
+        } else if (strcmp(key, "precision") == 0) {
+            spec_check_precision(value, field, errors);
         } else {
             spec_error(errors, field, "unknown field");
         }

@@ -40,6 +40,11 @@
 #define SPEC_TRAIN_DEFAULT_SAVE_STEPS 500
 #define SPEC_TRAIN_DEFAULT_INIT_RANGE 0.02
 
+/* The precision of a GPU's matrix products when a predict or train job
+ * gives none ("precision": "bf16" | "fp16" | "fp32"; cuda.h's names). The
+ * CPU always computes in fp32 and says so in the job log. */
+#define SPEC_DEFAULT_PRECISION "bf16"
+
 /* Where input references may point. The server accepts {"artifact": ID} and
  * {"job": ID}; a local run also accepts {"path": "..."}. */
 enum spec_mode { SPEC_SERVER = 0, SPEC_LOCAL = 1 };

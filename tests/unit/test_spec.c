@@ -608,6 +608,52 @@ static void test_train_reports_all(void **state) {
     assert_true(spec_known_kind("train"));
 }
 
+/* --- precision (predict and train) -------------------------------------------- */
+
+static void test_precision(void **state) {
+    (void)state;
+    static const char *const good[] = {"bf16", "fp16", "fp32"};
+    char text[256];
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(text, sizeof text,
+                 "{\"model\": {\"model\": 3}, \"dataset\": {\"dataset\": 5}, "
+                 "\"precision\": \"%s\"}",
+                 good[i]);
+        expect_predict_ok(text, SPEC_SERVER);
+        expect_predict_ok(text, SPEC_LOCAL);
+        snprintf(text, sizeof text, "{" TRAIN_MIN ", 'precision': '%s'}", good[i]);
+        expect_train_ok(text, SPEC_SERVER);
+        expect_train_ok(text, SPEC_LOCAL);
+    }
+    /* Wrong names, case, types: each names the field and the choices. */
+    static const char *const bad[] = {"\"BF16\"", "\"float16\"", "\"tf32\"", "\"\"", "16",
+                                      "null", "[\"bf16\"]", "true"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(text, sizeof text,
+                 "{\"model\": {\"model\": 3}, \"dataset\": {\"dataset\": 5}, "
+                 "\"precision\": %s}",
+                 bad[i]);
+        expect_predict(text, SPEC_SERVER, "spec.precision", "\"bf16\" (the default on a GPU)");
+        int rc;
+        json_t *errors = validate("predict", text, SPEC_LOCAL, &rc);
+        assert_int_equal(rc, -1);
+        assert_int_equal(json_array_size(errors), 1); /* nothing else is wrong */
+        json_decref(errors);
+        char train[256];
+        snprintf(train, sizeof train, "{\"base_model\": {\"model\": 3}, \"dataset\": "
+                 "{\"dataset\": 5}, \"precision\": %s}", bad[i]);
+        errors = validate("train", train, SPEC_SERVER, &rc);
+        assert_int_equal(rc, -1);
+        expect_error(errors, "spec.precision", "\"fp16\" or \"fp32\"");
+        assert_int_equal(json_array_size(errors), 1);
+        json_decref(errors);
+    }
+    /* cka has no precision: still an unknown field there */
+    expect_one("{\"x\": {\"artifact\": 3}, \"y\": {\"artifact\": 4}, \"precision\": "
+               "\"bf16\"}",
+               SPEC_SERVER, "spec.precision", "unknown field");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_good_specs),  cmocka_unit_test(test_bad_refs),
@@ -618,6 +664,7 @@ int main(void) {
         cmocka_unit_test(test_train_good),         cmocka_unit_test(test_train_refs),
         cmocka_unit_test(test_train_init),         cmocka_unit_test(test_train_options),
         cmocka_unit_test(test_train_reports_all),
+        cmocka_unit_test(test_precision),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
