@@ -172,6 +172,30 @@ static cka_hsic_terms cka_linear_terms(double frob2_cross, size_t n, const doubl
     return t;
 }
 
+int cka_linear_finish(const cka_linear_parts *p, bool debiased, double *out, char *err,
+                      size_t errlen) {
+    if (!debiased) {
+        *out = p->fxy / (sqrt(p->fxx) * sqrt(p->fyy));
+        return 0;
+    }
+    cka_hsic_terms txy =
+        cka_linear_terms(p->fxy, p->n, p->kd, p->ks, p->dx, p->k1, p->ld, p->ls, p->dy, p->l1);
+    cka_hsic_terms txx =
+        cka_linear_terms(p->fxx, p->n, p->kd, p->ks, p->dx, p->k1, p->kd, p->ks, p->dx, p->k1);
+    cka_hsic_terms tyy =
+        cka_linear_terms(p->fyy, p->n, p->ld, p->ls, p->dy, p->l1, p->ld, p->ls, p->dy, p->l1);
+    double hxy = cka_hsic_unbiased(&txy, (double)p->n);
+    double hxx = cka_hsic_unbiased(&txx, (double)p->n);
+    double hyy = cka_hsic_unbiased(&tyy, (double)p->n);
+    if (!(hxx > 0) || !(hyy > 0))
+        return err_set(err, errlen,
+                       "the debiased HSIC of %s with itself is not positive (%g): too few rows "
+                       "for the debiased estimator",
+                       !(hxx > 0) ? "x" : "y", !(hxx > 0) ? hxx : hyy);
+    *out = hxy / sqrt(hxx * hyy);
+    return 0;
+}
+
 /* Linear CKA in feature space. Returns 0 or -1. */
 static int cka_linear_feature(cka_matrix *x, cka_matrix *y, bool debiased, atomic_int *cancel,
                               double *out, char *err, size_t errlen) {
@@ -210,35 +234,23 @@ static int cka_linear_feature(cka_matrix *x, cka_matrix *y, bool debiased, atomi
                     x->data, (int)x->stride, y->data, (int)y->stride, 0.0, sxy, (int)dy);
     }
     if (cka_cancelled(cancel, err, errlen)) goto out;
-    double fxx = cka_sym_frob2(sxx, dx, ldxx);
-    double fyy = cka_sym_frob2(syy, dy, ldyy);
-    double fxy = cka_frob2(sxy, dx, dy, ldxy);
-    if (!debiased) {
-        *out = fxy / (sqrt(fxx) * sqrt(fyy));
-        rc = 0;
-        goto out;
+    cka_linear_parts parts = {n, dx, dy, cka_sym_frob2(sxx, dx, ldxx), cka_sym_frob2(syy, dy, ldyy),
+                              cka_frob2(sxy, dx, dy, ldxy), NULL, NULL, NULL, NULL, NULL, NULL};
+    if (debiased) {
+        /* kd, k1 (n) and ks (dx) for X; the same for Y. */
+        stats = malloc((4 * n + dx + dy) * sizeof(double));
+        if (!stats) goto oom;
+        double *kd = stats, *k1 = kd + n, *ld = k1 + n, *l1 = ld + n, *ks = l1 + n, *ls = ks + dx;
+        cka_linear_stats(x, kd, ks, k1);
+        cka_linear_stats(y, ld, ls, l1);
+        parts.kd = kd;
+        parts.ks = ks;
+        parts.k1 = k1;
+        parts.ld = ld;
+        parts.ls = ls;
+        parts.l1 = l1;
     }
-    /* kd, k1 (n) and ks (dx) for X; the same for Y. */
-    stats = malloc((4 * n + dx + dy) * sizeof(double));
-    if (!stats) goto oom;
-    double *kd = stats, *k1 = kd + n, *ld = k1 + n, *l1 = ld + n, *ks = l1 + n, *ls = ks + dx;
-    cka_linear_stats(x, kd, ks, k1);
-    cka_linear_stats(y, ld, ls, l1);
-    cka_hsic_terms txy = cka_linear_terms(fxy, n, kd, ks, dx, k1, ld, ls, dy, l1);
-    cka_hsic_terms txx = cka_linear_terms(fxx, n, kd, ks, dx, k1, kd, ks, dx, k1);
-    cka_hsic_terms tyy = cka_linear_terms(fyy, n, ld, ls, dy, l1, ld, ls, dy, l1);
-    double hxy = cka_hsic_unbiased(&txy, (double)n);
-    double hxx = cka_hsic_unbiased(&txx, (double)n);
-    double hyy = cka_hsic_unbiased(&tyy, (double)n);
-    if (!(hxx > 0) || !(hyy > 0)) {
-        err_set(err, errlen,
-                "the debiased HSIC of %s with itself is not positive (%g): too few rows for "
-                "the debiased estimator",
-                !(hxx > 0) ? "x" : "y", !(hxx > 0) ? hxx : hyy);
-        goto out;
-    }
-    *out = hxy / sqrt(hxx * hyy);
-    rc = 0;
+    rc = cka_linear_finish(&parts, debiased, out, err, errlen);
     goto out;
 oom:
     err_set(err, errlen, "out of memory for the %zu x %zu and %zu x %zu feature products", dx, dx,
@@ -451,8 +463,8 @@ out:
     return rc;
 }
 
-int cka_compute(cka_matrix *x, cka_matrix *y, const cka_options *opt, atomic_int *cancel,
-                cka_result *res, char *err, size_t errlen) {
+int cka_prepare(cka_matrix *x, cka_matrix *y, const cka_options *opt, cka_result *res,
+                char *err, size_t errlen) {
     memset(res, 0, sizeof *res);
     if (x->rows != y->rows)
         return err_set(err, errlen, "x has %zu rows, y has %zu", x->rows, y->rows);
@@ -462,6 +474,8 @@ int cka_compute(cka_matrix *x, cka_matrix *y, const cka_options *opt, atomic_int
         return err_set(err, errlen, "bad matrix stride");
     if (opt->kernel == CKA_RBF && !(opt->rbf_threshold > 0))
         return err_set(err, errlen, "rbf_threshold must be positive");
+    if (opt->space == CKA_SPACE_FEATURE && opt->kernel == CKA_RBF)
+        return err_set(err, errlen, "the rbf kernel is computed in Gram space only");
     if ((size_t)INT32_MAX < x->rows || (size_t)INT32_MAX < x->stride ||
         (size_t)INT32_MAX < y->stride)
         return err_set(err, errlen, "matrix dimensions exceed the BLAS index range");
@@ -479,27 +493,41 @@ int cka_compute(cka_matrix *x, cka_matrix *y, const cka_options *opt, atomic_int
         return err_set(err, errlen, "too few rows (need 2, have %zu%s)", n,
                        dropped ? " after dropping rows with NaN" : "");
     }
+    return 0;
+}
+
+int cka_check_variance(size_t varying_x, size_t varying_y, char *err, size_t errlen) {
+    if (varying_x == 0) return err_set(err, errlen, "x has zero variance (every column is constant)");
+    if (varying_y == 0) return err_set(err, errlen, "y has zero variance (every column is constant)");
+    return 0;
+}
+
+int cka_set_result(cka_result *res, double value, bool gram_space, char *err, size_t errlen) {
+    if (!isfinite(value)) return err_set(err, errlen, "CKA is not finite (%g)", value);
+    res->cka = value;
+    res->gram_space = gram_space;
+    return 0;
+}
+
+int cka_compute(cka_matrix *x, cka_matrix *y, const cka_options *opt, atomic_int *cancel,
+                cka_result *res, char *err, size_t errlen) {
+    if (cka_prepare(x, y, opt, res, err, errlen) != 0) return -1;
+    size_t n = x->rows;
     size_t varying_x = 0, varying_y = 0;
     if (cka_centre(x, &varying_x) != 0 || cka_centre(y, &varying_y) != 0)
         return err_set(err, errlen, "out of memory");
-    if (varying_x == 0) return err_set(err, errlen, "x has zero variance (every column is constant)");
-    if (varying_y == 0) return err_set(err, errlen, "y has zero variance (every column is constant)");
+    if (cka_check_variance(varying_x, varying_y, err, errlen) != 0) return -1;
     if (cka_cancelled(cancel, err, errlen)) return -1;
 
     double value = NAN;
     int rc;
     /* Feature space ~ n (dx + dy)^2 flops, Gram space ~ n^2 (dx + dy). */
     bool gram = opt->kernel == CKA_RBF || n < x->cols + y->cols;
-    if (opt->space == CKA_SPACE_FEATURE && opt->kernel == CKA_RBF)
-        return err_set(err, errlen, "the rbf kernel is computed in Gram space only");
     if (opt->space != CKA_SPACE_AUTO) gram = opt->space == CKA_SPACE_GRAM;
     if (gram)
         rc = cka_gram_space(x, y, opt, cancel, &value, err, errlen);
     else
         rc = cka_linear_feature(x, y, opt->debiased, cancel, &value, err, errlen);
     if (rc != 0) return -1;
-    if (!isfinite(value)) return err_set(err, errlen, "CKA is not finite (%g)", value);
-    res->cka = value;
-    res->gram_space = gram;
-    return 0;
+    return cka_set_result(res, value, gram, err, errlen);
 }

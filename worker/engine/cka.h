@@ -30,9 +30,20 @@
 #ifndef STRATA_CKA_H
 #define STRATA_CKA_H
 
-#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
+
+#ifdef __cplusplus
+/* The GPU path (worker/engine/cuda/cka.cu) is C++, where C11's <stdatomic.h>
+ * is unavailable before C++23; std::atomic_int has the same size, alignment
+ * and lock-free representation as C's atomic_int with GCC and Clang, so the
+ * cancel flag crosses the language boundary unchanged. */
+#include <atomic>
+using std::atomic_int;
+extern "C" {
+#else
+#include <stdatomic.h>
+#endif
 
 typedef enum { CKA_LINEAR = 0, CKA_RBF = 1 } cka_kernel;
 
@@ -75,5 +86,42 @@ int cka_compute(cka_matrix *x, cka_matrix *y, const cka_options *opt, atomic_int
  * are counted and every off-diagonal value twice, as np.median of the full
  * matrix would. upper is reordered. Exposed for tests. */
 double cka_full_median(double *upper, size_t n);
+
+/* ---- pieces shared with the GPU path (worker/engine/cuda/cka.cu), so both
+ * compute the same maths from the same formulas ---- */
+
+/* Everything cka_compute does before centring: checks the shapes and
+ * options, drops rows with a NaN in either matrix (in pairs, compacting both
+ * in place), refuses infinite values and too few rows. Fills res->n and
+ * res->dropped_rows (the rest of *res zeroed). Returns 0, or -1 with err. */
+int cka_prepare(cka_matrix *x, cka_matrix *y, const cka_options *opt, cka_result *res,
+                char *err, size_t errlen);
+
+/* The error cka_compute reports when centring found every column of x (or
+ * y) constant: returns 0 when both have a varying column, else -1 with err. */
+int cka_check_variance(size_t varying_x, size_t varying_y, char *err, size_t errlen);
+
+/* Linear CKA in feature space from the products of the centred X (n, dx)
+ * and Y (n, dy). The biased value needs the three squared Frobenius norms
+ * only; the debiased one also the Gram diagonals kd = diag(XX'), ld (n), the
+ * column sums ks = X'1 (dx), ls = Y'1 (dy), and k1 = X ks, l1 = Y ls (n). */
+typedef struct {
+    size_t n, dx, dy;
+    double fxx, fyy, fxy; /* ||X'X||_F^2, ||Y'Y||_F^2, ||Y'X||_F^2 */
+    const double *kd, *ks, *k1, *ld, *ls, *l1;
+} cka_linear_parts;
+
+/* *out = the biased or debiased linear CKA from p. Returns 0, or -1 with err
+ * when a debiased self-HSIC is not positive. */
+int cka_linear_finish(const cka_linear_parts *p, bool debiased, double *out, char *err,
+                      size_t errlen);
+
+/* Stores a finished value in res (value, gram_space). Returns 0, or -1 with
+ * err when the value is not finite. */
+int cka_set_result(cka_result *res, double value, bool gram_space, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif
