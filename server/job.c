@@ -59,7 +59,11 @@ static const char JOB_SQL_WORKER_OWNER[] = "SELECT user_id FROM workers WHERE id
 
 /* The scheduler in one statement: highest priority first, then the owner
  * with the fewest running jobs (fair share), then the oldest. SKIP LOCKED
- * lets concurrent claims take different jobs instead of queueing up. */
+ * lets concurrent claims take different jobs instead of queueing up.
+ * A job asking for GPUs goes only to a worker with that many free: its
+ * registered count ($3) minus the GPUs of the jobs it is running now; a
+ * job asking for none goes to any worker (even one whose GPUs are all
+ * busy, or that re-registered with fewer than its running jobs hold). */
 static const char JOB_SQL_CLAIM[] =
     "UPDATE jobs SET state = 'running', attempt = attempt + 1, worker_id = $1,"
     " started_at = now(), lease_expires_at = now() + make_interval(secs => $2::int),"
@@ -67,7 +71,10 @@ static const char JOB_SQL_CLAIM[] =
     " WHERE state = 'queued' AND id = ("
     "  SELECT q.id FROM jobs q"
     "  WHERE q.state = 'queued' AND q.not_before <= now()"
-    "  AND COALESCE((q.resources->>'gpus')::int, 0) <= $3::int"
+    "  AND (COALESCE((q.resources->>'gpus')::int, 0) = 0"
+    "   OR COALESCE((q.resources->>'gpus')::int, 0) <= $3::int - (SELECT"
+    "    COALESCE(sum(COALESCE((r.resources->>'gpus')::int, 0)), 0) FROM jobs r"
+    "    WHERE r.state = 'running' AND r.worker_id = $1))"
     "  ORDER BY q.priority DESC,"
     "   (SELECT count(*) FROM jobs r WHERE r.owner_id = q.owner_id AND r.state = 'running'),"
     "   q.created_at, q.id"

@@ -25,6 +25,7 @@
 #include "common/log.h"
 #include "common/util.h"
 #include "worker/client.h"
+#include "worker/engine/cuda/cuda.h"
 #include "worker/runner.h"
 #include "worker/train.h"
 
@@ -57,6 +58,8 @@ typedef struct {
     int64_t worker_id;
     json_t *queues;
     char hostname[256];
+    json_t *gpus; /* the registration's "gpus": [{"index", "name", "memory_gb"}] */
+    int ngpus;    /* how many: train and predict jobs run on GPU 0 when > 0 */
 } agent;
 
 /* One running job, shared between the main and the heartbeat thread. */
@@ -1315,6 +1318,16 @@ static void agent_run_job(agent *a, json_t *claimed) {
         retryable = true; /* another worker may */
         goto report;
     }
+    /* The server hands a job that asks for GPUs only to a worker that has
+     * them free; one reaching a worker without enough is a bug no retry on
+     * the same terms fixes. */
+    json_t *want = json_object_get(json_object_get(claimed, "resources"), "gpus");
+    int gpus_wanted = json_is_integer(want) ? (int)json_integer_value(want) : 0;
+    if (gpus_wanted > a->ngpus) {
+        err_set(err, sizeof err, "this job needs %d GPU%s and this worker has %d", gpus_wanted,
+                gpus_wanted == 1 ? "" : "s", a->ngpus);
+        goto report;
+    }
     runner_ctx ctx = {.resolve_file = agent_resolve_file,
                       .resolve_layers = agent_resolve_layers,
                       .resolve_model = agent_resolve_model,
@@ -1327,7 +1340,10 @@ static void agent_run_job(agent *a, json_t *claimed) {
                       .resolve_checkpoint = agent_resolve_checkpoint,
                       .cancel = &job.cancel,
                       .work_dir = job.work_dir,
-                      .user = &job};
+                      .user = &job,
+                      /* one job at a time, so GPU 0 is always free for it */
+                      .gpu = a->ngpus > 0 ? 0 : -1,
+                      .gpu_required = gpus_wanted > 0};
     a->main_client.abort = &job.cancel; /* transfers stop when the job does */
     rc = runner_run(job.kind, spec, &ctx, &result, &retryable, &cancelled, err, sizeof err);
     a->main_client.abort = NULL;
@@ -1408,12 +1424,48 @@ report:
 
 /* ---- registration and the claim loop ---- */
 
+/* Asks CUDA once for this worker's GPUs, logs them in one line ("GPU 0:
+ * NVIDIA H200, 139.8 GiB (sm_90); GPU 1: ..." or "no GPU: why; jobs run on
+ * the CPU") and builds the registration's "gpus" array in a->gpus. Returns
+ * 0, or -1 with err set when out of memory. */
+static int agent_find_gpus(agent *a, char *err, size_t errlen) {
+    static cuda_device_info devs[CUDA_MAX_DEVICES];
+    char why[ERR_LEN] = "";
+    int n = cuda_devices(devs, CUDA_MAX_DEVICES, why, sizeof why);
+    a->gpus = json_array();
+    if (!a->gpus) return err_set(err, errlen, "out of memory");
+    if (n <= 0) {
+        a->ngpus = 0;
+        log_info("no GPU: %s; jobs run on the CPU", why[0] ? why : "none found");
+        return 0;
+    }
+    char line[2048];
+    size_t used = 0;
+    for (int i = 0; i < n; i++) {
+        /* memory_gb to 0.1 GiB, as the log line shows it */
+        double gb = round(devs[i].memory_gb * 10.0) / 10.0;
+        json_t *g = json_pack("{s:i, s:s, s:f}", "index", devs[i].index, "name", devs[i].name,
+                              "memory_gb", gb);
+        if (!g || json_array_append_new(a->gpus, g) != 0)
+            return err_set(err, errlen, "out of memory");
+        if (used < sizeof line) {
+            int w = snprintf(line + used, sizeof line - used, "%sGPU %d: %s, %.1f GiB (sm_%d%d)",
+                             i ? "; " : "", devs[i].index, devs[i].name, gb, devs[i].major,
+                             devs[i].minor);
+            if (w > 0) used += (size_t)w;
+        }
+    }
+    a->ngpus = n;
+    log_info("%s", line);
+    return 0;
+}
+
 /* Registers with the server, waiting out outages. Returns 0, 1 when a signal
  * ended the wait, or -1 with err set when the server refused us. */
 static int agent_register(agent *a, char *err, size_t errlen) {
-    json_t *body = json_pack("{s:s, s:s, s:[], s:O}", "name",
+    json_t *body = json_pack("{s:s, s:s, s:O, s:O}", "name",
                              a->cfg->name ? a->cfg->name : a->hostname, "hostname", a->hostname,
-                             "gpus", "queues", a->queues);
+                             "gpus", a->gpus, "queues", a->queues);
     json_t *answer = NULL;
     long status = 0;
     int rc = -1;
@@ -1529,7 +1581,7 @@ int agent_run(const agent_config *cfg, char *err, size_t errlen) {
     beat_ok = true;
     if (util_mkdirs(cfg->work_dir, 0700, err, errlen) != 0) goto out;
 
-    log_info("no GPU support in this build, running on CPU");
+    if (agent_find_gpus(&a, err, errlen) != 0) goto out;
     int r = agent_register(&a, err, errlen);
     if (r != 0) {
         rc = r > 0 ? 0 : -1;
@@ -1542,5 +1594,6 @@ out:
     if (beat_ok) client_cleanup(&a.beat_client);
     if (main_ok) client_cleanup(&a.main_client);
     json_decref(a.queues);
+    json_decref(a.gpus);
     return rc;
 }

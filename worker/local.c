@@ -3,6 +3,7 @@
 
 #include "common/spec.h"
 #include "common/util.h"
+#include "worker/engine/cuda/cuda.h"
 #include "worker/runner.h"
 #include "worker/train.h"
 
@@ -36,6 +37,7 @@ static void local_on_sigint(int signo) {
 static void local_usage(FILE *out) {
     fprintf(out,
             "usage: strata-worker run --kind KIND --spec JSON|@FILE [--out DIR] [--resume DIR]\n"
+            "                         [--gpu N | --cpu]\n"
             "\n"
             "Runs one job here, without a server, and prints its result as JSON.\n"
             "Inputs are {\"path\": \"x.npy\"} or, per layer, {\"path\": \"dir\"} holding\n"
@@ -54,6 +56,9 @@ static void local_usage(FILE *out) {
             "  --out DIR     where the job's output artifacts go (created if missing)\n"
             "  --resume DIR  train: continue from the highest checkpoint-{step}-* set in DIR\n"
             "                (an earlier run's --out)\n"
+            "  --gpu N       predict/train on GPU N (default: GPU 0 when there is one)\n"
+            "  --cpu         predict/train on the CPU even when there is a GPU\n"
+            "                (a GPU that cannot be used is reported and the CPU runs the job)\n"
             "Exit status: 0 success, 2 bad arguments/spec/input, 1 other failure.\n");
 }
 
@@ -330,14 +335,49 @@ static const char *local_option(int argc, char **argv, int *i, const char *name,
     return argv[++*i];
 }
 
+/* The device of --gpu N / --cpu: --cpu gives -1; --gpu N gives N (a whole
+ * number; whether that GPU exists is the runner's to find out, and it says
+ * so in the job log); neither gives GPU 0 when cuda_devices finds one, else
+ * -1. Returns 0, or -1 after printing why the arguments are wrong. */
+static int local_pick_gpu(const char *gpu_arg, bool cpu, int *gpu) {
+    if (cpu && gpu_arg) {
+        fprintf(stderr, "strata-worker run: --gpu and --cpu exclude each other\n");
+        return -1;
+    }
+    if (cpu) {
+        *gpu = -1;
+        return 0;
+    }
+    if (gpu_arg) {
+        int64_t v;
+        if (util_parse_i64(gpu_arg, 0, CUDA_MAX_DEVICES - 1, &v) != 0) {
+            fprintf(stderr, "strata-worker run: --gpu must be a GPU index from 0 to %d, not \"%s\"\n",
+                    CUDA_MAX_DEVICES - 1, gpu_arg);
+            return -1;
+        }
+        *gpu = (int)v;
+        return 0;
+    }
+    static cuda_device_info devs[CUDA_MAX_DEVICES];
+    char why[ERR_LEN];
+    *gpu = cuda_devices(devs, CUDA_MAX_DEVICES, why, sizeof why) > 0 ? devs[0].index : -1;
+    return 0;
+}
+
 int local_main(int argc, char **argv) {
     const char *kind = NULL, *spec_arg = NULL, *out_dir = NULL, *resume_dir = NULL;
+    const char *gpu_arg = NULL;
+    bool cpu = false;
     for (int i = 1; i < argc; i++) {
         bool missing = false;
         const char *v;
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
             local_usage(stdout);
             return 0;
+        }
+        if (strcmp(argv[i], "--cpu") == 0) {
+            cpu = true;
+            continue;
         }
         if ((v = local_option(argc, argv, &i, "--kind", &missing)) != NULL)
             kind = v;
@@ -347,6 +387,8 @@ int local_main(int argc, char **argv) {
             out_dir = v;
         else if ((v = local_option(argc, argv, &i, "--resume", &missing)) != NULL)
             resume_dir = v;
+        else if ((v = local_option(argc, argv, &i, "--gpu", &missing)) != NULL)
+            gpu_arg = v;
         if (missing) {
             fprintf(stderr, "strata-worker run: %s needs a value\n", argv[i]);
             return 2;
@@ -367,6 +409,8 @@ int local_main(int argc, char **argv) {
                 kind);
         return 2;
     }
+    int gpu = -1;
+    if (local_pick_gpu(gpu_arg, cpu, &gpu) != 0) return 2;
     json_t *spec = local_load_spec(spec_arg);
     if (!spec) return 2;
     json_t *errors = json_array();
@@ -423,7 +467,8 @@ int local_main(int argc, char **argv) {
                       .resolve_checkpoint = local_resolve_checkpoint,
                       .cancel = &local_cancel,
                       .work_dir = work_dir,
-                      .user = &st};
+                      .user = &st,
+                      .gpu = gpu};
     bool retryable = false, cancelled = false;
     if (runner_run(kind, spec, &ctx, &result, &retryable, &cancelled, err, sizeof err) != 0) {
         fprintf(stderr, "strata-worker run: %s\n", cancelled ? "cancelled" : err);

@@ -14,6 +14,7 @@
 #include "worker/engine/dataset.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/lora.h"
+#include "worker/engine/model_backend.h"
 #include "worker/engine/template.h"
 
 #include <cblas.h>
@@ -54,6 +55,11 @@ typedef struct {
     size_t *order;  /* examples by prompt length */
     float **hidden; /* nlayers (N, C) buffers */
     double *acc;    /* (C) mean accumulator */
+    runner_device dev;   /* where the forward runs */
+    bool dev_open;
+    llama_model dmodel;  /* on a GPU: the model in device memory; fwd points here */
+    bool dmodel_ready;
+    const llama_model *fwd; /* the model the forward reads: &model or &dmodel */
 } predict_job;
 
 /* What the hook needs to know about the running batch. */
@@ -63,6 +69,12 @@ typedef struct {
 } predict_batch;
 
 static void predict_job_free(predict_job *job) {
+    /* device memory first, then the thread's CUDA context */
+    if (job->dmodel_ready) {
+        cuda_backend_forget_weights(job->dmodel.params);
+        llama_model_free_backend(job->dev.be, &job->dmodel);
+    }
+    if (job->dev_open) runner_device_close(&job->dev);
     if (job->model_loaded) llama_free(&job->model);
     tok_free(job->tok);
     ds_free(&job->ds);
@@ -297,7 +309,7 @@ static int predict_hook(void *user, int layer, const float *x, int B, int T, int
  * order. Sets *tokens to the number of prompt tokens run. */
 static int predict_hidden(predict_job *job, runner_ctx *ctx, bool *cancelled, size_t *tokens,
                           char *err, size_t errlen) {
-    const backend *be = backend_cpu();
+    const backend *be = job->dev.be;
     llama_state s;
     int B = job->batch_size, rc = -1;
     size_t maxlen = job->ex[job->order[job->n - 1]].ids.len;
@@ -328,8 +340,9 @@ static int predict_hidden(predict_job *job, runner_ctx *ctx, bool *cancelled, si
             *tokens += p->len;
         }
         predict_batch pb = {job, members};
-        if (llama_forward(be, &job->model, &s, ids, lengths, nb, T, predict_hook, &pb, NULL, err,
-                          errlen) != 0)
+        if (llama_forward(be, job->fwd, &s, ids, lengths, nb, T, predict_hook, &pb, NULL, err,
+                          errlen) != 0 ||
+            runner_device_sync(&job->dev, err, errlen) != 0)
             goto out;
         if (ctx->progress)
             ctx->progress(ctx, (int64_t)(first + (size_t)nb), (int64_t)job->n, "examples");
@@ -476,9 +489,13 @@ static int predict_greedy_hook(void *user, int layer, const float *x, int B, int
     return 0;
 }
 
-int predict_greedy(const backend *be, const llama_model *m, const tok_ids *prompts, size_t n,
-                   int batch_size, int max_new, int eos_id, size_t max_len, atomic_int *cancel,
-                   tok_ids *out, char *err, size_t errlen) {
+/* predict_greedy with the head's weights read from head (V, C) in host
+ * memory, so that m may live on a GPU (dev, when not NULL, is synchronised
+ * after every step and its errors end the decoding). */
+static int predict_greedy_on(const backend *be, const llama_model *m, const float *head,
+                             const runner_device *dev, const tok_ids *prompts, size_t n,
+                             int batch_size, int max_new, int eos_id, size_t max_len,
+                             atomic_int *cancel, tok_ids *out, char *err, size_t errlen) {
     const llama_config *cfg = &m->cfg;
     size_t C = (size_t)cfg->hidden_size, V = (size_t)cfg->vocab_size, maxprompt = 0;
     llama_state s;
@@ -534,12 +551,13 @@ int predict_greedy(const backend *be, const llama_model *m, const tok_ids *promp
             }
             predict_greedy_batch g = {lengths, last, cfg->num_hidden_layers};
             if (llama_forward(be, m, &s, ids, lengths, (int)na, (int)Tb, predict_greedy_hook, &g,
-                              NULL, err, errlen) != 0)
+                              NULL, err, errlen) != 0 ||
+                (dev && runner_device_sync(dev, err, errlen) != 0))
                 goto out;
             size_t kept = 0;
             for (size_t b = 0; b < na; b++) {
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)V, (int)C, 1.0f, m->w.lm_head,
-                            (int)C, last + b * C, 1, 0.0f, logits, 1);
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)V, (int)C, 1.0f, head, (int)C,
+                            last + b * C, 1, 0.0f, logits, 1);
                 size_t best = 0;
                 for (size_t v = 1; v < V; v++)
                     if (logits[v] > logits[best]) best = v;
@@ -566,6 +584,13 @@ out:
     return rc;
 }
 
+int predict_greedy(const backend *be, const llama_model *m, const tok_ids *prompts, size_t n,
+                   int batch_size, int max_new, int eos_id, size_t max_len, atomic_int *cancel,
+                   tok_ids *out, char *err, size_t errlen) {
+    return predict_greedy_on(be, m, m->w.lm_head, NULL, prompts, n, batch_size, max_new, eos_id,
+                             max_len, cancel, out, err, errlen);
+}
+
 /* Greedy continuations of every prompt, decoded, with the dataset's
  * responses as labels: generated_predictions.jsonl. */
 static int predict_generate(predict_job *job, runner_ctx *ctx, json_t *artifacts,
@@ -583,8 +608,11 @@ static int predict_generate(predict_job *job, runner_ctx *ctx, json_t *artifacts
     size_t max_len = (size_t)job->model.cfg.max_position_embeddings;
     int eos = tok_eos_id(job->tok);
     if (eos < 0) eos = job->model.cfg.eos_token_id;
-    if (predict_greedy(backend_cpu(), &job->model, prompts, job->n, job->batch_size,
-                       job->max_new, eos, max_len, ctx->cancel, gen, err, errlen) != 0) {
+    /* the last hidden state comes back to the host; the head's product runs
+     * there from the host copy of the weights */
+    if (predict_greedy_on(job->dev.be, job->fwd, job->model.w.lm_head, &job->dev, prompts,
+                          job->n, job->batch_size, job->max_new, eos, max_len, ctx->cancel, gen,
+                          err, errlen) != 0) {
         *cancelled = ctx->cancel && atomic_load(ctx->cancel);
         *retryable = runner_err_is_oom(err);
         err_prefix(err, errlen, "generate");
@@ -615,6 +643,32 @@ out:
     free(prompts);
     json_decref(lines);
     return rc;
+}
+
+/* Opens the job's device (runner_device_open: ctx->gpu, spec.precision)
+ * and, on a GPU, copies the model there and registers its weights so that
+ * bf16/fp16 products read a low-precision copy made once. The host model
+ * stays: the generation head's product and the pooled rows use host memory.
+ * Returns 0, or -1 with err set (*retryable when the GPU ran out of
+ * memory: another worker may have a larger one). */
+static int predict_to_device(predict_job *job, json_t *spec, runner_ctx *ctx, bool *retryable,
+                             char *err, size_t errlen) {
+    if (runner_device_open(ctx, spec, &job->dev, err, errlen) != 0) return -1;
+    job->dev_open = true;
+    job->fwd = &job->model;
+    if (!job->dev.on_gpu) return 0;
+    if (llama_model_to_backend(job->dev.be, &job->model, &job->dmodel, err, errlen) != 0) {
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "model to GPU %d", job->dev.gpu);
+    }
+    job->dmodel_ready = true;
+    job->fwd = &job->dmodel;
+    char why[ERR_LEN];
+    if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
+                                      sizeof why) != 0)
+        runner_logf(ctx, "no %s copy of the weights (%s): products convert them as they go",
+                    cuda_precision_name(job->dev.precision), why);
+    return 0;
 }
 
 /* Reads the scalar options of the spec (validated already). */
@@ -664,6 +718,7 @@ int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
         *retryable = runner_err_is_oom(err);
         goto out;
     }
+    if (predict_to_device(&job, spec, ctx, retryable, err, errlen) != 0) goto out;
     const llama_config *cfg = &job.model.cfg;
     runner_logf(ctx,
                 "predict: %zu examples, template %s, pool %s, %d of %d hidden states, batch %d, "
@@ -691,12 +746,14 @@ int predict_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable,
             goto out;
         }
     double seconds = util_now_seconds() - started;
-    out = json_pack("{s:I, s:O, s:i, s:s, s:s, s:s, s:O, s:f, s:f, s:I}", "examples",
+    out = json_pack("{s:I, s:O, s:i, s:s, s:s, s:s, s:O, s:f, s:f, s:I, s:s, s:s}", "examples",
                     (json_int_t)job.n, "layers", layers, "hidden_size", cfg->hidden_size, "dtype",
                     job.f16 ? "float16" : "float32", "pool", predict_pool_names[job.pool],
                     "template", tmpl_name(job.tmpl), "artifacts", artifacts, "seconds", seconds,
                     "tokens_per_second", fwd_seconds > 0 ? (double)tokens / fwd_seconds : 0.0,
-                    "prompt_tokens", (json_int_t)tokens);
+                    "prompt_tokens", (json_int_t)tokens, "device",
+                    job.dev.on_gpu ? "cuda" : "cpu", "precision",
+                    cuda_precision_name(job.dev.precision));
     if (out && job.max_new > 0)
         json_object_set_new(out, "max_new_tokens", json_integer(job.max_new));
     if (!out) {

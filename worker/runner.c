@@ -13,6 +13,8 @@
 #include "common/util.h"
 #include "worker/engine/blas.h"
 #include "worker/engine/cka.h"
+#include "worker/engine/cuda/cka_gpu.h"
+#include "worker/engine/cuda/cuda.h"
 #include "worker/predict.h"
 #include "worker/train.h"
 
@@ -33,6 +35,76 @@ void runner_logf(runner_ctx *ctx, const char *fmt, ...) {
 }
 
 bool runner_err_is_oom(const char *err) { return strstr(err, "out of memory") != NULL; }
+
+/* Tries GPU ctx->gpu in precision p: fills dev and returns 0, or -1 with
+ * why set (no such GPU, or the backend would not open). */
+static int runner_try_gpu(runner_ctx *ctx, cuda_precision p, runner_device *dev, char *why,
+                          size_t whylen) {
+    cuda_device_info devs[CUDA_MAX_DEVICES];
+    char none[ERR_LEN] = "";
+    int n = cuda_devices(devs, CUDA_MAX_DEVICES, none, sizeof none);
+    if (n == 0) return err_set(why, whylen, "no GPU: %s", none);
+    int found = -1;
+    for (int i = 0; i < n; i++)
+        if (devs[i].index == ctx->gpu) found = i;
+    if (found < 0)
+        return err_set(why, whylen, "GPU %d is not one of this worker's %d GPU%s", ctx->gpu, n,
+                       n == 1 ? "" : "s");
+    char err[ERR_LEN] = "";
+    const backend *be = cuda_backend_open(ctx->gpu, p, err, sizeof err);
+    if (!be) return err_set(why, whylen, "GPU %d: %s", ctx->gpu, err);
+    dev->be = be;
+    dev->on_gpu = true;
+    dev->gpu = ctx->gpu;
+    dev->precision = p;
+    snprintf(dev->label, sizeof dev->label, "GPU %d (%s) in %s", ctx->gpu, devs[found].name,
+             cuda_precision_name(p));
+    return 0;
+}
+
+int runner_device_open(runner_ctx *ctx, json_t *spec, runner_device *dev, char *err,
+                       size_t errlen) {
+    memset(dev, 0, sizeof *dev);
+    dev->be = backend_cpu();
+    dev->gpu = -1;
+    dev->precision = CUDA_FP32;
+    snprintf(dev->label, sizeof dev->label, "the CPU (fp32)");
+    const char *asked = json_string_value(json_object_get(spec, "precision"));
+    cuda_precision p = CUDA_BF16;
+    /* The spec was validated, so the name parses; the default is the GPU's. */
+    if (cuda_precision_parse(asked ? asked : SPEC_DEFAULT_PRECISION, &p, err, errlen) != 0)
+        return -1;
+    char why[ERR_LEN] = "";
+    if (ctx->gpu >= 0) {
+        if (runner_try_gpu(ctx, p, dev, why, sizeof why) == 0) {
+            runner_logf(ctx, "running on %s", dev->label);
+            return 0;
+        }
+        if (ctx->gpu_required)
+            return err_set(err, errlen, "this job needs a GPU and GPU %d cannot be used (%s)",
+                           ctx->gpu, why);
+        runner_logf(ctx, "cannot use GPU %d (%s); running on the CPU (fp32)", ctx->gpu, why);
+    } else if (ctx->gpu_required) {
+        return err_set(err, errlen, "this job needs a GPU and this worker runs it on the CPU");
+    } else {
+        runner_logf(ctx, "running on the CPU (fp32)");
+    }
+    if (asked && p != CUDA_FP32)
+        runner_logf(ctx, "precision %s applies on a GPU only: the CPU computes in fp32", asked);
+    return 0;
+}
+
+void runner_device_close(runner_device *dev) {
+    if (dev->on_gpu) cuda_backend_close();
+    dev->on_gpu = false;
+    dev->be = backend_cpu();
+}
+
+int runner_device_sync(const runner_device *dev, char *err, size_t errlen) {
+    if (!dev->on_gpu) return 0;
+    if (cuda_backend_sync(err, errlen) != 0) return err_prefix(err, errlen, "GPU %d", dev->gpu);
+    return 0;
+}
 
 bool runner_layer_from_name(const char *name, int *layer) {
     static const char prefix[] = "hidden_states_", suffix[] = ".npy";
@@ -105,6 +177,43 @@ typedef struct {
     const char *kernel_name;
 } runner_cka_job;
 
+/* Below this many multiply-adds (n * (Dx + Dy) * min(n, Dx + Dy), the CPU's
+ * cheaper formulation) the CPU finishes in well under a second on a few
+ * cores, about what the GPU's fixed costs take (CUDA context, cuBLAS handle,
+ * the upload over PCIe), so smaller pairs stay on the CPU. Above it the GPU
+ * wins by far: 1e12 multiply-adds are minutes of CPU and a fraction of a
+ * second of float64 tensor cores. */
+#define RUNNER_CKA_GPU_MIN_FLOPS 1e10
+
+/* CKA of x and y on ctx->gpu when the worker has one and the pair is large
+ * enough, else (or when the GPU declines or fails, with a log line saying
+ * why) on the CPU. where (wherelen) names what computed it for the log.
+ * Returns 0 with *res, or -1 with err as cka_compute. */
+static int runner_cka_compute(runner_ctx *ctx, const cka_options *opt, cka_matrix *x,
+                              cka_matrix *y, cka_result *res, char *where, size_t wherelen,
+                              char *err, size_t errlen) {
+    double n = (double)x->rows, d = (double)(x->cols + y->cols);
+    snprintf(where, wherelen, "the CPU");
+    if (ctx->gpu < 0 || n * d * (n < d ? n : d) < RUNNER_CKA_GPU_MIN_FLOPS)
+        return cka_compute(x, y, opt, ctx->cancel, res, err, errlen);
+    cka_gpu_call call;
+    memset(&call, 0, sizeof call);
+    call.device = ctx->gpu;
+    call.precision = CKA_GPU_AUTO;
+    if (cka_gpu_compute_with(x, y, opt, &call, ctx->cancel, res, err, errlen) == 0) {
+        snprintf(where, wherelen, "GPU %d (%s) in %s", ctx->gpu, call.device_name,
+                 call.used == CKA_GPU_F64 ? "float64" : "float32");
+        return 0;
+    }
+    if (!call.cpu_may_run) return -1;
+    runner_logf(ctx, "cka not on GPU %d (%s): computing on the CPU", ctx->gpu, err);
+    /* The GPU call may already have dropped NaN rows from x and y. */
+    size_t dropped = res->dropped_rows;
+    if (cka_compute(x, y, opt, ctx->cancel, res, err, errlen) != 0) return -1;
+    res->dropped_rows += dropped;
+    return 0;
+}
+
 /* Reads the matrices at xpath and ypath side by side and computes their CKA.
  * Appends {"layer", "cka", "n", "dropped_rows", "seconds", ...} to layers.
  * Returns 0, or -1 with err, *retryable and *cancelled set. */
@@ -146,7 +255,9 @@ static int runner_cka_pair(runner_ctx *ctx, const runner_cka_job *job, const cha
     cka_matrix x = {xy, hx.rows, hx.cols, stride};
     cka_matrix y = {xy + hx.cols, hy.rows, hy.cols, stride};
     cka_result res;
-    if (cka_compute(&x, &y, &job->opt, ctx->cancel, &res, err, errlen) != 0) {
+    char where[160];
+    if (runner_cka_compute(ctx, &job->opt, &x, &y, &res, where, sizeof where, err, errlen) !=
+        0) {
         *cancelled = ctx->cancel && atomic_load(ctx->cancel);
         *retryable = strstr(err, "out of memory") != NULL;
         goto out;
@@ -165,11 +276,11 @@ static int runner_cka_pair(runner_ctx *ctx, const runner_cka_job *job, const cha
     char label[32] = "-";
     if (json_is_integer(layer)) snprintf(label, sizeof label, "%lld", (long long)json_integer_value(layer));
     runner_log(ctx,
-               "cka layer %s: %.6f (n=%zu, dropped %zu, %zu x %zu vs %zu x %zu %s/%s, %s space, "
-               "%.3f s load, %.3f s compute)",
+               "cka layer %s: %.6f (n=%zu, dropped %zu, %zu x %zu vs %zu x %zu %s/%s, %s space "
+               "on %s, %.3f s load, %.3f s compute)",
                label, res.cka, res.n, res.dropped_rows, hx.rows, hx.cols, hy.rows, hy.cols,
                npy_dtype_name(hx.dtype), npy_dtype_name(hy.dtype),
-               res.gram_space ? "Gram" : "feature", loaded - started, done - loaded);
+               res.gram_space ? "Gram" : "feature", where, loaded - started, done - loaded);
     rc = 0;
 out:
     free(xy);

@@ -9,6 +9,9 @@
 #ifndef STRATA_RUNNER_H
 #define STRATA_RUNNER_H
 
+#include "worker/engine/backend.h"
+#include "worker/engine/cuda/cuda.h"
+
 #include <jansson.h>
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -70,7 +73,43 @@ struct runner_ctx {
     /* A private scratch directory for this job (exists, emptied afterwards). */
     const char *work_dir;
     void *user; /* for the callbacks */
+    /* The GPU (CUDA device ordinal) predict and train jobs run on, or -1
+     * for the CPU. Zero is GPU 0, so a context meant for the CPU must say
+     * -1. When the GPU cannot be opened the job logs why and runs on the
+     * CPU, unless gpu_required. cka jobs ignore it. */
+    int gpu;
+    /* The job asked for GPUs (resources.gpus > 0): it fails, not retryably,
+     * rather than fall back to the CPU. */
+    bool gpu_required;
 };
+
+/* Where a predict or train job computes: the backend, and on a GPU its
+ * ordinal and the precision of its matrix products. */
+typedef struct {
+    const backend *be;         /* backend_cpu() or the CUDA table */
+    bool on_gpu;               /* be is the CUDA backend: close it afterwards */
+    int gpu;                   /* the device ordinal; -1 on the CPU */
+    cuda_precision precision;  /* CUDA_FP32 on the CPU */
+    char label[192];           /* "GPU 0 (NVIDIA H200) in bf16" / "the CPU (fp32)" */
+} runner_device;
+
+/* Opens the backend a predict or train job runs on, from ctx->gpu and
+ * spec.precision (default bf16 on a GPU; the CPU always computes in fp32),
+ * and logs one line: "running on GPU 0 (NVIDIA H200) in bf16" or "running on
+ * the CPU (fp32)" (with why, when a GPU was wanted and cannot be used, and a
+ * note when a precision other than fp32 was asked of the CPU). Binds the
+ * calling thread to the GPU (cuda.h). Returns 0, or -1 with err set when the
+ * job requires a GPU (ctx->gpu_required) and none can be opened: no retry
+ * helps then. Release with runner_device_close on the same thread. */
+int runner_device_open(runner_ctx *ctx, json_t *spec, runner_device *dev, char *err,
+                       size_t errlen);
+/* Releases the thread's CUDA context when dev is on a GPU (every buffer of
+ * its backend must be freed first); nothing on the CPU. */
+void runner_device_close(runner_device *dev);
+/* After a batch: on a GPU, waits for the queued work and reports any
+ * asynchronous kernel or cuBLAS failure (out of memory among them, which
+ * runner_err_is_oom recognises). 0, or -1 with err set; always 0 on the CPU. */
+int runner_device_sync(const runner_device *dev, char *err, size_t errlen);
 
 /* Parses a per-layer file name, hidden_states_{layer}.npy, with the layer in
  * plain decimal (no sign, no leading zeros, at most 100000). The agent and

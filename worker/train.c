@@ -9,6 +9,7 @@
 #include "worker/engine/dataset.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/model.h"
+#include "worker/engine/model_backend.h"
 #include "worker/engine/schedule.h"
 #include "worker/engine/sft.h"
 #include "worker/engine/template.h"
@@ -30,6 +31,12 @@
 
 /* The seed stream of LoRA's A initialisation. */
 #define TRAIN_LORA_STREAM (UINT64_MAX - 1)
+
+/* fp16 loss scaling as torch.cuda.amp.GradScaler's defaults: start at
+ * 2^16, halve (and skip the step) when a gradient is inf/NaN, double after
+ * 2000 steps in a row without one. */
+#define TRAIN_SCALE_INIT 65536.0
+#define TRAIN_SCALE_GROWTH_INTERVAL 2000
 
 typedef struct {
     bool lora;
@@ -71,9 +78,41 @@ typedef struct {
     size_t n_train;       /* floats in train_params (and grads) */
     int *lens;           /* batch_size row lengths as int */
     json_t *losses, *lrs, *norms, *checkpoints;
+
+    /* Where the passes run. On a GPU the model lives in dmodel (full
+     * fine-tuning: the trainable parameters themselves) and the adapter in
+     * d_lora_params; gradients accumulate in d_grads and come to the host
+     * (grads) at each optimizer step, where AdamW updates the fp32 master
+     * copy (model.params / lora_params) that is then uploaded again. On the
+     * CPU fwd, fwd_lora and fwd_grads are the host objects. */
+    runner_device dev;
+    bool dev_open;
+    llama_model dmodel;
+    bool dmodel_ready;
+    float *d_lora_params;
+    llama_lora dlora;
+    float *d_grads;
+    const llama_model *fwd;
+    llama_lora *fwd_lora;
+    float *fwd_grads;
+    /* fp16 on a GPU only: the dynamic loss scale (see TRAIN_SCALE_INIT),
+     * clean steps since it last changed, steps skipped for inf/NaN. */
+    bool scaling;
+    double loss_scale;
+    int64_t scale_clean, skipped;
 } train_job;
 
 static void train_job_free(train_job *job) {
+    /* device buffers (the state's among them) before the CUDA context */
+    if (job->state_ready) llama_state_free(&job->state);
+    job->state_ready = false;
+    if (job->d_grads) job->dev.be->free_buf(job->d_grads);
+    if (job->d_lora_params) job->dev.be->free_buf(job->d_lora_params);
+    if (job->dmodel_ready) {
+        cuda_backend_forget_weights(job->dmodel.params);
+        llama_model_free_backend(job->dev.be, &job->dmodel);
+    }
+    if (job->dev_open) runner_device_close(&job->dev);
     if (job->model_loaded) llama_free(&job->model);
     tok_free(job->tok);
     ds_free(&job->ds);
@@ -869,6 +908,13 @@ static int train_checkpoint(train_job *job, runner_ctx *ctx, int64_t step, sft_p
                               "epoch", (json_int_t)pos.epoch, "cursor", (json_int_t)pos.cursor,
                               "seed", (json_int_t)job->o.seed, "losses", job->losses,
                               "learning_rates", job->lrs, "grad_norms", job->norms);
+    /* fp16 loss scaling's state, so a resumed run scales as this one would */
+    if (state && (job->scaling || job->skipped > 0))
+        json_object_set_new(state, "skipped_steps", json_integer((json_int_t)job->skipped));
+    if (state && job->scaling) {
+        json_object_set_new(state, "loss_scale", json_real(job->loss_scale));
+        json_object_set_new(state, "scale_clean_steps", json_integer((json_int_t)job->scale_clean));
+    }
     char *text = state ? json_dumps(state, JSON_COMPACT) : NULL;
     json_decref(state);
     if (!text) return err_set(err, errlen, "out of memory");
@@ -1020,6 +1066,24 @@ static int train_resume(train_job *job, const char *dir, int64_t step, int64_t t
     }
     pos->epoch = (uint64_t)json_integer_value(epoch);
     pos->cursor = (uint64_t)json_integer_value(cursor);
+    v = json_object_get(state, "skipped_steps");
+    if (v && (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > step)) {
+        err_set(err, errlen, "%s: skipped_steps must be an integer from 0 to %lld", path,
+                (long long)step);
+        goto out;
+    }
+    job->skipped = v ? (int64_t)json_integer_value(v) : 0;
+    json_t *ls = json_object_get(state, "loss_scale"), *clean = json_object_get(state, "scale_clean_steps");
+    if (job->scaling && ls) {
+        if (!json_is_number(ls) || !(json_number_value(ls) > 0) || !json_is_integer(clean) ||
+            json_integer_value(clean) < 0) {
+            err_set(err, errlen, "%s: loss_scale must be a positive number with "
+                    "scale_clean_steps an integer >= 0", path);
+            goto out;
+        }
+        job->loss_scale = json_number_value(ls);
+        job->scale_clean = (int64_t)json_integer_value(clean);
+    }
     if (train_state_series(state, "losses", step, &job->losses, path, err, errlen) != 0 ||
         train_state_series(state, "learning_rates", step, &job->lrs, path, err, errlen) != 0 ||
         train_state_series(state, "grad_norms", step, &job->norms, path, err, errlen) != 0)
@@ -1043,9 +1107,10 @@ static int train_resume(train_job *job, const char *dir, int64_t step, int64_t t
         err_prefix(err, errlen, "%s", path);
         goto out;
     }
-    if (adamw_steps(job->opt) != step) {
+    /* fp16 steps skipped for inf/NaN gradients never reached the optimizer */
+    if (adamw_steps(job->opt) != step - job->skipped) {
         err_set(err, errlen, "%s: the optimizer has taken %lld steps, not %lld", path,
-                (long long)adamw_steps(job->opt), (long long)step);
+                (long long)adamw_steps(job->opt), (long long)(step - job->skipped));
         goto out;
     }
     for (int64_t k = job->o.save_steps; job->o.save_steps > 0 && k <= step; k += job->o.save_steps)
@@ -1056,11 +1121,103 @@ out:
     return rc;
 }
 
+/* fp16 loss scaling after a step's gradients reached the host: true with
+ * grads (n_train) divided by the loss scale when all are finite (and the
+ * scale doubled after TRAIN_SCALE_GROWTH_INTERVAL such steps in a row);
+ * false, grads untouched, when any is inf or NaN. */
+static bool train_unscale(train_job *job, float *grads) {
+    for (size_t i = 0; i < job->n_train; i++)
+        if (!isfinite(grads[i])) return false;
+    /* a power of two: the division is exact */
+    float inv = (float)(1.0 / job->loss_scale);
+    for (size_t i = 0; i < job->n_train; i++) grads[i] *= inv;
+    if (++job->scale_clean >= TRAIN_SCALE_GROWTH_INTERVAL) {
+        job->loss_scale *= 2;
+        job->scale_clean = 0;
+    }
+    return true;
+}
+
+/* On a GPU, after an optimizer step on the host: uploads the updated
+ * trainable parameters (the whole model, or the adapter) and refreshes the
+ * low-precision copy of a fully trained model's weights. Returns 0, or -1
+ * with err set (an asynchronous device failure). */
+static int train_upload(train_job *job, runner_ctx *ctx, char *err, size_t errlen) {
+    if (!job->dev.on_gpu) return 0;
+    const backend *be = job->dev.be;
+    if (job->o.lora) {
+        be->upload(job->d_lora_params, job->lora_params, job->n_train * sizeof(float));
+    } else {
+        be->upload(job->dmodel.params, job->model.params, job->n_train * sizeof(float));
+        char why[ERR_LEN];
+        if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
+                                          sizeof why) != 0)
+            runner_logf(ctx, "no %s copy of the updated weights (%s)",
+                        cuda_precision_name(job->dev.precision), why);
+    }
+    return runner_device_sync(&job->dev, err, errlen);
+}
+
+/* Points the passes at the host objects (CPU) or, on a GPU, places the
+ * model, the adapter and the gradients in device memory from the host
+ * copies as they are now (after a resume), and registers the model's
+ * weights for low-precision products. fp16 on a GPU turns on loss scaling
+ * (its state from a resumed checkpoint when train_resume set one). Returns
+ * 0, or -1 with err set (*retryable when the GPU is out of memory). */
+static int train_to_device(train_job *job, runner_ctx *ctx, bool *retryable, char *err,
+                           size_t errlen) {
+    job->fwd = &job->model;
+    job->fwd_lora = &job->lora;
+    job->fwd_grads = job->grads;
+    if (!job->dev.on_gpu) return 0;
+    const backend *be = job->dev.be;
+    if (llama_model_to_backend(be, &job->model, &job->dmodel, err, errlen) != 0) {
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "model to GPU %d", job->dev.gpu);
+    }
+    job->dmodel_ready = true;
+    job->fwd = &job->dmodel;
+    char why[ERR_LEN];
+    if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
+                                      sizeof why) != 0)
+        runner_logf(ctx, "no %s copy of the weights (%s): products convert them as they go",
+                    cuda_precision_name(job->dev.precision), why);
+    size_t bytes = job->n_train * sizeof(float);
+    job->d_grads = be->alloc(bytes, err, errlen);
+    if (!job->d_grads) {
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "gradients on GPU %d", job->dev.gpu);
+    }
+    job->fwd_grads = job->d_grads;
+    if (job->o.lora) {
+        job->d_lora_params = be->alloc(bytes, err, errlen);
+        if (!job->d_lora_params) {
+            *retryable = runner_err_is_oom(err);
+            return err_prefix(err, errlen, "adapter on GPU %d", job->dev.gpu);
+        }
+        be->upload(job->d_lora_params, job->lora_params, bytes);
+        if (llama_lora_bind(&job->dlora, &job->model.cfg, job->lora.r, job->lora.scaling,
+                            job->lora.target, job->d_lora_params, err, errlen) != 0)
+            return -1;
+        job->dlora.dropout = job->lora.dropout;
+        job->dlora.dropout_seed = job->lora.dropout_seed;
+        job->fwd_lora = &job->dlora;
+    }
+    if (job->scaling)
+        runner_logf(ctx, "fp16: loss scale %g (halved on inf/NaN gradients, doubled after %d "
+                    "clean steps)", job->loss_scale, TRAIN_SCALE_GROWTH_INTERVAL);
+    if (runner_device_sync(&job->dev, err, errlen) != 0) {
+        *retryable = runner_err_is_oom(err);
+        return -1;
+    }
+    return 0;
+}
+
 /* The training loop; see train.h. */
 static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_t start,
                       sft_pos start_pos, int64_t total, size_t *tokens_out, bool *retryable,
                       bool *cancelled, char *err, size_t errlen) {
-    const backend *be = backend_cpu();
+    const backend *be = job->dev.be;
     sft_loader loader;
     sft_step step;
     memset(&loader, 0, sizeof loader);
@@ -1094,8 +1251,14 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
                     (long long)k + 1);
             goto out;
         }
-        memset(job->grads, 0, job->n_train * sizeof *job->grads);
-        double scale = 1.0 / (double)step.n_label, loss_sum = 0;
+        if (job->dev.on_gpu)
+            be->zero(job->d_grads, job->n_train);
+        else
+            memset(job->grads, 0, job->n_train * sizeof *job->grads);
+        /* fp16 multiplies the loss (so its small gradients stay representable)
+         * and divides the gradients back before clipping */
+        double scale = 1.0 / (double)step.n_label * (job->scaling ? job->loss_scale : 1.0);
+        double loss_sum = 0;
         long counted = 0;
         for (size_t b = 0; b < step.n_mb; b++) {
             if (ctx->cancel && atomic_load(ctx->cancel)) {
@@ -1107,17 +1270,18 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
             for (size_t i = 0; i < mb->rows; i++) job->lens[i] = (int)mb->lens[i];
             double ls = 0;
             long nc = 0;
-            job->lora.dropout_counter =
+            job->fwd_lora->dropout_counter =
                 (uint64_t)k * (uint64_t)job->o.grad_accum + (uint64_t)b;
             int lrc =
                 job->o.lora
-                    ? llama_lora_loss_and_grad(be, &job->model, &job->lora, &job->state,
+                    ? llama_lora_loss_and_grad(be, job->fwd, job->fwd_lora, &job->state,
                                                mb->input_ids, mb->labels, job->lens, (int)mb->rows,
-                                               (int)mb->seq_len, scale, job->grads, &ls, &nc, err,
-                                               errlen)
-                    : llama_loss_and_grad(be, &job->model, &job->state, mb->input_ids, mb->labels,
+                                               (int)mb->seq_len, scale, job->fwd_grads, &ls, &nc,
+                                               err, errlen)
+                    : llama_loss_and_grad(be, job->fwd, &job->state, mb->input_ids, mb->labels,
                                           job->lens, (int)mb->rows, (int)mb->seq_len, scale,
-                                          job->grads, &ls, &nc, err, errlen);
+                                          job->fwd_grads, &ls, &nc, err, errlen);
+            if (lrc == 0) lrc = runner_device_sync(&job->dev, err, errlen);
             if (lrc != 0) {
                 *retryable = runner_err_is_oom(err);
                 err_prefix(err, errlen, "step %lld", (long long)k + 1);
@@ -1126,14 +1290,34 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
             loss_sum += ls;
             counted += nc;
         }
-        double norm = adamw_clip_grad_norm(job->opt, job->grads, job->o.max_grad_norm);
-        if (!isfinite(norm)) {
-            err_set(err, errlen, "step %lld: gradient norm is %g (the loss diverged)",
-                    (long long)k + 1, norm);
-            goto out;
+        /* The optimizer runs on the host's fp32 master copy. (kernels.h has a
+         * GPU AdamW, cuk_adamw; keeping the moments on the device and
+         * skipping these transfers is a later step.) */
+        if (job->dev.on_gpu)
+            be->download(job->grads, job->d_grads, job->n_train * sizeof *job->grads);
+        double lr = job->o.lr * sched_lambda(&sch, k), norm = 0;
+        if (job->scaling && !train_unscale(job, job->grads)) {
+            /* GradScaler: no update, a smaller scale; the step still counts
+             * (data, schedule) and reports grad_norm 0 */
+            job->skipped++;
+            job->loss_scale /= 2;
+            job->scale_clean = 0;
+            runner_logf(ctx, "step %lld: fp16 gradients overflowed; step skipped, loss scale now %g",
+                        (long long)k + 1, job->loss_scale);
+        } else {
+            norm = adamw_clip_grad_norm(job->opt, job->grads, job->o.max_grad_norm);
+            if (!isfinite(norm)) {
+                err_set(err, errlen, "step %lld: gradient norm is %g (the loss diverged)",
+                        (long long)k + 1, norm);
+                goto out;
+            }
+            adamw_step(job->opt, job->train_params, job->grads, lr);
+            if (train_upload(job, ctx, err, errlen) != 0) {
+                *retryable = runner_err_is_oom(err);
+                err_prefix(err, errlen, "step %lld", (long long)k + 1);
+                goto out;
+            }
         }
-        double lr = job->o.lr * sched_lambda(&sch, k);
-        adamw_step(job->opt, job->train_params, job->grads, lr);
         double loss = counted > 0 ? loss_sum / (double)counted : 0.0;
         tokens += step.n_tokens;
         json_array_append_new(job->losses, json_real(loss));
@@ -1213,7 +1397,11 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
         err_set(err, errlen, "out of memory for the gradients (%zu floats)", job.n_train);
         goto out;
     }
-    if (llama_state_init_train(&job.state, backend_cpu(), &job.model.cfg, (int)job.o.batch_size,
+    if (runner_device_open(ctx, spec, &job.dev, err, errlen) != 0) goto out;
+    job.dev_open = true;
+    job.scaling = job.dev.on_gpu && job.dev.precision == CUDA_FP16;
+    job.loss_scale = TRAIN_SCALE_INIT;
+    if (llama_state_init_train(&job.state, job.dev.be, &job.model.cfg, (int)job.o.batch_size,
                                (int)longest, err, errlen) != 0) {
         *retryable = runner_err_is_oom(err);
         goto out;
@@ -1252,6 +1440,7 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
                       (unsigned long long)pos.cursor);
         }
     }
+    if (train_to_device(&job, ctx, retryable, err, errlen) != 0) goto out;
     size_t tokens = 0;
     double loop_start = util_now_seconds();
     if (train_loop(&job, ctx, artifacts, resumed, pos, steps, &tokens, retryable, cancelled, err,
@@ -1276,6 +1465,12 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
                     "tokens_per_second", loop_seconds > 0 ? (double)tokens / loop_seconds : 0.0,
                     "checkpoints", job.checkpoints, "artifacts", artifacts);
     if (out) json_object_set_new(out, "resumed_from", json_integer(resumed));
+    if (out) json_object_set_new(out, "device", json_string(job.dev.on_gpu ? "cuda" : "cpu"));
+    if (out)
+        json_object_set_new(out, "precision",
+                            json_string(cuda_precision_name(job.dev.precision)));
+    if (out && (job.scaling || job.skipped > 0))
+        json_object_set_new(out, "skipped_steps", json_integer((json_int_t)job.skipped));
     if (out && job.o.mode == SFT_MODE_SFT)
         json_object_set_new(out, "template", json_string(tmpl_name(job.o.tmpl)));
     if (!out) {

@@ -155,7 +155,8 @@ runner_ctx tu_run_ctx(tu_run *run, atomic_int *cancel) {
                       .add_artifact = tu_add_artifact,
                       .cancel = cancel,
                       .work_dir = run->work,
-                      .user = run};
+                      .user = run,
+                      .gpu = -1 /* the CPU; GPU tests set their own */};
     return ctx;
 }
 

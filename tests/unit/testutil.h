@@ -69,7 +69,8 @@ void tu_run_end(tu_run *run);
 
 /* A runner context for run: models, datasets (format "auto") and adapters
  * resolved from {"path": ...} references that must exist, artifacts moved
- * into run->out; cancel as given, no progress callback, user = run. */
+ * into run->out; cancel as given, no progress callback, user = run, on the
+ * CPU (gpu -1). */
 runner_ctx tu_run_ctx(tu_run *run, atomic_int *cancel);
 
 /* Sends stdout to /dev/null (flushing what is buffered) and returns the
