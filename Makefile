@@ -218,3 +218,36 @@ fuzz: $(patsubst %,$(FUZZ_DIR)/fuzz_%,$(FUZZ_NAMES))
 	        $(FUZZ_WORK)/$$t tests/fuzz/corpus/$$t; done
 
 -include $(shell find $(BUILD)/obj $(BUILD)/emu $(CUDA_BUILD) -name '*.d' 2>/dev/null)
+
+# --- GPU test and bench (tests/gpu/, bench/gpu/; see their READMEs) ----------
+# test-gpu: tests/gpu/test_gpu linked with the real CUDA objects: every backend
+# op forward and backward against the CPU backend in fp32/bf16/fp16, the
+# PyTorch reference fixtures, train, predict and CKA jobs on the GPU vs the
+# CPU, then a table; exits 77 (make reports "Error 77") when no GPU is found.
+# test-gpu-emu: the same program linked with the CUDA emulator
+# (tests/cuda_emu/) on small shapes, on any machine: it proves the program
+# before GPU time is spent. bench-gpu: bench/gpu/run.sh (a GPU, and PyTorch
+# for the peer). --as-needed keeps the server's libraries (libpq,
+# libmicrohttpd, libcurl) off these binaries, which tests/gpu/device.sh runs
+# on machines that lack them.
+GPU_TEST_OBJ   := $(call obj,tests/gpu/test_gpu.c tests/gpu/gpu_models.c)
+GPU_BENCH_OBJ  := $(call obj,bench/gpu/bench_gpu.c)
+GPU_LINK_FLAGS := -Wl,--as-needed
+
+.PHONY: test-gpu test-gpu-emu bench-gpu
+$(BUILD)/gpu/test_gpu: $(GPU_TEST_OBJ) $(CUDA_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $(GPU_LINK_FLAGS) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
+$(BUILD)/gpu/test_gpu_emu: $(GPU_TEST_OBJ) $(EMU_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $(GPU_LINK_FLAGS) -o $@ $^ $(EMU_LIBS) $(LDLIBS)
+$(BUILD)/gpu/bench_gpu: $(GPU_BENCH_OBJ) $(CUDA_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) $(GPU_LINK_FLAGS) -o $@ $^ $(CUDA_LIBS) $(LDLIBS)
+
+test-gpu: $(BUILD)/gpu/test_gpu
+	tests/gpu/run.sh $(BUILD)/gpu/test_gpu
+test-gpu-emu: $(BUILD)/gpu/test_gpu_emu
+	tests/gpu/run.sh $(BUILD)/gpu/test_gpu_emu --small
+bench-gpu: $(BUILD)/gpu/bench_gpu
+	BUILD=$(BUILD) bench/gpu/run.sh

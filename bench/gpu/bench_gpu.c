@@ -1,0 +1,509 @@
+/* bench_gpu.c - strata's CUDA engine at LLaMA scale, for bench/gpu/run.sh.
+ *
+ *   bench_gpu train   --shape 1b|7b [--batch 4] [--seq 1024] [--rank 8]
+ *                     [--warmup 1] [--steps 3] [--precision bf16]
+ *   bench_gpu predict --shape 1b|7b [--batch 8] [--seq 512] [--warmup 1] [--steps 3]
+ *   bench_gpu cka     [--rows 8000] [--dim 4096]
+ *
+ * Models have random weights drawn on the host with a fixed seed (uniform
+ * with std 0.02, norms one; nothing is downloaded), copied to GPU 0 with
+ * llama_model_to_backend and registered so bf16 products read one bf16 copy,
+ * as a train or predict job does.
+ *
+ * train: LoRA r (default 8, alpha 16) on q_proj and v_proj, one optimizer
+ * step = llama_lora_loss_and_grad over batch x seq random tokens (every
+ * position scored) + download of the adapter's gradients + AdamW on the
+ * host's fp32 master copy + upload, as train jobs do today. Reports tokens/s
+ * and MFU = flops / (seconds * 989e12), 989 TFLOP/s being H100/H200 SXM's
+ * dense bf16 peak, with per token
+ *   2 N (forward products) + 2 N (backward: activation gradients; the
+ *   frozen weights get no weight gradient) + 6 N_lora (the adapter's
+ *   forward, activation and weight gradients) + 12 L seq C (attention's
+ *   QK^T and PV, forward and backward, counted without causal halving as
+ *   PaLM's MFU does),
+ * N the multiply-accumulated weights (every projection and the LM head; the
+ * embedding lookup does no products), N_lora = L sum_targets r (in + out).
+ * bench/gpu/peer.py uses the same formula.
+ *
+ * predict: llama_forward over batch x seq tokens with the hook pooling each
+ * sequence's last token from every hidden state (what a predict job reads;
+ * the engine downloads each layer's (B, T, C) states for it), and again
+ * with no hook or logits (the GPU's compute alone). Reports sequences/s.
+ *
+ * cka: linear CKA (biased) of two random (rows, dim) float64 matrices on the
+ * GPU (cka_gpu_compute_with, float64 products, transfers included) and on
+ * the CPU (cka_compute, feature space), with both values.
+ *
+ * Prints one JSON object per measurement on stdout; progress on stderr. */
+#include "common/util.h"
+#include "worker/engine/adamw.h"
+#include "worker/engine/backend.h"
+#include "worker/engine/cka.h"
+#include "worker/engine/cuda/cka_gpu.h"
+#include "worker/engine/cuda/cuda.h"
+#include "worker/engine/forward.h"
+#include "worker/engine/model.h"
+#include "worker/engine/model_backend.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define BENCH_PEAK_FLOPS 989e12
+#define BENCH_FILL_THREADS 16
+
+typedef struct {
+    const char *mode;
+    const char *shape;
+    int batch, seq, rank, warmup, steps;
+    size_t rows, dim;
+    cuda_precision precision;
+} bench_args;
+
+/* The two model shapes: TinyLlama-1.1B's and Llama-2-7B's. */
+static int bench_config(const char *shape, llama_config *c, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    c->vocab_size = 32000;
+    c->max_position_embeddings = 4096;
+    c->rms_norm_eps = 1e-5f;
+    c->rope_theta = 10000.0f;
+    c->bos_token_id = 1, c->eos_token_id = 2, c->pad_token_id = -1;
+    if (strcmp(shape, "1b") == 0) {
+        c->hidden_size = 2048, c->intermediate_size = 5632, c->num_hidden_layers = 22;
+        c->num_attention_heads = 32, c->num_key_value_heads = 4;
+    } else if (strcmp(shape, "7b") == 0) {
+        c->hidden_size = 4096, c->intermediate_size = 11008, c->num_hidden_layers = 32;
+        c->num_attention_heads = 32, c->num_key_value_heads = 32;
+    } else {
+        return err_set(err, errlen, "unknown shape %s (1b, 7b)", shape);
+    }
+    return 0;
+}
+
+/* Weights multiplied per token: every projection and the LM head. */
+static double bench_matmul_params(const llama_config *c) {
+    double C = c->hidden_size, FF = c->intermediate_size, L = c->num_hidden_layers;
+    double KVD = C / c->num_attention_heads * c->num_key_value_heads;
+    return L * (2.0 * C * C + 2.0 * C * KVD + 3.0 * C * FF) + (double)c->vocab_size * C;
+}
+
+/* ---- random weights, filled in parallel ----------------------------------- */
+
+typedef struct {
+    float *p;
+    size_t begin, end;
+    float half_width;
+    uint64_t seed;
+} bench_fill_part;
+
+static void *bench_fill_thread(void *arg) {
+    bench_fill_part *f = arg;
+    uint64_t s = f->seed;
+    for (size_t i = f->begin; i < f->end; i++) {
+        s += 0x9E3779B97F4A7C15ULL;
+        double u = (double)(backend_mix64(s) >> 11) * (1.0 / 9007199254740992.0);
+        f->p[i] = (float)((2.0 * u - 1.0) * f->half_width);
+    }
+    return NULL;
+}
+
+/* p[0..n) uniform in (-a, a), a = 0.02 sqrt(3) (std 0.02), the same for a
+ * seed however many threads run. */
+static void bench_fill(float *p, size_t n, uint64_t seed) {
+    pthread_t th[BENCH_FILL_THREADS];
+    bench_fill_part parts[BENCH_FILL_THREADS];
+    size_t chunk = (n + BENCH_FILL_THREADS - 1) / BENCH_FILL_THREADS;
+    int started = 0;
+    for (int t = 0; t < BENCH_FILL_THREADS; t++) {
+        size_t b = (size_t)t * chunk, e = b + chunk > n ? n : b + chunk;
+        parts[t] = (bench_fill_part){p, b < n ? b : n, e, 0.0346f, seed * 1000003u + (uint64_t)t};
+        if (pthread_create(&th[t], NULL, bench_fill_thread, &parts[t]) == 0)
+            started |= 1 << t;
+        else
+            bench_fill_thread(&parts[t]);
+    }
+    for (int t = 0; t < BENCH_FILL_THREADS; t++)
+        if (started & (1 << t)) pthread_join(th[t], NULL);
+}
+
+static void bench_ones(float *p, size_t n) {
+    for (size_t i = 0; i < n; i++) p[i] = 1.0f;
+}
+
+/* A random model of shape on the GPU (dev), weights registered. The host
+ * copy is freed once uploaded. 0, or -1 with err. */
+static int bench_model(const backend *gpu, const char *shape, llama_model *dev, char *err,
+                       size_t errlen) {
+    llama_config cfg;
+    llama_model host;
+    if (bench_config(shape, &cfg, err, errlen) != 0) return -1;
+    if (llama_alloc(&host, &cfg, err, errlen) != 0) return -1;
+    double t0 = util_now_seconds();
+    bench_fill(host.params, host.nparams, 7);
+    size_t C = (size_t)cfg.hidden_size, L = (size_t)cfg.num_hidden_layers;
+    bench_ones(host.w.attn_norm, L * C);
+    bench_ones(host.w.mlp_norm, L * C);
+    bench_ones(host.w.final_norm, C);
+    fprintf(stderr, "bench_gpu: %s: %zu params drawn in %.1f s\n", shape, host.nparams,
+            util_now_seconds() - t0);
+    int rc = llama_model_to_backend(gpu, &host, dev, err, errlen);
+    llama_free(&host);
+    if (rc != 0) return -1;
+    if (cuda_backend_register_weights(dev->params, dev->nparams, err, errlen) != 0) {
+        llama_model_free_backend(gpu, dev);
+        return -1;
+    }
+    return 0;
+}
+
+static void bench_tokens(int *tokens, size_t n, int V, uint64_t seed) {
+    uint64_t s = seed;
+    for (size_t i = 0; i < n; i++) tokens[i] = 3 + (int)(backend_mix64(s++) % (uint64_t)(V - 3));
+}
+
+static void bench_memory_note(char *out, size_t len) {
+    size_t free_b = 0, total_b = 0;
+    char err[ERR_LEN];
+    if (cuda_backend_memory(&free_b, &total_b, err, sizeof err) == 0)
+        snprintf(out, len, "%.1f", (double)(total_b - free_b) / (1024.0 * 1024.0 * 1024.0));
+    else
+        snprintf(out, len, "null");
+}
+
+/* ---- train ------------------------------------------------------------------ */
+
+static int bench_train(const bench_args *a, char *err, size_t errlen) {
+    int rc = -1;
+    const backend *gpu = cuda_backend_open(0, a->precision, err, errlen);
+    if (!gpu) return -1;
+    llama_model dev;
+    memset(&dev, 0, sizeof dev);
+    llama_state s;
+    memset(&s, 0, sizeof s);
+    float *lora_host = NULL, *grads_host = NULL, *dlora = NULL, *dgrads = NULL;
+    int *tokens = NULL;
+    adamw *opt = NULL;
+    if (bench_model(gpu, a->shape, &dev, err, errlen) != 0) goto out;
+    const llama_config *cfg = &dev.cfg;
+    bool target[LLAMA_NPROJ] = {false};
+    target[LLAMA_PROJ_Q] = target[LLAMA_PROJ_V] = true;
+    size_t np = llama_lora_count(cfg, a->rank, target);
+    size_t N = (size_t)a->batch * (size_t)a->seq;
+    lora_host = calloc(np, sizeof(float));
+    grads_host = malloc(np * sizeof(float));
+    tokens = malloc(N * sizeof(int));
+    int *lengths = calloc((size_t)a->batch, sizeof(int));
+    if (!lora_host || !grads_host || !tokens || !lengths) {
+        free(lengths);
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    for (int b = 0; b < a->batch; b++) lengths[b] = a->seq;
+    bench_tokens(tokens, N, cfg->vocab_size, 11);
+    llama_lora lo_host, lo;
+    float scaling = 16.0f / (float)a->rank;
+    if (llama_lora_bind(&lo_host, cfg, a->rank, scaling, target, lora_host, err, errlen) != 0)
+        goto out_lengths;
+    /* PEFT's init: A random, B zero. */
+    for (int p = 0; p < LLAMA_NPROJ; p++) {
+        if (!target[p]) continue;
+        size_t out_d, in_d;
+        llama_proj_dims(cfg, (llama_proj)p, &out_d, &in_d);
+        bench_fill(lo_host.a[p], (size_t)cfg->num_hidden_layers * (size_t)a->rank * in_d,
+                   100 + (uint64_t)p);
+    }
+    dlora = gpu->alloc(np * sizeof(float), err, errlen);
+    dgrads = dlora ? gpu->alloc(np * sizeof(float), err, errlen) : NULL;
+    if (!dgrads) goto out_lengths;
+    gpu->upload(dlora, lora_host, np * sizeof(float));
+    if (llama_lora_bind(&lo, cfg, a->rank, scaling, target, dlora, err, errlen) != 0)
+        goto out_lengths;
+    adamw_range range = {0, np, true};
+    adamw_config acfg = adamw_default_config();
+    if (adamw_new(&acfg, &range, 1, &opt, err, errlen) != 0) goto out_lengths;
+    if (llama_state_init_train(&s, gpu, cfg, a->batch, a->seq, err, errlen) != 0)
+        goto out_lengths;
+    double t_start = 0.0, loss_first = NAN, loss_last = NAN;
+    for (int step = 0; step < a->warmup + a->steps; step++) {
+        if (step == a->warmup) {
+            if (cuda_backend_sync(err, errlen) != 0) goto out_lengths;
+            t_start = util_now_seconds();
+        }
+        double t_step = util_now_seconds();
+        gpu->zero(dgrads, np);
+        double loss_sum = 0.0;
+        long counted = 0;
+        if (llama_lora_loss_and_grad(gpu, &dev, &lo, &s, tokens, tokens, lengths, a->batch,
+                                     a->seq, 1.0 / (double)(N - (size_t)a->batch), dgrads,
+                                     &loss_sum, &counted, err, errlen) != 0)
+            goto out_lengths;
+        gpu->download(grads_host, dgrads, np * sizeof(float));
+        adamw_clip_grad_norm(opt, grads_host, 1.0);
+        adamw_step(opt, lora_host, grads_host, 1e-4);
+        gpu->upload(dlora, lora_host, np * sizeof(float));
+        if (cuda_backend_sync(err, errlen) != 0) goto out_lengths;
+        double loss = loss_sum / (double)(counted ? counted : 1);
+        if (step == 0) loss_first = loss;
+        loss_last = loss;
+        fprintf(stderr, "bench_gpu: train %s step %d: loss %.4f, %.3f s\n", a->shape, step, loss,
+                util_now_seconds() - t_step);
+    }
+    double seconds = (util_now_seconds() - t_start) / a->steps;
+    double tokens_per_step = (double)N;
+    double nmm = bench_matmul_params(cfg), nlora = (double)np;
+    double flops_per_token = 4.0 * nmm + 6.0 * nlora +
+                             12.0 * cfg->num_hidden_layers * (double)a->seq * cfg->hidden_size;
+    char mem[32];
+    bench_memory_note(mem, sizeof mem);
+    printf("{\"bench\": \"train_lora\", \"impl\": \"strata\", \"shape\": \"%s\", \"batch\": %d, "
+           "\"seq\": %d, \"rank\": %d, \"precision\": \"%s\", \"steps\": %d, "
+           "\"seconds_per_step\": %.6f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
+           "\"flops_per_token\": %.6g, \"params_matmul\": %.0f, \"params_lora\": %.0f, "
+           "\"loss_first\": %.6f, \"loss_last\": %.6f, \"gpu_memory_used_gib\": %s}\n",
+           a->shape, a->batch, a->seq, a->rank, cuda_precision_name(a->precision), a->steps,
+           seconds, tokens_per_step / seconds,
+           flops_per_token * tokens_per_step / seconds / BENCH_PEAK_FLOPS, flops_per_token, nmm,
+           nlora, loss_first, loss_last, mem);
+    fflush(stdout);
+    rc = 0;
+out_lengths:
+    free(lengths);
+out:
+    adamw_free(opt);
+    llama_state_free(&s);
+    if (dlora) gpu->free_buf(dlora);
+    if (dgrads) gpu->free_buf(dgrads);
+    if (dev.params) cuda_backend_forget_weights(dev.params);
+    llama_model_free_backend(gpu, &dev);
+    free(lora_host);
+    free(grads_host);
+    free(tokens);
+    cuda_backend_close();
+    return rc;
+}
+
+/* ---- predict ---------------------------------------------------------------- */
+
+typedef struct {
+    int B, C, L;
+    const int *lengths;
+    float *pooled; /* (L+1, B, C) */
+} bench_pool;
+
+static int bench_pool_hook(void *user, int layer, const float *x, int B, int T, int C, char *err,
+                           size_t errlen) {
+    bench_pool *p = user;
+    if (B != p->B || C != p->C || layer < 0 || layer > p->L)
+        return err_set(err, errlen, "hook: unexpected layer %d", layer);
+    for (int b = 0; b < B; b++)
+        memcpy(p->pooled + ((size_t)layer * (size_t)B + (size_t)b) * (size_t)C,
+               x + ((size_t)b * (size_t)T + (size_t)(p->lengths[b] - 1)) * (size_t)C,
+               (size_t)C * sizeof(float));
+    return 0;
+}
+
+static int bench_predict(const bench_args *a, char *err, size_t errlen) {
+    int rc = -1;
+    const backend *gpu = cuda_backend_open(0, a->precision, err, errlen);
+    if (!gpu) return -1;
+    llama_model dev;
+    memset(&dev, 0, sizeof dev);
+    llama_state s;
+    memset(&s, 0, sizeof s);
+    size_t N = (size_t)a->batch * (size_t)a->seq;
+    int *tokens = malloc(N * sizeof(int)), *lengths = calloc((size_t)a->batch, sizeof(int));
+    float *pooled = NULL;
+    if (!tokens || !lengths) {
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    if (bench_model(gpu, a->shape, &dev, err, errlen) != 0) goto out;
+    const llama_config *cfg = &dev.cfg;
+    pooled = malloc((size_t)(cfg->num_hidden_layers + 1) * (size_t)a->batch *
+                    (size_t)cfg->hidden_size * sizeof(float));
+    if (!pooled) {
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    bench_tokens(tokens, N, cfg->vocab_size, 13);
+    for (int b = 0; b < a->batch; b++) lengths[b] = a->seq;
+    if (llama_state_init(&s, gpu, cfg, a->batch, a->seq, err, errlen) != 0) goto out;
+    bench_pool pool = {a->batch, cfg->hidden_size, cfg->num_hidden_layers, lengths, pooled};
+    /* with the hook (a predict job), then compute alone */
+    for (int variant = 0; variant < 2; variant++) {
+        double t_start = 0.0;
+        for (int it = 0; it < a->warmup + a->steps; it++) {
+            if (it == a->warmup) {
+                if (cuda_backend_sync(err, errlen) != 0) goto out;
+                t_start = util_now_seconds();
+            }
+            if (llama_forward(gpu, &dev, &s, tokens, lengths, a->batch, a->seq,
+                              variant == 0 ? bench_pool_hook : NULL, &pool, NULL, err,
+                              errlen) != 0)
+                goto out;
+            if (cuda_backend_sync(err, errlen) != 0) goto out;
+        }
+        double seconds = (util_now_seconds() - t_start) / a->steps;
+        char mem[32];
+        bench_memory_note(mem, sizeof mem);
+        printf("{\"bench\": \"%s\", \"impl\": \"strata\", \"shape\": \"%s\", \"batch\": %d, "
+               "\"seq\": %d, \"precision\": \"%s\", \"seconds_per_batch\": %.6f, "
+               "\"sequences_per_s\": %.2f, \"tokens_per_s\": %.1f, \"gpu_memory_used_gib\": %s}\n",
+               variant == 0 ? "predict" : "forward_only", a->shape, a->batch, a->seq,
+               cuda_precision_name(a->precision), seconds, a->batch / seconds,
+               (double)N / seconds, mem);
+        fflush(stdout);
+    }
+    rc = 0;
+out:
+    llama_state_free(&s);
+    if (dev.params) cuda_backend_forget_weights(dev.params);
+    llama_model_free_backend(gpu, &dev);
+    free(tokens);
+    free(lengths);
+    free(pooled);
+    cuda_backend_close();
+    return rc;
+}
+
+/* ---- cka ---------------------------------------------------------------------- */
+
+static int bench_cka(const bench_args *a, char *err, size_t errlen) {
+    size_t n = a->rows * a->dim;
+    double *x = malloc(n * sizeof *x), *y = malloc(n * sizeof *y);
+    double *x2 = malloc(n * sizeof *x2), *y2 = malloc(n * sizeof *y2);
+    float *tmp = malloc(n * sizeof *tmp);
+    int rc = -1;
+    if (!x || !y || !x2 || !y2 || !tmp) {
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    bench_fill(tmp, n, 21);
+    for (size_t i = 0; i < n; i++) x[i] = tmp[i];
+    bench_fill(tmp, n, 22);
+    for (size_t i = 0; i < n; i++) y[i] = 0.5 * x[i] + tmp[i]; /* related, not equal */
+    memcpy(x2, x, n * sizeof *x);
+    memcpy(y2, y, n * sizeof *y);
+    cka_matrix mx = {x, a->rows, a->dim, a->dim}, my = {y, a->rows, a->dim, a->dim};
+    cka_matrix cx = {x2, a->rows, a->dim, a->dim}, cy = {y2, a->rows, a->dim, a->dim};
+    cka_options opt = {CKA_LINEAR, false, 1.0, CKA_SPACE_FEATURE};
+    cka_gpu_call call;
+    memset(&call, 0, sizeof call);
+    call.device = 0;
+    call.precision = CKA_GPU_AUTO;
+    cka_result rg, rc_cpu;
+    /* a small warm-up call so that context creation is not timed */
+    cka_matrix wx = {x2, 64, a->dim, a->dim}, wy = {y2, 64, a->dim, a->dim};
+    double *wxd = malloc(64 * a->dim * sizeof *wxd), *wyd = malloc(64 * a->dim * sizeof *wyd);
+    if (wxd && wyd) {
+        memcpy(wxd, x, 64 * a->dim * sizeof *wxd);
+        memcpy(wyd, y, 64 * a->dim * sizeof *wyd);
+        wx.data = wxd, wy.data = wyd;
+        cka_result wr;
+        cka_gpu_call wcall = call;
+        cka_gpu_compute_with(&wx, &wy, &opt, &wcall, NULL, &wr, err, errlen);
+    }
+    free(wxd);
+    free(wyd);
+    double t0 = util_now_seconds();
+    if (cka_gpu_compute_with(&mx, &my, &opt, &call, NULL, &rg, err, errlen) != 0) goto out;
+    double tg = util_now_seconds() - t0;
+    t0 = util_now_seconds();
+    if (cka_compute(&cx, &cy, &opt, NULL, &rc_cpu, err, errlen) != 0) goto out;
+    double tc = util_now_seconds() - t0;
+    printf("{\"bench\": \"cka\", \"impl\": \"strata\", \"rows\": %zu, \"dim\": %zu, "
+           "\"precision\": \"%s\", \"seconds\": %.6f, \"cka\": %.12f, \"cpu_seconds\": %.6f, "
+           "\"cpu_cka\": %.12f, \"cpu_threads\": %ld}\n",
+           a->rows, a->dim, call.used == CKA_GPU_F32 ? "f32" : "f64", tg, rg.cka, tc, rc_cpu.cka,
+           sysconf(_SC_NPROCESSORS_ONLN));
+    fflush(stdout);
+    rc = 0;
+out:
+    free(x), free(y), free(x2), free(y2), free(tmp);
+    return rc;
+}
+
+/* ---- main ---------------------------------------------------------------------- */
+
+static int bench_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
+    if (util_parse_i64(s, lo, hi, out) != 0) {
+        fprintf(stderr, "bench_gpu: %s is not a number in [%lld, %lld]\n", s, (long long)lo,
+                (long long)hi);
+        return -1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    bench_args a = {.shape = "1b", .batch = 0, .seq = 0, .rank = 8, .warmup = 1, .steps = 3,
+                    .rows = 8000, .dim = 4096, .precision = CUDA_BF16};
+    if (argc < 2) {
+        fprintf(stderr, "usage: bench_gpu train|predict|cka [options] (see bench_gpu.c)\n");
+        return 2;
+    }
+    a.mode = argv[1];
+    for (int i = 2; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        int64_t n = 0;
+        char err[ERR_LEN];
+        if (strcmp(k, "--shape") == 0) {
+            a.shape = v;
+        } else if (strcmp(k, "--precision") == 0) {
+            if (cuda_precision_parse(v, &a.precision, err, sizeof err) != 0) {
+                fprintf(stderr, "bench_gpu: %s\n", err);
+                return 2;
+            }
+        } else if (bench_int(v, 1, 1 << 20, &n) != 0) {
+            return 2;
+        } else if (strcmp(k, "--batch") == 0) {
+            a.batch = (int)n;
+        } else if (strcmp(k, "--seq") == 0) {
+            a.seq = (int)n;
+        } else if (strcmp(k, "--rank") == 0) {
+            a.rank = (int)n;
+        } else if (strcmp(k, "--warmup") == 0) {
+            a.warmup = (int)n;
+        } else if (strcmp(k, "--steps") == 0) {
+            a.steps = (int)n;
+        } else if (strcmp(k, "--rows") == 0) {
+            a.rows = (size_t)n;
+        } else if (strcmp(k, "--dim") == 0) {
+            a.dim = (size_t)n;
+        } else {
+            fprintf(stderr, "bench_gpu: unknown option %s\n", k);
+            return 2;
+        }
+    }
+    cuda_device_info dev;
+    char why[ERR_LEN] = "", err[ERR_LEN] = "";
+    if (cuda_devices(&dev, 1, why, sizeof why) <= 0) {
+        fprintf(stderr, "bench_gpu: no GPU: %s\n", why);
+        return 77;
+    }
+    fprintf(stderr, "bench_gpu: %s on %s\n", a.mode, dev.name);
+    int rc;
+    if (strcmp(a.mode, "train") == 0) {
+        if (!a.batch) a.batch = 4;
+        if (!a.seq) a.seq = 1024;
+        rc = bench_train(&a, err, sizeof err);
+    } else if (strcmp(a.mode, "predict") == 0) {
+        if (!a.batch) a.batch = 8;
+        if (!a.seq) a.seq = 512;
+        rc = bench_predict(&a, err, sizeof err);
+    } else if (strcmp(a.mode, "cka") == 0) {
+        rc = bench_cka(&a, err, sizeof err);
+    } else {
+        fprintf(stderr, "bench_gpu: unknown mode %s\n", a.mode);
+        return 2;
+    }
+    if (rc != 0) {
+        fprintf(stderr, "bench_gpu: %s: %s\n", a.mode, err);
+        printf("{\"bench\": \"%s\", \"impl\": \"strata\", \"shape\": \"%s\", \"error\": \"%s\"}\n",
+               a.mode, a.shape, strchr(err, '"') ? "see stderr" : err);
+        return 1;
+    }
+    return 0;
+}
