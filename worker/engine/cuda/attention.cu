@@ -351,13 +351,11 @@ __global__ void attn_dkv_kernel(attn_args a) {
     }
 }
 
-typedef void (*attn_kernel_fn)(attn_args);
-
-/* Launches kernel with launch's geometry, raising its shared-memory limit
- * first when the launch needs more than the default. 0, or -1 with err
- * when the limit cannot be raised (nothing launched). */
-int attn_launch_one(attn_kernel_fn kernel, const attn_launch *launch, const attn_args &args,
-                    cudaStream_t stream, char *err, size_t errlen) {
+/* Readies kernel for launch's geometry, raising its shared-memory limit
+ * first when the launch needs more than the default. 1 when there is
+ * something to launch, 0 for an empty grid, -1 with err when the limit
+ * cannot be raised (nothing launched). */
+int attn_prepare(const void *kernel, const attn_launch *launch, char *err, size_t errlen) {
     if (launch->grid[0] == 0 || launch->grid[1] == 0) return 0;
     if (launch->optin) {
         cudaError_t rc = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -368,11 +366,23 @@ int attn_launch_one(attn_kernel_fn kernel, const attn_launch *launch, const attn
             return -1;
         }
     }
-    dim3 grid(launch->grid[0], launch->grid[1], launch->grid[2]);
-    dim3 block(launch->block[0], launch->block[1], launch->block[2]);
-    CU_LAUNCH(kernel, grid, block, launch->smem, stream, args);
-    return 0;
+    return 1;
 }
+
+dim3 attn_grid(const attn_launch &l) { return dim3(l.grid[0], l.grid[1], l.grid[2]); }
+dim3 attn_block(const attn_launch &l) { return dim3(l.block[0], l.block[1], l.block[2]); }
+
+/* CU_LAUNCH needs the kernel's name (the emulator wraps it in a lambda),
+ * so each launch site names its kernel twice: to prepare and to launch. */
+#define ATTN_LAUNCH(kernel, launch, stream, args, err, errlen)                                  \
+    do {                                                                                       \
+        int attn_rc_ = attn_prepare(reinterpret_cast<const void *>(kernel), &(launch), err,    \
+                                    errlen);                                                   \
+        if (attn_rc_ < 0) return -1;                                                           \
+        if (attn_rc_ > 0)                                                                      \
+            CU_LAUNCH(kernel, attn_grid(launch), attn_block(launch), (launch).smem, stream,    \
+                      args);                                                                   \
+    } while (0)
 
 attn_args attn_make_args(const attn_plan &p, const float *q, const float *k, const float *v,
                          const int *lengths) {
@@ -394,7 +404,8 @@ attn_args attn_make_args(const attn_plan &p, const float *q, const float *k, con
 template <int NV>
 int attn_forward_nv(const attn_plan &p, attn_args a, cudaStream_t stream, char *err,
                     size_t errlen) {
-    return attn_launch_one(attn_forward_kernel<NV, false>, &p.forward, a, stream, err, errlen);
+    ATTN_LAUNCH((attn_forward_kernel<NV, false>), p.forward, stream, a, err, errlen);
+    return 0;
 }
 
 /* The backward's chunks in order: statistics, then dq, then dk/dv. */
@@ -406,10 +417,9 @@ int attn_backward_nv(const attn_plan &p, attn_args a, cudaStream_t stream, char 
         attn_plan_chunk(&p, c, &ch);
         a.pair0 = ch.pair0;
         a.pair1 = ch.pair1;
-        if (attn_launch_one(attn_forward_kernel<NV, true>, &ch.stats, a, stream, err, errlen) ||
-            attn_launch_one(attn_dq_kernel<NV>, &ch.dq, a, stream, err, errlen))
-            return -1;
-        if (attn_launch_one(attn_dkv_kernel<NV>, &ch.dkv, a, stream, err, errlen)) return -1;
+        ATTN_LAUNCH((attn_forward_kernel<NV, true>), ch.stats, stream, a, err, errlen);
+        ATTN_LAUNCH(attn_dq_kernel<NV>, ch.dq, stream, a, err, errlen);
+        ATTN_LAUNCH(attn_dkv_kernel<NV>, ch.dkv, stream, a, err, errlen);
     }
     return 0;
 }
