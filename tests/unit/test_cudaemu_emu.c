@@ -1,0 +1,462 @@
+/* test_cudaemu_emu.c - the CUDA emulator itself (tests/cuda_emu/), through
+ * the kernels of tests/cuda_emu/selftest.cc: block reductions over shared
+ * memory and __syncthreads, warp shuffles, atomics, 2-D/3-D grid indexing,
+ * dynamic shared memory and its poison, threads that exit before a barrier,
+ * bf16/fp16 conversions against numpy/torch (tests/fixtures/cuda_emu/), the
+ * cudart subset, gemm_emu.c against naive products, and the launches and
+ * kernels that must abort (in a forked child, which must die of SIGABRT). */
+#include <math.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <fcntl.h>
+
+#include <cmocka.h>
+
+#include "tests/cuda_emu/half_bits.h"
+#include "tests/cuda_emu/selftest.h"
+#include "tests/unit/testutil.h"
+#include "worker/engine/cuda/gemm.h"
+
+/* Deterministic inputs in [-1, 1) (xorshift), so that failures reproduce. */
+static void fill(float *x, size_t n, uint32_t seed)
+{
+    uint32_t s = seed * 2654435761u + 1u;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        x[i] = (float)((double)s / 2147483648.0 - 1.0);
+    }
+}
+
+static void test_block_sum(void **state)
+{
+    (void)state;
+    const unsigned blocks[] = {32, 256, 1024};
+    const size_t sizes[] = {1, 31, 1000, 5000};
+    char err[256];
+    for (size_t b = 0; b < sizeof blocks / sizeof blocks[0]; b++)
+        for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+            unsigned block = blocks[b];
+            size_t n = sizes[k];
+            size_t grid = (n + block - 1) / block;
+            float *x = malloc(n * sizeof *x), *sums = malloc(grid * sizeof *sums);
+            assert_non_null(x);
+            assert_non_null(sums);
+            fill(x, n, (uint32_t)(n + block));
+            double total = -1;
+            assert_int_equal(emu_st_block_sum(x, n, block, sums, &total, err, sizeof err), 0);
+            double want_total = 0;
+            for (size_t g = 0; g < grid; g++) {
+                double want = 0;
+                for (size_t i = g * block; i < n && i < (g + 1) * block; i++)
+                    want += x[i];
+                want_total += want;
+                assert_true(fabs(sums[g] - want) <= 1e-4 * (1 + fabs(want)));
+            }
+            assert_true(fabs(total - want_total) <= 1e-4 * (1 + fabs(want_total)));
+            free(x);
+            free(sums);
+        }
+}
+
+static void test_warp_shuffles(void **state)
+{
+    (void)state;
+    enum { NT = 96 };
+    float x[NT], xs[NT], ds[NT], d16[NT], sy[NT];
+    int ix[NT];
+    unsigned ud[NT];
+    double dx[NT];
+    char err[256];
+    fill(x, NT, 7);
+    /* Small integers: every summation order gives the same float. */
+    for (int i = 0; i < NT; i++)
+        x[i] = (float)(int)(x[i] * 100);
+    assert_int_equal(emu_st_warp(x, NT, xs, ds, d16, ix, ud, dx, sy, err, sizeof err), 0);
+    for (int w = 0; w < NT / 32; w++) {
+        float sum = 0;
+        for (int l = 0; l < 32; l++)
+            sum += x[32 * w + l];
+        for (int l = 0; l < 32; l++) {
+            int t = 32 * w + l;
+            assert_true(xs[t] == sum);
+            /* the down tree: lane l holds the sum of lanes l.. of its
+             * subtree, lanes past 31 contributing their own values again */
+            if (l == 0)
+                assert_true(ds[t] == sum);
+            assert_true(d16[t] == (l < 16 ? x[t + 16] : x[t]));
+            assert_int_equal(ix[t], 3 * (32 * w + (l ^ 5)));
+            assert_int_equal(ud[t], 7u * (unsigned)(l < 31 ? t + 1 : t));
+            assert_true(dx[t] == (double)x[32 * w + (l ^ 31)] * 1e10 + (32 * w + (l ^ 31)));
+            assert_true(sy[t] == x[32 * w + (l + 1) % 32]);
+        }
+        /* lane 31 of the down tree: its own value plus itself at every
+         * step (16, 8, 4, 2, 1 all fall outside the warp): 32 * x */
+        assert_true(ds[32 * w + 31] == 32 * x[32 * w + 31]);
+    }
+}
+
+static void test_grid_indices(void **state)
+{
+    (void)state;
+    const unsigned shapes[][6] = {
+        {3, 1, 1, 64, 1, 1}, {2, 3, 1, 8, 4, 1}, {2, 2, 3, 4, 2, 3}, {1, 1, 1, 1024, 1, 1},
+        {5, 1, 2, 1, 1, 1},  {1, 2, 1, 2, 2, 64}};
+    char err[256];
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const unsigned *d = shapes[s];
+        size_t per_block = (size_t)d[3] * d[4] * d[5];
+        size_t total = (size_t)d[0] * d[1] * d[2] * per_block;
+        unsigned *count = malloc(total * sizeof *count);
+        unsigned *idx = malloc(6 * total * sizeof *idx);
+        unsigned wrong = 99;
+        assert_non_null(count);
+        assert_non_null(idx);
+        assert_int_equal(emu_st_indices(d[0], d[1], d[2], d[3], d[4], d[5], count, idx, &wrong,
+                                         err, sizeof err),
+                         0);
+        assert_int_equal(wrong, 0);
+        for (size_t id = 0; id < total; id++) {
+            size_t b = id / per_block, t = id % per_block;
+            assert_int_equal(count[id], 1);
+            assert_int_equal(idx[6 * id + 0], b % d[0]);
+            assert_int_equal(idx[6 * id + 1], (b / d[0]) % d[1]);
+            assert_int_equal(idx[6 * id + 2], b / ((size_t)d[0] * d[1]));
+            assert_int_equal(idx[6 * id + 3], t % d[3]);
+            assert_int_equal(idx[6 * id + 4], (t / d[3]) % d[4]);
+            assert_int_equal(idx[6 * id + 5], t / ((size_t)d[3] * d[4]));
+        }
+        free(count);
+        free(idx);
+    }
+}
+
+static void test_dynamic_shared_memory(void **state)
+{
+    (void)state;
+    enum { N = 200, BLOCK = 64 };
+    float x[N], out[N], first[N];
+    char err[256];
+    fill(x, N, 3);
+    assert_int_equal(emu_st_dyn_smem(x, N, BLOCK, out, first, err, sizeof err), 0);
+    for (size_t i = 0; i < N; i++) {
+        size_t b = i / BLOCK, t = i % BLOCK;
+        size_t mirror = b * BLOCK + (BLOCK - 1 - t);
+        assert_true(out[i] == (mirror < N ? x[mirror] : 0.0f));
+        /* never written before this read: the poison, in every block */
+        assert_true(isnan(first[i]));
+    }
+}
+
+static void test_big_dynamic_shared_memory(void **state)
+{
+    (void)state;
+    /* The opt-in is process-wide in the emulator: keep it out of this
+     * process so the no-opt-in case below still aborts. */
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        char err[256];
+        double sum = 0;
+        int rc = emu_st_big_smem(200 * 1024, &sum, err, sizeof err);
+        _exit(rc == 0 && sum == 200.0 * 1024 / 4 ? 0 : 1);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+}
+
+static void test_exited_threads_do_not_block_barriers(void **state)
+{
+    (void)state;
+    float x[1024];
+    char err[256];
+    for (int i = 0; i < 1024; i++)
+        x[i] = (float)(i % 13);
+    const unsigned cases[][2] = {{64, 64}, {64, 1}, {256, 100}, {1024, 1000}, {33, 17}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        float want = 0, sum = -1;
+        for (unsigned i = 0; i < cases[c][1]; i++)
+            want += x[i];
+        assert_int_equal(emu_st_partial_exit(x, cases[c][0], cases[c][1], &sum, err, sizeof err),
+                         0);
+        assert_true(sum == want);
+    }
+}
+
+static bool f32_is_nan_bits16(uint16_t h, bool bf16)
+{
+    return bf16 ? ((h & 0x7f80u) == 0x7f80u && (h & 0x7fu) != 0)
+                : ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu) != 0);
+}
+
+static void test_half_conversions_match_numpy_and_torch(void **state)
+{
+    (void)state;
+    char path[4096];
+    npy_header hx, hf, hb;
+    tu_fixture_path(path, sizeof path, "cuda_emu/x.npy");
+    double *xd = tu_read_npy(path, &hx);
+    tu_fixture_path(path, sizeof path, "cuda_emu/f16_bits.npy");
+    double *f16 = tu_read_npy(path, &hf);
+    tu_fixture_path(path, sizeof path, "cuda_emu/bf16_bits.npy");
+    double *bf16 = tu_read_npy(path, &hb);
+    size_t n = hx.rows * hx.cols;
+    assert_int_equal(hf.rows * hf.cols, n);
+    assert_int_equal(hb.rows * hb.cols, n);
+    assert_true(n > 9000);
+    float *x = malloc(n * sizeof *x), *bfb = malloc(n * sizeof *bfb), *hbk = malloc(n * sizeof *hbk);
+    uint16_t *bf = malloc(n * sizeof *bf), *h = malloc(n * sizeof *h);
+    assert_true(x && bfb && hbk && bf && h);
+    for (size_t i = 0; i < n; i++)
+        x[i] = (float)xd[i];
+    char err[256];
+    assert_int_equal(emu_st_convert(x, n, bf, h, bfb, hbk, err, sizeof err), 0);
+    size_t nans = 0, subnormals = 0, infs = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t want_h = (uint16_t)f16[i], want_b = (uint16_t)bf16[i];
+        if (isnan(x[i])) {
+            nans++;
+            assert_true(f32_is_nan_bits16(h[i], false));
+            assert_true(f32_is_nan_bits16(bf[i], true));
+            assert_true(isnan(bfb[i]) && isnan(hbk[i]));
+            continue;
+        }
+        if (h[i] != want_h || bf[i] != want_b)
+            fail_msg("x[%zu] = %a: fp16 0x%04x (numpy 0x%04x), bf16 0x%04x (torch 0x%04x)", i,
+                     (double)x[i], h[i], want_h, bf[i], want_b);
+        if ((want_h & 0x7c00u) == 0 && (want_h & 0x3ffu) != 0)
+            subnormals++;
+        if ((want_h & 0x7fffu) == 0x7c00u)
+            infs++;
+        /* widening is exact: the same value numpy/torch give back */
+        assert_true(hbk[i] == half_bits_f16_to_f32(want_h));
+        assert_true(bfb[i] == half_bits_bf16_to_f32(want_b));
+    }
+    /* the fixture reaches the cases that matter */
+    assert_true(nans > 10);
+    assert_true(subnormals > 50);
+    assert_true(infs > 100);
+    /* widening against its definition for every fp16 pattern */
+    for (uint32_t b = 0; b < 65536; b++) {
+        uint16_t hbits = (uint16_t)b;
+        float v = half_bits_f16_to_f32(hbits);
+        int e = (b >> 10) & 31, m = b & 1023;
+        double want = e == 0 ? ldexp(m, -24) : ldexp(1024 + m, e - 25);
+        if (b & 0x8000u)
+            want = -want;
+        if (e == 31)
+            assert_true(m ? isnan(v) : isinf(v) && (v < 0) == ((b & 0x8000u) != 0));
+        else
+            assert_true((double)v == want);
+        if (e != 31)
+            assert_int_equal(half_bits_f16_from_f32(v), hbits); /* exact round trip */
+    }
+    free(x);
+    free(bfb);
+    free(hbk);
+    free(bf);
+    free(h);
+    free(xd);
+    free(f16);
+    free(bf16);
+}
+
+static void test_cudart(void **state)
+{
+    (void)state;
+    char what[256];
+    int failed = emu_st_cudart(what, sizeof what);
+    if (failed != 0)
+        fail_msg("%d cudart checks failed, first: %s", failed, what);
+}
+
+/* C (M, N) = alpha op(A) op(B) + beta C in double from float operands. */
+static void naive_gemm(bool ta, bool tb, size_t M, size_t N, size_t K, float alpha,
+                       const float *A, size_t lda, const float *B, size_t ldb, float beta,
+                       const float *C0, size_t ldc, double *out)
+{
+    for (size_t i = 0; i < M; i++)
+        for (size_t j = 0; j < N; j++) {
+            double acc = 0;
+            for (size_t k = 0; k < K; k++) {
+                double a = ta ? A[k * lda + i] : A[i * lda + k];
+                double b = tb ? B[j * ldb + k] : B[k * ldb + j];
+                acc += a * b;
+            }
+            out[i * N + j] = alpha * acc + (beta != 0 ? beta * (double)C0[i * ldc + j] : 0);
+        }
+}
+
+static void test_gemm_emu(void **state)
+{
+    (void)state;
+    char err[256];
+    gemm_ctx *g = NULL;
+    assert_int_equal(gemm_ctx_new(NULL, 1 << 20, &g, err, sizeof err), 0);
+    assert_non_null(g);
+    const size_t M = 7, N = 5, K = 9, pad = 3;
+    for (int type = GEMM_F32; type <= GEMM_F16; type++)
+        for (int t = 0; t < 4; t++) {
+            bool ta = t & 1, tb = t & 2;
+            size_t arows = ta ? K : M, acols = ta ? M : K, lda = acols + pad;
+            size_t brows = tb ? N : K, bcols = tb ? K : N, ldb = bcols + pad, ldc = N + pad;
+            float A[(9 + 3) * 9], B[(9 + 3) * 9], C[7 * 8], C0[7 * 8];
+            uint16_t A16[sizeof A / sizeof A[0]], B16[sizeof B / sizeof B[0]];
+            double want[7 * 5];
+            fill(A, arows * lda, 11 + (uint32_t)t);
+            fill(B, brows * ldb, 23 + (uint32_t)t);
+            fill(C0, M * ldc, 5);
+            /* operands as the library reads them: rounded to the type */
+            for (size_t i = 0; i < arows * lda; i++) {
+                A16[i] = type == GEMM_BF16 ? half_bits_bf16_from_f32(A[i])
+                                           : half_bits_f16_from_f32(A[i]);
+                if (type == GEMM_BF16)
+                    A[i] = half_bits_bf16_to_f32(A16[i]);
+                else if (type == GEMM_F16)
+                    A[i] = half_bits_f16_to_f32(A16[i]);
+            }
+            for (size_t i = 0; i < brows * ldb; i++) {
+                B16[i] = type == GEMM_BF16 ? half_bits_bf16_from_f32(B[i])
+                                           : half_bits_f16_from_f32(B[i]);
+                if (type == GEMM_BF16)
+                    B[i] = half_bits_bf16_to_f32(B16[i]);
+                else if (type == GEMM_F16)
+                    B[i] = half_bits_f16_to_f32(B16[i]);
+            }
+            const void *pa = type == GEMM_F32 ? (const void *)A : (const void *)A16;
+            const void *pb = type == GEMM_F32 ? (const void *)B : (const void *)B16;
+            for (int beta_case = 0; beta_case < 2; beta_case++) {
+                float beta = beta_case ? 0.5f : 0.0f;
+                memcpy(C, C0, sizeof C);
+                if (!beta_case)
+                    for (size_t i = 0; i < M * ldc; i++)
+                        C[i] = NAN; /* beta 0: C is output only */
+                naive_gemm(ta, tb, M, N, K, 1.5f, A, lda, B, ldb, beta, C0, ldc, want);
+                assert_int_equal(gemm_run(g, (gemm_type)type, ta, tb, M, N, K, 1.5f, pa, lda, pb,
+                                          ldb, beta, C, ldc, err, sizeof err),
+                                 0);
+                for (size_t i = 0; i < M; i++)
+                    for (size_t j = 0; j < N; j++)
+                        assert_true(fabs(C[i * ldc + j] - want[i * N + j]) <= 1e-5);
+            }
+        }
+    /* refusals */
+    float a[4] = {0}, c[4] = {0};
+    assert_int_equal(gemm_run(g, GEMM_F32, false, false, 2, 2, 2, 1, a, 1, a, 2, 0, c, 2, err,
+                              sizeof err),
+                     -1); /* lda < K */
+    assert_int_equal(gemm_run(g, GEMM_F32, false, false, (size_t)1 << 31, 1, 1, 1, a, 1, a, 1,
+                              0, c, 1, err, sizeof err),
+                     -1);
+    assert_non_null(strstr(err, "int"));
+    assert_int_equal(gemm_run(g, (gemm_type)9, false, false, 1, 1, 1, 1, a, 1, a, 1, 0, c, 1,
+                              err, sizeof err),
+                     -1);
+
+    /* float64 products for CKA */
+    enum { R = 6, N1 = 4, N2 = 3 };
+    double X[R * N1], Y[R * N2], S[N1 * N1], P[N1 * N2];
+    for (int i = 0; i < R * N1; i++)
+        X[i] = sin(i + 1.0);
+    for (int i = 0; i < R * N2; i++)
+        Y[i] = cos(i * 0.7);
+    for (int i = 0; i < N1 * N1; i++)
+        S[i] = 1.0;
+    for (int i = 0; i < N1 * N2; i++)
+        P[i] = 2.0;
+    assert_int_equal(gemm_dsyrk_t(g, R, N1, 2.0, X, N1, 0.5, S, N1, err, sizeof err), 0);
+    assert_int_equal(gemm_dgemm_tn(g, R, N1, N2, 1.0, X, N1, Y, N2, -1.0, P, N2, err, sizeof err),
+                     0);
+    for (int i = 0; i < N1; i++) {
+        for (int j = 0; j < N1; j++) {
+            double acc = 0;
+            for (int r = 0; r < R; r++)
+                acc += X[r * N1 + i] * X[r * N1 + j];
+            assert_true(fabs(S[i * N1 + j] - (2.0 * acc + 0.5)) <= 1e-12);
+        }
+        for (int j = 0; j < N2; j++) {
+            double acc = 0;
+            for (int r = 0; r < R; r++)
+                acc += X[r * N1 + i] * Y[r * N2 + j];
+            assert_true(fabs(P[i * N2 + j] - (acc - 2.0)) <= 1e-12);
+        }
+    }
+    gemm_ctx_free(g);
+}
+
+/* Runs fn in a child with stderr captured; the child must die of SIGABRT
+ * and have said something containing expect. */
+static void expect_abort(void (*fn)(void), const char *expect)
+{
+    char path[] = "/tmp/strata-cudaemu-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        dup2(fd, STDERR_FILENO);
+        fn();
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    char msg[4096];
+    ssize_t got = pread(fd, msg, sizeof msg - 1, 0);
+    close(fd);
+    unlink(path);
+    msg[got > 0 ? got : 0] = '\0';
+    if (!WIFSIGNALED(status) || WTERMSIG(status) != SIGABRT)
+        fail_msg("child did not abort (status 0x%x); stderr: %s", status, msg);
+    if (strstr(msg, expect) == NULL)
+        fail_msg("abort message lacks \"%s\": %s", expect, msg);
+}
+
+static void test_refused_launches_abort(void **state)
+{
+    (void)state;
+    expect_abort(emu_st_die_block_too_big, "1025 threads");
+    expect_abort(emu_st_die_zero_grid, "zero dimension");
+    expect_abort(emu_st_die_smem_too_big, "232449 bytes");
+    expect_abort(emu_st_die_smem_no_optin, "cudaFuncSetAttribute");
+}
+
+static void test_hangs_and_undefined_warps_abort(void **state)
+{
+    (void)state;
+    expect_abort(emu_st_die_deadlock, "deadlock in kernel st_deadlock_kernel");
+    expect_abort(emu_st_die_divergent_bar, "divergent");
+    expect_abort(emu_st_die_shfl_exited, "lane 7 exited");
+    expect_abort(emu_st_die_partial_warp, "only 16 lanes");
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_block_sum),
+        cmocka_unit_test(test_warp_shuffles),
+        cmocka_unit_test(test_grid_indices),
+        cmocka_unit_test(test_dynamic_shared_memory),
+        cmocka_unit_test(test_big_dynamic_shared_memory),
+        cmocka_unit_test(test_exited_threads_do_not_block_barriers),
+        cmocka_unit_test(test_half_conversions_match_numpy_and_torch),
+        cmocka_unit_test(test_cudart),
+        cmocka_unit_test(test_gemm_emu),
+        cmocka_unit_test(test_refused_launches_abort),
+        cmocka_unit_test(test_hangs_and_undefined_warps_abort),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
