@@ -96,9 +96,22 @@ struct emu_thread {
     size_t sched_stack_size = 0;
     void *sched_fake_stack = nullptr;
 #endif
+    ~emu_thread();
 };
 
 thread_local emu_thread t_emu;
+
+/* At the OS thread's exit the pooled fibers, all parked in fiber_main
+ * between turns, are simply dropped with their stacks. */
+emu_thread::~emu_thread()
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t guard = page > 0 ? (size_t)page : 4096;
+    for (fiber *f : pool) {
+        munmap(f->stack - guard, f->stack_size + guard);
+        delete f;
+    }
+}
 
 void fiber_main();
 
