@@ -76,7 +76,8 @@ struct runner_ctx {
     /* The GPU (CUDA device ordinal) predict and train jobs run on, or -1
      * for the CPU. Zero is GPU 0, so a context meant for the CPU must say
      * -1. When the GPU cannot be opened the job logs why and runs on the
-     * CPU, unless gpu_required. cka jobs ignore it. */
+     * CPU, unless gpu_required. cka jobs use it for pairs large enough to
+     * gain from it (runner.c, RUNNER_CKA_GPU_MIN_FLOPS) and never require it. */
     int gpu;
     /* The job asked for GPUs (resources.gpus > 0): it fails, not retryably,
      * rather than fall back to the CPU. */

@@ -23,6 +23,7 @@
 #define CKA_MAX_CHUNKS 128u    /* row chunks of the column reductions */
 #define CKA_MIN_CHUNK_ROWS 32u /* fewer rows per chunk than this is not worth a block */
 #define CKA_MAX_BLOCKS 1024u   /* grid of the grid-stride reductions */
+#define CKA_PER_THREAD 16u     /* least elements per thread of a grid-stride loop */
 #define CKA_STAGE_BYTES ((size_t)64 << 20) /* pinned staging for strided uploads */
 #define CKA_GEMM_WORKSPACE ((size_t)32 << 20)
 
@@ -186,8 +187,12 @@ static bool cka_gpu_fast_fp64(int major, int minor) {
 
 static bool cka_gpu_cancelled(atomic_int *cancel) { return cancel && cancel->load() != 0; }
 
+/* Blocks for a grid-stride loop over work elements: at least
+ * CKA_PER_THREAD elements per thread (fewer, larger blocks reduce the
+ * partials to add and cost nothing in bandwidth), at most CKA_MAX_BLOCKS. */
 static unsigned cka_blocks(size_t work) {
-    size_t b = (work + CKA_THREADS - 1) / CKA_THREADS;
+    size_t per_block = (size_t)CKA_THREADS * CKA_PER_THREAD;
+    size_t b = (work + per_block - 1) / per_block;
     if (b == 0) b = 1;
     return b > CKA_MAX_BLOCKS ? CKA_MAX_BLOCKS : (unsigned)b;
 }
@@ -314,8 +319,9 @@ static int cka_gpu_parts(cka_gpu_buffers *b, const T *a, const T *c, size_t n, s
     double *colsum = b->cols + 3 * D;
     if (cka_gpu_columns(b, a, n, D, false, colsum, NULL, err, errlen) != 0) return -1;
     double *kd = b->rows, *k1 = kd + n, *ld = k1 + n, *l1 = ld + n;
-    unsigned grid = n < 65535 ? (unsigned)n : 65535u;
-    CU_LAUNCH(cka_row_stats_kernel<T>, dim3(grid), dim3(CKA_THREADS), 0, b->stream, a, n, dx, D,
+    unsigned grid = n < 65535 ? (unsigned)n : 65535u, threads = 32;
+    while (threads < CKA_THREADS && threads < D) threads *= 2; /* a short row needs few */
+    CU_LAUNCH(cka_row_stats_kernel<T>, dim3(grid), dim3(threads), 0, b->stream, a, n, dx, D,
               (const double *)colsum, kd, k1, ld, l1);
     /* host: kd, k1, ld, l1 (4n) then colsum (D) */
     double *host = b->host;
