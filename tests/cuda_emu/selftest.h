@@ -38,7 +38,7 @@ int emu_st_warp(const float *x, unsigned nthreads, float *xor_sum, float *down_s
 /* A (gx, gy, gz) grid of (bx, by, bz) blocks: the thread with linear id
  * id = (((bz_ * gy + by_) * gx + bx_) * (bx * by * bz) + (tz * by + ty) * bx + tx)
  * adds 1 to count[id] and writes its blockIdx and threadIdx to
- * idx[6 * id .. 6 * id + 6); dims_ok[0] counts threads that saw blockDim and
+ * idx[6 * id .. 6 * id + 6); *dims_wrong counts threads that saw blockDim and
  * gridDim different from the launch's. count and idx have one (six) entries
  * per thread of the grid. */
 int emu_st_indices(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
