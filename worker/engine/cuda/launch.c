@@ -80,18 +80,18 @@ int launch_rmsnorm(size_t N, size_t C, unsigned vec, launch_plan *plan, char *er
 int launch_rmsnorm_backward(size_t N, size_t C, unsigned vec, bool dweight, launch_plan *plan,
                             char *err, size_t errlen) {
     if (!dweight) return launch_rows(N, C, vec, 256, LAUNCH_MAX_GRID_X, plan, err, errlen);
-    if (C > LAUNCH_SMEM_OPTIN / sizeof(double)) {
+    if (C > LAUNCH_SMEM_DYN_OPTIN / sizeof(double)) {
         launch_refuse(plan);
         return err_set(err, errlen,
                        "rmsnorm_backward launch: C = %zu exceeds %zu (dweight partials in "
                        "shared memory)",
-                       C, LAUNCH_SMEM_OPTIN / sizeof(double));
+                       C, LAUNCH_SMEM_DYN_OPTIN / sizeof(double));
     }
     if (launch_rows(N, C, vec, 256, LAUNCH_RMSNORM_DW_GRID_CAP, plan, err, errlen) != 0)
         return -1;
     if (plan->grid[0] != 0) {
         plan->smem = C * sizeof(double);
-        plan->smem_optin = plan->smem > LAUNCH_SMEM_DEFAULT;
+        plan->smem_optin = plan->smem > LAUNCH_SMEM_DYN_DEFAULT;
     }
     return 0;
 }
@@ -102,9 +102,9 @@ int launch_cross_entropy(size_t N, size_t V, launch_plan *plan, char *err, size_
         return err_set(err, errlen, "cross_entropy launch: V = %zu (1 .. %d)", V, INT_MAX);
     }
     if (launch_rows(N, V, 1, 1024, LAUNCH_MAX_GRID_X, plan, err, errlen) != 0) return -1;
-    if (plan->grid[0] != 0 && V <= LAUNCH_SMEM_OPTIN / sizeof(float)) {
+    if (plan->grid[0] != 0 && V <= LAUNCH_SMEM_DYN_OPTIN / sizeof(float)) {
         plan->smem = V * sizeof(float);
-        plan->smem_optin = plan->smem > LAUNCH_SMEM_DEFAULT;
+        plan->smem_optin = plan->smem > LAUNCH_SMEM_DYN_DEFAULT;
     }
     return 0;
 }

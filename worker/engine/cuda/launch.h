@@ -35,6 +35,12 @@ extern "C" {
 #define LAUNCH_MAX_GRID_YZ 65535u
 #define LAUNCH_SMEM_DEFAULT ((size_t)48 * 1024)
 #define LAUNCH_SMEM_OPTIN ((size_t)227 * 1024)
+/* Static shared memory the kernels declare beside the dynamic (reduction
+ * scratch: at most 32 doubles + 32 floats); the limits above bound the
+ * sum, so dynamic plans stay this much below them. */
+#define LAUNCH_SMEM_STATIC_RESERVE ((size_t)1024)
+#define LAUNCH_SMEM_DYN_DEFAULT (LAUNCH_SMEM_DEFAULT - LAUNCH_SMEM_STATIC_RESERVE)
+#define LAUNCH_SMEM_DYN_OPTIN (LAUNCH_SMEM_OPTIN - LAUNCH_SMEM_STATIC_RESERVE)
 
 /* Elementwise kernels: 256 threads, at most 4096 blocks (about 8 waves of
  * resident blocks on a 132-SM GPU; past that each thread loops instead,
@@ -54,7 +60,7 @@ typedef struct {
     unsigned grid[3];  /* grid[0] == 0: nothing to launch */
     unsigned block[3];
     size_t smem;       /* dynamic shared memory, bytes */
-    bool smem_optin;   /* smem > LAUNCH_SMEM_DEFAULT: raise the kernel's limit first */
+    bool smem_optin;   /* smem > LAUNCH_SMEM_DYN_DEFAULT: raise the kernel's limit first */
     size_t items;      /* work items the plan's loops cover (elementwise: ceil(n / vec);
                           rows: items per row) */
 } launch_plan;
@@ -75,12 +81,13 @@ int launch_rmsnorm(size_t N, size_t C, unsigned vec, launch_plan *plan, char *er
 
 /* rmsnorm_backward: as the forward; with dweight, at most
  * LAUNCH_RMSNORM_DW_GRID_CAP blocks and C doubles of shared memory per
- * block (opt-in past 48 KiB; C past LAUNCH_SMEM_OPTIN / 8 is refused). */
+ * block (opt-in past LAUNCH_SMEM_DYN_DEFAULT; C past LAUNCH_SMEM_DYN_OPTIN / 8
+ * is refused). */
 int launch_rmsnorm_backward(size_t N, size_t C, unsigned vec, bool dweight, launch_plan *plan,
                             char *err, size_t errlen);
 
 /* cross_entropy: one block per row, up to 1024 threads; the row is kept in
- * shared memory (V floats) when it fits in LAUNCH_SMEM_OPTIN, so logits
+ * shared memory (V floats) when it fits in LAUNCH_SMEM_DYN_OPTIN, so logits
  * are read from global memory once. V must be in [1, INT_MAX] (targets are
  * ints) when N > 0. */
 int launch_cross_entropy(size_t N, size_t V, launch_plan *plan, char *err, size_t errlen);
