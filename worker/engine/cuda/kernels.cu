@@ -638,35 +638,35 @@ int cuk_embedding_backward(float *dtable, const float *dout, const int *tokens, 
  * negative becomes zeros with loss 0 (the branch is uniform per block). */
 template <bool CACHED>
 __global__ void cuk_xent_kernel(float *logits, double *row_loss, const int *targets, size_t N,
-                                int V, float scale) {
+                                size_t V, float scale) {
     __shared__ float fpart[32];
     __shared__ double dpart[32];
     CU_DYN_SMEM(float, cache);
     for (size_t row = blockIdx.x; row < N; row += gridDim.x) {
-        float *z = logits + row * (size_t)V;
+        float *z = logits + row * V;
         int target = targets[row];
         if (target < 0) {
-            for (int i = (int)threadIdx.x; i < V; i += (int)blockDim.x) z[i] = 0.0f;
+            for (size_t i = threadIdx.x; i < V; i += blockDim.x) z[i] = 0.0f;
             if (threadIdx.x == 0) row_loss[row] = 0.0;
             continue;
         }
         float zt = z[target];
         float mx = -INFINITY;
-        for (int i = (int)threadIdx.x; i < V; i += (int)blockDim.x) {
+        for (size_t i = threadIdx.x; i < V; i += blockDim.x) {
             float v = z[i];
             if (CACHED) cache[i] = v;
             mx = fmaxf(mx, v);
         }
         mx = cuk_block_max(mx, fpart);
         double sum = 0.0;
-        for (int i = (int)threadIdx.x; i < V; i += (int)blockDim.x)
+        for (size_t i = threadIdx.x; i < V; i += blockDim.x)
             sum += (double)expf((CACHED ? cache[i] : z[i]) - mx);
         sum = cuk_block_sum(sum, dpart);
         if (threadIdx.x == 0) row_loss[row] = log(sum) + (double)mx - (double)zt;
         float mul = (float)((double)scale / sum);
-        for (int i = (int)threadIdx.x; i < V; i += (int)blockDim.x) {
+        for (size_t i = threadIdx.x; i < V; i += blockDim.x) {
             float g = cuk_mul(expf((CACHED ? cache[i] : z[i]) - mx), mul);
-            z[i] = i == target ? cuk_sub(g, scale) : g;
+            z[i] = i == (size_t)target ? cuk_sub(g, scale) : g;
         }
     }
 }
@@ -677,14 +677,15 @@ int cuk_cross_entropy(float *logits, double *row_loss, const int *targets, size_
     if (launch_cross_entropy(N, V, &p, err, errlen) != 0) return -1;
     if (p.grid[0] == 0) return 0;
     if (p.smem > 0) {
-        void (*kern)(float *, double *, const int *, size_t, int, float) = cuk_xent_kernel<true>;
+        void (*kern)(float *, double *, const int *, size_t, size_t, float) =
+            cuk_xent_kernel<true>;
         if (p.smem_optin)
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p.smem);
         CU_LAUNCH(cuk_xent_kernel<true>, cuk_dim(p.grid), cuk_dim(p.block), p.smem,
-                  cuk_stream(stream), logits, row_loss, targets, N, (int)V, scale);
+                  cuk_stream(stream), logits, row_loss, targets, N, V, scale);
     } else {
         CU_LAUNCH(cuk_xent_kernel<false>, cuk_dim(p.grid), cuk_dim(p.block), p.smem,
-                  cuk_stream(stream), logits, row_loss, targets, N, (int)V, scale);
+                  cuk_stream(stream), logits, row_loss, targets, N, V, scale);
     }
     return 0;
 }
