@@ -3,7 +3,7 @@
  * subset (device memory, streams, device queries, errors).
  *
  * Blocks run one after another on the launching OS thread. A block's
- * threads are fibers (ucontext) that live in a per-OS-thread pool and are
+ * threads are fibers (own stacks, switched by strata_emu_switch) that live in a per-OS-thread pool and are
  * reused across blocks and launches: each runs a loop "call the current
  * launch's kernel for my thread, mark myself done, yield". The scheduler
  * runs every ready fiber until it blocks or finishes, then releases whatever
@@ -18,7 +18,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -31,6 +30,48 @@
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #define STRATA_EMU_ASAN 1
+#endif
+
+/* Switching stacks. On x86-64 a few instructions save the callee-saved
+ * registers (and the SSE/x87 control words) on the old stack and restore
+ * them from the new one: a switch costs nanoseconds, where swapcontext
+ * makes a signal-mask system call each time (about a microsecond, which
+ * barrier-heavy kernels pay millions of times). Elsewhere ucontext does it.
+ *
+ * strata_emu_switch(save, to): stores the current stack pointer in *save
+ * and continues on the stack whose saved pointer is to. */
+#if defined(__x86_64__)
+#define STRATA_EMU_ASM_SWITCH 1
+extern "C" void strata_emu_switch(void **save, void *to) noexcept;
+__asm__(".text\n"
+        ".globl strata_emu_switch\n"
+        ".hidden strata_emu_switch\n"
+        ".type strata_emu_switch, @function\n"
+        "strata_emu_switch:\n"
+        "    pushq %rbp\n"
+        "    pushq %rbx\n"
+        "    pushq %r12\n"
+        "    pushq %r13\n"
+        "    pushq %r14\n"
+        "    pushq %r15\n"
+        "    subq $8, %rsp\n"
+        "    stmxcsr (%rsp)\n"
+        "    fnstcw 4(%rsp)\n"
+        "    movq %rsp, (%rdi)\n"
+        "    movq %rsi, %rsp\n"
+        "    ldmxcsr (%rsp)\n"
+        "    fldcw 4(%rsp)\n"
+        "    addq $8, %rsp\n"
+        "    popq %r15\n"
+        "    popq %r14\n"
+        "    popq %r13\n"
+        "    popq %r12\n"
+        "    popq %rbx\n"
+        "    popq %rbp\n"
+        "    ret\n"
+        ".size strata_emu_switch, .-strata_emu_switch\n");
+#else
+#include <ucontext.h>
 #endif
 
 thread_local uint3 threadIdx;
@@ -67,7 +108,11 @@ constexpr size_t k_stack_bytes = 128 * 1024;
 enum fiber_state { F_READY, F_WAIT_BAR, F_WAIT_WARP, F_DONE };
 
 struct fiber {
+#ifdef STRATA_EMU_ASM_SWITCH
+    void *sp;
+#else
     ucontext_t ctx;
+#endif
     unsigned char *stack; /* usable part, above the guard page */
     size_t stack_size;
     bool started;
@@ -87,7 +132,11 @@ struct fiber {
 /* Per OS thread: the fiber pool and the launch being run. */
 struct emu_thread {
     std::vector<fiber *> pool;
+#ifdef STRATA_EMU_ASM_SWITCH
+    void *sched_sp = nullptr;
+#else
     ucontext_t sched_ctx;
+#endif
     fiber *current = nullptr;
     const launch_desc *launch = nullptr;
     unsigned char *smem = nullptr;
@@ -132,12 +181,29 @@ fiber *fiber_new()
     f->stack_size = k_stack_bytes;
     f->started = false;
     f->state = F_DONE;
+#ifdef STRATA_EMU_ASM_SWITCH
+    /* The frame strata_emu_switch pops, from the saved pointer up: control
+     * words, r15 r14 r13 r12 rbx rbp (zero: stack traces end here), the
+     * address it returns to (fiber_main), and a null return address for
+     * fiber_main, which never returns; that slot sits 8 bytes below a
+     * 16-byte boundary, as at any function's entry. */
+    uintptr_t top = ((uintptr_t)f->stack + f->stack_size) & ~(uintptr_t)15;
+    uint64_t *frame = reinterpret_cast<uint64_t *>(top - 72);
+    uint32_t control[2] = {0x1f80u, 0x037fu}; /* MXCSR and x87 control word defaults */
+    memcpy(&frame[0], control, sizeof control);
+    for (int i = 1; i <= 6; i++)
+        frame[i] = 0;
+    frame[7] = (uint64_t)(uintptr_t)&fiber_main;
+    frame[8] = 0;
+    f->sp = frame;
+#else
     if (getcontext(&f->ctx) != 0)
         emu_die("getcontext failed: %s", strerror(errno));
     f->ctx.uc_stack.ss_sp = f->stack;
     f->ctx.uc_stack.ss_size = f->stack_size;
     f->ctx.uc_link = nullptr;
     makecontext(&f->ctx, fiber_main, 0);
+#endif
     return f;
 }
 
@@ -149,8 +215,12 @@ void fiber_resume(emu_thread &t, fiber *f)
 #ifdef STRATA_EMU_ASAN
     __sanitizer_start_switch_fiber(&t.sched_fake_stack, f->stack, f->stack_size);
 #endif
+#ifdef STRATA_EMU_ASM_SWITCH
+    strata_emu_switch(&t.sched_sp, f->sp);
+#else
     if (swapcontext(&t.sched_ctx, &f->ctx) != 0)
         emu_die("swapcontext failed: %s", strerror(errno));
+#endif
 #ifdef STRATA_EMU_ASAN
     __sanitizer_finish_switch_fiber(t.sched_fake_stack, nullptr, nullptr);
 #endif
@@ -163,8 +233,12 @@ void fiber_yield(emu_thread &t, fiber *f)
 #ifdef STRATA_EMU_ASAN
     __sanitizer_start_switch_fiber(&f->fake_stack, t.sched_stack_bottom, t.sched_stack_size);
 #endif
+#ifdef STRATA_EMU_ASM_SWITCH
+    strata_emu_switch(&f->sp, t.sched_sp);
+#else
     if (swapcontext(&f->ctx, &t.sched_ctx) != 0)
         emu_die("swapcontext failed: %s", strerror(errno));
+#endif
 #ifdef STRATA_EMU_ASAN
     __sanitizer_finish_switch_fiber(f->fake_stack, &t.sched_stack_bottom, &t.sched_stack_size);
 #endif
