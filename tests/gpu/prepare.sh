@@ -25,9 +25,11 @@ for lib in $(ldd .gpu/bin/test_gpu .gpu/bin/bench_gpu | awk '$2 == "=>" && $3 ~ 
     case $lib in
     */cuda*/*|*libcuda.so*|*libcublas*|*libcudart*) continue ;;
     esac
-    real=$(readlink -f "$lib")
-    pkg=$(dpkg -S "$real" 2>/dev/null | head -n 1 | cut -d: -f1) ||
-        pkg=$(dpkg -S "$lib" 2>/dev/null | head -n 1 | cut -d: -f1) || true
+    # dpkg knows the path as packaged: /lib/... or /usr/lib/... (usrmerge)
+    pkg=""
+    for p in "$lib" "$(readlink -f "$lib")" "/usr$lib" "${lib#/usr}"; do
+        [ -n "$pkg" ] || pkg=$(dpkg -S "$p" 2>/dev/null | head -n 1 | cut -d: -f1)
+    done
     [ -n "$pkg" ] || { echo "prepare: no package owns $lib" >&2; exit 1; }
     pkgs="$pkgs $pkg"
 done
