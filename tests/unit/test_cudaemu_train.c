@@ -1,0 +1,451 @@
+/* test_cudaemu_train.c - predict and train jobs through runner_run on GPU 0
+ * of the emulated CUDA runtime (tests/cuda_emu: the real .cu kernels and
+ * backend, run on the CPU, with cuda_devices() == 1), against the same jobs
+ * on the CPU backend (ctx.gpu = -1). Model: the reference chat model
+ * (tests/reference/fixtures/chat: C 16, L 2, V 427, tied); data: the six
+ * alpaca examples of tests/fixtures/predict/dataset.json.
+ *
+ * Tolerances, as max |gpu - cpu| / max |cpu| over each compared set (each
+ * saved tensor on its own):
+ *   fp32: 1e-5 (FP32_TOL) for every hidden state, every loss, learning rate
+ *     and grad norm, and every tensor of the saved adapter / model; greedy
+ *     generations identical.
+ *   bf16 / fp16: products round their operands to 8 (bf16) or 11 (fp16)
+ *     significant bits before an fp32 accumulation, so each product is off
+ *     by up to ~2^-8 relative; through two layers and a few optimizer steps
+ *     hidden states and losses stay within 3e-2 (LOWP_TOL) of the CPU's,
+ *     grad norms within 10 times that. The trained tensors are compared
+ *     within 0.15 of each tensor's largest |value| (LOWP_TENSOR_TOL): AdamW
+ *     moves every element by about lr per step whatever its gradient's
+ *     size, so an element whose gradient is near zero can move the other
+ *     way under rounding (lr 0.005 to 0.01 over 3 steps, against tensors of
+ *     largest |value| 0.1 to 1).
+ *     Measured (emulator): hidden states 3e-4 (bf16); losses 1e-4, grad
+ *     norms 1e-3, tensors 0.02 (bf16 LoRA) and 0.06 (fp16 full).
+ * Also: the job logs which device it ran on and the result says so; a GPU
+ * that does not exist falls back to the CPU, unless the job required one,
+ * which then fails without a retry. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "common/npy.h"
+#include "common/st.h"
+#include "common/util.h"
+#include "tests/unit/testutil.h"
+#include "worker/engine/cuda/cuda.h"
+#include "worker/runner.h"
+
+#define FP32_TOL 1e-5
+#define LOWP_TOL 3e-2
+#define LOWP_TENSOR_TOL 0.15
+
+static char model_dir[PATH_MAX];
+static char dataset_path[PATH_MAX];
+
+static int setup(void **state) {
+    (void)state;
+    tu_reference_path(model_dir, sizeof model_dir, "chat");
+    char dir[PATH_MAX];
+    tu_fixture_path(dir, sizeof dir, "predict");
+    snprintf(dataset_path, sizeof dataset_path, "%.3000s/dataset.json", dir);
+    return 0;
+}
+
+/* The job's log lines, joined with newlines. */
+static char job_log[16384];
+
+static void test_log(runner_ctx *ctx, const char *line) {
+    (void)ctx;
+    size_t used = strlen(job_log);
+    snprintf(job_log + used, sizeof job_log - used, "%s\n", line);
+}
+
+/* Runs kind with spec_text ('' quotes; %M the model dir, %D the dataset)
+ * on gpu (-1: the CPU), gpu_required as given. Returns runner_run's
+ * status; *result on success, err and *retryable on failure. */
+static int run_job(tu_run *run, const char *kind, const char *spec_text, int gpu,
+                   bool gpu_required, json_t **result, bool *retryable, char *err,
+                   size_t errlen) {
+    char text[4 * PATH_MAX];
+    size_t used = 0;
+    for (const char *p = spec_text; *p && used + PATH_MAX < sizeof text; p++) {
+        if (p[0] == '%' && (p[1] == 'M' || p[1] == 'D')) {
+            int n = snprintf(text + used, sizeof text - used, "%s",
+                             p[1] == 'M' ? model_dir : dataset_path);
+            used += (size_t)n;
+            p++;
+        } else {
+            text[used++] = *p == '\'' ? '"' : *p;
+        }
+    }
+    text[used] = '\0';
+    json_error_t jerr;
+    json_t *spec = json_loads(text, 0, &jerr);
+    if (!spec) fail_msg("bad test spec %s: %s", text, jerr.text);
+    atomic_int cancel;
+    atomic_init(&cancel, 0);
+    runner_ctx ctx = tu_run_ctx(run, &cancel);
+    ctx.log = test_log;
+    ctx.gpu = gpu;
+    ctx.gpu_required = gpu_required;
+    job_log[0] = '\0';
+    bool cancelled = false;
+    *retryable = false;
+    int rc = runner_run(kind, spec, &ctx, result, retryable, &cancelled, err, errlen);
+    assert_false(cancelled);
+    json_decref(spec);
+    return rc;
+}
+
+/* Runs the job and fails the test when it fails; returns its result. */
+static json_t *run_ok(tu_run *run, const char *kind, const char *spec_text, int gpu) {
+    char err[ERR_LEN];
+    json_t *result = NULL;
+    bool retryable;
+    if (run_job(run, kind, spec_text, gpu, false, &result, &retryable, err, sizeof err) != 0)
+        fail_msg("%s job on %s failed: %s", kind, gpu < 0 ? "the CPU" : "the GPU", err);
+    return result;
+}
+
+/* max |got - want| / max |want| over n doubles (want not all zero). */
+static double rel_diff(const double *got, const double *want, size_t n, const char *what) {
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) fail_msg("%s[%zu] is %g", what, i, got[i]);
+        scale = fmax(scale, fabs(want[i]));
+        worst = fmax(worst, fabs(got[i] - want[i]));
+    }
+    if (!(scale > 0)) fail_msg("%s: the CPU's values are all zero", what);
+    return worst / scale;
+}
+
+/* Compares the number arrays result[key] of two runs; returns the relative
+ * difference. */
+static double series_diff(json_t *gpu, json_t *cpu, const char *key) {
+    json_t *a = json_object_get(gpu, key), *b = json_object_get(cpu, key);
+    size_t n = json_array_size(b);
+    assert_true(n > 0);
+    assert_int_equal(json_array_size(a), n);
+    double *x = malloc(n * sizeof *x), *y = malloc(n * sizeof *y);
+    assert_true(x && y);
+    for (size_t i = 0; i < n; i++) {
+        x[i] = json_number_value(json_array_get(a, i));
+        y[i] = json_number_value(json_array_get(b, i));
+    }
+    double d = rel_diff(x, y, n, key);
+    free(x);
+    free(y);
+    return d;
+}
+
+/* Compares every hidden_states_{l}.npy of two predict runs, l = 0..L. */
+static double hidden_diff(const tu_run *gpu, const tu_run *cpu, int L) {
+    double worst = 0;
+    for (int l = 0; l <= L; l++) {
+        char a[PATH_MAX + 64], b[PATH_MAX + 64], what[32];
+        snprintf(a, sizeof a, "%s/hidden_states_%d.npy", gpu->out, l);
+        snprintf(b, sizeof b, "%s/hidden_states_%d.npy", cpu->out, l);
+        npy_header ha, hb;
+        double *x = tu_read_npy(a, &ha), *y = tu_read_npy(b, &hb);
+        assert_int_equal(ha.rows, hb.rows);
+        assert_int_equal(ha.cols, hb.cols);
+        snprintf(what, sizeof what, "layer %d", l);
+        worst = fmax(worst, rel_diff(x, y, ha.rows * ha.cols, what));
+        free(x);
+        free(y);
+    }
+    return worst;
+}
+
+/* Compares every tensor of the safetensors file name in two runs' outputs
+ * (same names, shapes); returns the worst relative difference. */
+static double tensors_diff(const tu_run *gpu, const tu_run *cpu, const char *name) {
+    char a[PATH_MAX + 64], b[PATH_MAX + 64], err[ERR_LEN];
+    snprintf(a, sizeof a, "%s/%s", gpu->out, name);
+    snprintf(b, sizeof b, "%s/%s", cpu->out, name);
+    st_file fa, fb;
+    if (st_open(a, &fa, err, sizeof err) != 0 || st_open(b, &fb, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(fa.ntensors, fb.ntensors);
+    double worst = 0;
+    for (size_t i = 0; i < fb.ntensors; i++) {
+        const st_tensor *tb = &fb.tensors[i], *ta = st_find(&fa, tb->name);
+        if (!ta) fail_msg("%s has no %s", a, tb->name);
+        assert_int_equal(ta->count, tb->count);
+        float *x = malloc(ta->count * sizeof *x), *y = malloc(tb->count * sizeof *y);
+        double *dx = malloc(ta->count * sizeof *dx), *dy = malloc(tb->count * sizeof *dy);
+        assert_true(x && y && dx && dy);
+        if (st_to_f32(&fa, ta, x, err, sizeof err) != 0 ||
+            st_to_f32(&fb, tb, y, err, sizeof err) != 0)
+            fail_msg("%s", err);
+        for (size_t k = 0; k < tb->count; k++) {
+            dx[k] = x[k];
+            dy[k] = y[k];
+        }
+        bool all_zero = true;
+        for (size_t k = 0; k < tb->count && all_zero; k++) all_zero = dy[k] == 0;
+        /* a tensor the CPU left at zero must be zero on the GPU too */
+        if (all_zero)
+            for (size_t k = 0; k < ta->count; k++) assert_true(dx[k] == 0);
+        else
+            worst = fmax(worst, rel_diff(dx, dy, tb->count, tb->name));
+        free(x);
+        free(y);
+        free(dx);
+        free(dy);
+    }
+    st_close(&fa);
+    st_close(&fb);
+    return worst;
+}
+
+static void expect_log(const char *needle) {
+    if (!strstr(job_log, needle)) fail_msg("no log line with \"%s\" in:\n%s", needle, job_log);
+}
+
+static void expect_device(json_t *result, const char *device, const char *precision) {
+    assert_string_equal(json_string_value(json_object_get(result, "device")), device);
+    assert_string_equal(json_string_value(json_object_get(result, "precision")), precision);
+}
+
+static void test_emulated_gpu(void **state) {
+    (void)state;
+    cuda_device_info devs[CUDA_MAX_DEVICES];
+    char why[ERR_LEN] = "";
+    assert_int_equal(cuda_devices(devs, CUDA_MAX_DEVICES, why, sizeof why), 1);
+    assert_int_equal(devs[0].index, 0);
+    assert_true(devs[0].name[0] != '\0');
+    assert_true(devs[0].memory_gb > 0);
+}
+
+#define PREDICT_SPEC(precision)                                                                 \
+    "{'model': {'path': '%M'}, 'dataset': {'path': '%D'}, 'template': 'vanilla', "             \
+    "'pool': 'mean', 'dtype': 'float32', 'batch_size': 4, 'generate': {'max_new_tokens': 3}, " \
+    "'precision': '" precision "'}"
+
+static void test_predict_fp32(void **state) {
+    (void)state;
+    tu_run cpu, gpu;
+    tu_run_begin(&cpu, "emu-pc");
+    tu_run_begin(&gpu, "emu-pg");
+    json_t *rc = run_ok(&cpu, "predict", PREDICT_SPEC("fp32"), -1);
+    expect_log("running on the CPU (fp32)");
+    expect_device(rc, "cpu", "fp32");
+    json_t *rg = run_ok(&gpu, "predict", PREDICT_SPEC("fp32"), 0);
+    expect_log("running on GPU 0 (");
+    expect_log(") in fp32");
+    expect_device(rg, "cuda", "fp32");
+    double d = hidden_diff(&gpu, &cpu, 2);
+    printf("predict fp32: hidden states %.3g relative\n", d);
+    assert_true(d <= FP32_TOL);
+    /* greedy decoding: the same ids, so the same text */
+    char a[PATH_MAX + 64], b[PATH_MAX + 64], *ta = NULL, *tb = NULL, err[ERR_LEN];
+    size_t la = 0, lb = 0;
+    snprintf(a, sizeof a, "%s/generated_predictions.jsonl", gpu.out);
+    snprintf(b, sizeof b, "%s/generated_predictions.jsonl", cpu.out);
+    if (util_read_file(a, 1 << 20, &ta, &la, err, sizeof err) != 0 ||
+        util_read_file(b, 1 << 20, &tb, &lb, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    assert_true(lb > 0);
+    assert_int_equal(la, lb);
+    assert_memory_equal(ta, tb, lb);
+    free(ta);
+    free(tb);
+    json_decref(rc);
+    json_decref(rg);
+    tu_run_end(&cpu);
+    tu_run_end(&gpu);
+}
+
+static void test_predict_bf16(void **state) {
+    (void)state;
+    tu_run cpu, gpu;
+    tu_run_begin(&cpu, "emu-bc");
+    tu_run_begin(&gpu, "emu-bg");
+    json_t *rc = run_ok(&cpu, "predict", PREDICT_SPEC("bf16"), -1);
+    /* the CPU says it computes in fp32 whatever was asked */
+    expect_log("precision bf16 applies on a GPU only: the CPU computes in fp32");
+    expect_device(rc, "cpu", "fp32");
+    json_t *rg = run_ok(&gpu, "predict", PREDICT_SPEC("bf16"), 0);
+    expect_log(") in bf16");
+    expect_device(rg, "cuda", "bf16");
+    double d = hidden_diff(&gpu, &cpu, 2);
+    printf("predict bf16: hidden states %.3g relative\n", d);
+    assert_true(d <= LOWP_TOL);
+    /* and it is not fp32: the rounding shows */
+    assert_true(d > FP32_TOL / 10);
+    json_decref(rc);
+    json_decref(rg);
+    tu_run_end(&cpu);
+    tu_run_end(&gpu);
+}
+
+#define LORA_SPEC(precision)                                                                     \
+    "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, 'template': 'vanilla', "         \
+    "'method': 'lora', 'lora': {'r': 4, 'alpha': 8, 'dropout': 0.1, 'targets': ['q_proj', "     \
+    "'v_proj', 'down_proj']}, 'learning_rate': 0.01, 'lr_scheduler': 'constant', "              \
+    "'batch_size': 3, 'gradient_accumulation_steps': 2, 'max_steps': 3, 'save_steps': 0, "      \
+    "'seed': 11, 'precision': '" precision "'}"
+
+#define FULL_SPEC(precision)                                                                     \
+    "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, 'template': 'vanilla', "         \
+    "'method': 'full', 'learning_rate': 0.005, 'lr_scheduler': 'cosine', 'batch_size': 6, "     \
+    "'max_steps': 3, 'save_steps': 0, 'max_grad_norm': 0.5, 'seed': 5, "                        \
+    "'precision': '" precision "'}"
+
+/* Runs spec on the CPU and on the GPU and compares losses, learning rates,
+ * grad norms and the saved tensors (file) within tol; returns the worst
+ * loss difference. */
+static double train_pair(const char *spec, const char *file, const char *precision, double tol,
+                         double tensor_tol) {
+    tu_run cpu, gpu;
+    tu_run_begin(&cpu, "emu-tc");
+    tu_run_begin(&gpu, "emu-tg");
+    json_t *rc = run_ok(&cpu, "train", spec, -1);
+    json_t *rg = run_ok(&gpu, "train", spec, 0);
+    expect_device(rg, "cuda", precision);
+    if (strcmp(precision, "fp16") == 0) {
+        expect_log("fp16: loss scale 65536");
+        /* at 2^16 these gradients stay finite: no step skipped */
+        assert_int_equal(json_integer_value(json_object_get(rg, "skipped_steps")), 0);
+    }
+    double dl = series_diff(rg, rc, "losses"), dr = series_diff(rg, rc, "learning_rates");
+    double dn = series_diff(rg, rc, "grad_norms"), dt = tensors_diff(&gpu, &cpu, file);
+    printf("train %s %s: losses %.3g, lrs %.3g, grad norms %.3g, %s %.3g relative\n", precision,
+           file, dl, dr, dn, file, dt);
+    assert_true(dl <= tol);
+    assert_true(dr <= 1e-12);
+    assert_true(dn <= tol * 10); /* a norm of gradients: their error, not the loss's */
+    assert_true(dt <= tensor_tol);
+    /* the losses moved: the optimizer steps reached the device */
+    json_t *losses = json_object_get(rg, "losses");
+    assert_true(json_real_value(json_array_get(losses, 2)) !=
+                json_real_value(json_array_get(losses, 0)));
+    json_decref(rc);
+    json_decref(rg);
+    tu_run_end(&cpu);
+    tu_run_end(&gpu);
+    return dl;
+}
+
+static void test_train_lora_fp32(void **state) {
+    (void)state;
+    train_pair(LORA_SPEC("fp32"), "adapter_model.safetensors", "fp32", FP32_TOL, FP32_TOL);
+}
+
+static void test_train_full_fp32(void **state) {
+    (void)state;
+    train_pair(FULL_SPEC("fp32"), "model.safetensors", "fp32", FP32_TOL, FP32_TOL);
+}
+
+static void test_train_lora_bf16(void **state) {
+    (void)state;
+    train_pair(LORA_SPEC("bf16"), "adapter_model.safetensors", "bf16", LOWP_TOL, LOWP_TENSOR_TOL);
+}
+
+static void test_train_full_fp16(void **state) {
+    (void)state;
+    train_pair(FULL_SPEC("fp16"), "model.safetensors", "fp16", LOWP_TOL, LOWP_TENSOR_TOL);
+}
+
+/* fp16 overflow: examples whose only label is EOS, one per step, so each
+ * logit's gradient is scaled by the whole loss scale (2^16): past half's
+ * 65504 the operands of the head's backward product become inf, the step
+ * is skipped and the scale halved until the steps go through; the
+ * checkpoint keeps the scaler's state. */
+static void test_train_fp16_skip(void **state) {
+    (void)state;
+    tu_run run;
+    tu_run_begin(&run, "emu-skip");
+    char data[PATH_MAX], saved[PATH_MAX];
+    snprintf(data, sizeof data, "%.3000s/eos.json", run.work);
+    static const char eos[] = "[{\"instruction\": \"hello there\", \"input\": \"\", \"output\": \"\"},"
+                              " {\"instruction\": \"good day\", \"input\": \"\", \"output\": \"\"}]";
+    char err[ERR_LEN];
+    if (util_write_file_atomic(data, eos, sizeof eos - 1, 0644, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    snprintf(saved, sizeof saved, "%s", dataset_path);
+    snprintf(dataset_path, sizeof dataset_path, "%s", data);
+    json_t *r = run_ok(&run, "train",
+                       "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, 'template': "
+                       "'vanilla', 'method': 'full', 'learning_rate': 0.001, 'lr_scheduler': "
+                       "'constant', 'batch_size': 1, 'max_steps': 8, 'save_steps': 8, 'seed': 3, "
+                       "'precision': 'fp16'}",
+                       0);
+    snprintf(dataset_path, sizeof dataset_path, "%s", saved);
+    json_int_t skipped = json_integer_value(json_object_get(r, "skipped_steps"));
+    printf("fp16 with one label per step: %lld of 8 steps skipped\n", (long long)skipped);
+    assert_true(skipped >= 1 && skipped < 8);
+    expect_log("step 1: fp16 gradients overflowed; step skipped, loss scale now 32768");
+    /* a skipped step reports grad norm 0 and still has a finite loss */
+    json_t *norms = json_object_get(r, "grad_norms"), *losses = json_object_get(r, "losses");
+    assert_true(json_real_value(json_array_get(norms, 0)) == 0.0);
+    assert_true(isfinite(json_real_value(json_array_get(losses, 0))));
+    /* once the scale is small enough the steps go through again */
+    assert_true(json_real_value(json_array_get(norms, 7)) > 0.0);
+    char path[PATH_MAX + 64];
+    snprintf(path, sizeof path, "%s/checkpoint-8-trainer_state.json", run.out);
+    json_t *st = tu_load_json(path);
+    assert_int_equal(json_integer_value(json_object_get(st, "skipped_steps")), skipped);
+    double scale = json_number_value(json_object_get(st, "loss_scale"));
+    assert_true(scale == 65536.0 / (double)(1 << skipped));
+    json_decref(st);
+    json_decref(r);
+    tu_run_end(&run);
+}
+
+static void test_fallback_and_required(void **state) {
+    (void)state;
+    tu_run run;
+    tu_run_begin(&run, "emu-fb");
+    char err[ERR_LEN];
+    json_t *result = NULL;
+    bool retryable = true;
+    /* GPU 7 does not exist: logged, and the job runs on the CPU */
+    assert_int_equal(run_job(&run, "predict", PREDICT_SPEC("bf16"), 7, false, &result,
+                             &retryable, err, sizeof err),
+                     0);
+    expect_log("cannot use GPU 7 (GPU 7 is not one of this worker's 1 GPU)");
+    expect_device(result, "cpu", "fp32");
+    json_decref(result);
+    result = NULL;
+    /* unless the job required a GPU */
+    assert_int_equal(run_job(&run, "train", LORA_SPEC("bf16"), 7, true, &result, &retryable, err,
+                             sizeof err),
+                     -1);
+    assert_null(result);
+    assert_false(retryable);
+    assert_non_null(strstr(err, "this job needs a GPU and GPU 7 cannot be used"));
+    assert_int_equal(run_job(&run, "predict", PREDICT_SPEC("bf16"), -1, true, &result,
+                             &retryable, err, sizeof err),
+                     -1);
+    assert_false(retryable);
+    assert_non_null(strstr(err, "this job needs a GPU"));
+    tu_run_end(&run);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_emulated_gpu),
+        cmocka_unit_test(test_predict_fp32),
+        cmocka_unit_test(test_predict_bf16),
+        cmocka_unit_test(test_train_lora_fp32),
+        cmocka_unit_test(test_train_full_fp32),
+        cmocka_unit_test(test_train_lora_bf16),
+        cmocka_unit_test(test_train_full_fp16),
+        cmocka_unit_test(test_train_fp16_skip),
+        cmocka_unit_test(test_fallback_and_required),
+    };
+    return cmocka_run_group_tests(tests, setup, NULL);
+}
