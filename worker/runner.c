@@ -18,6 +18,8 @@
 #include "worker/predict.h"
 #include "worker/train.h"
 
+#include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -185,6 +187,20 @@ typedef struct {
  * second of float64 tensor cores. */
 #define RUNNER_CKA_GPU_MIN_FLOPS 1e10
 
+/* RUNNER_CKA_GPU_MIN_FLOPS, or STRATA_CKA_GPU_MIN_FLOPS when that is a
+ * number >= 0 (0 puts every pair on the GPU: for tests, and for operators
+ * whose CPUs are slow). */
+static double runner_cka_gpu_min_flops(void) {
+    const char *s = getenv("STRATA_CKA_GPU_MIN_FLOPS");
+    if (!s || !*s) return RUNNER_CKA_GPU_MIN_FLOPS;
+    char *end = NULL;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno != 0 || end == s || *end != '\0' || !(v >= 0) || !isfinite(v))
+        return RUNNER_CKA_GPU_MIN_FLOPS;
+    return v;
+}
+
 /* CKA of x and y on ctx->gpu when the worker has one and the pair is large
  * enough, else (or when the GPU declines or fails, with a log line saying
  * why) on the CPU. where (wherelen) names what computed it for the log.
@@ -194,7 +210,7 @@ static int runner_cka_compute(runner_ctx *ctx, const cka_options *opt, cka_matri
                               char *err, size_t errlen) {
     double n = (double)x->rows, d = (double)(x->cols + y->cols);
     snprintf(where, wherelen, "the CPU");
-    if (ctx->gpu < 0 || n * d * (n < d ? n : d) < RUNNER_CKA_GPU_MIN_FLOPS)
+    if (ctx->gpu < 0 || n * d * (n < d ? n : d) < runner_cka_gpu_min_flops())
         return cka_compute(x, y, opt, ctx->cancel, res, err, errlen);
     cka_gpu_call call;
     memset(&call, 0, sizeof call);

@@ -14,7 +14,10 @@
  * Inputs: random matrices with y partly a linear function of x (so CKA is
  * well away from 0), one x column offset by 1e4 (LLaMA's massive
  * activations, which a one-pass float32 mean would wipe out) and rows with
- * NaN in x or y, in separate buffers and side by side in one. */
+ * NaN in x or y, in separate buffers and side by side in one.
+ * The cka runner is run with STRATA_CKA_GPU_MIN_FLOPS=0 so that fixture-sized
+ * pairs go to the (emulated) GPU, and with STRATA_EMU_MEMORY too small for
+ * them so that it falls back to the CPU. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -33,6 +36,7 @@
 #include "tests/unit/testutil.h"
 #include "worker/engine/cka.h"
 #include "worker/engine/cuda/cka_gpu.h"
+#include "worker/runner.h"
 
 #define F64_VS_CPU_TOL 1e-6
 #define F64_VS_FIXTURE_TOL 1e-9
@@ -351,12 +355,129 @@ static void test_cancel(void **state) {
     free(p.xy);
 }
 
+
+/* ---- the cka runner on a worker with a GPU ---- */
+
+static int fixture_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
+                                char *err, size_t errlen) {
+    (void)ctx;
+    const char *name = json_string_value(json_object_get(ref, "path"));
+    if (!name) return err_set(err, errlen, "no path");
+    int len = snprintf(path, pathlen, "%s/%s", fixture_dir, name);
+    return len > 0 && (size_t)len < pathlen ? 0 : err_set(err, errlen, "path too long");
+}
+
+static char job_log[8192];
+
+static void capture_log(runner_ctx *ctx, const char *line) {
+    (void)ctx;
+    size_t used = strlen(job_log);
+    snprintf(job_log + used, sizeof job_log - used, "%s\n", line);
+}
+
+static double fixture_value(const char *name) {
+    json_t *cases = load_cases();
+    size_t i;
+    json_t *c;
+    double v = NAN;
+    json_array_foreach(cases, i, c) {
+        if (strcmp(json_string_value(json_object_get(c, "name")), name) == 0)
+            v = json_number_value(json_object_get(c, "cka"));
+    }
+    json_decref(cases);
+    assert_false(isnan(v));
+    return v;
+}
+
+/* Runs the cka job spec on gpu; returns the single layer's entry (a new
+ * reference) with job_log holding the job's log. */
+static json_t *run_cka_job(const char *spec_text, int gpu) {
+    json_error_t jerr;
+    json_t *spec = json_loads(spec_text, 0, &jerr), *result = NULL;
+    assert_non_null(spec);
+    runner_ctx ctx = {.resolve_file = fixture_resolve_file, .log = capture_log, .gpu = gpu};
+    bool retryable = false, cancelled = false;
+    char err[ERR_LEN] = "";
+    job_log[0] = '\0';
+    if (runner_run("cka", spec, &ctx, &result, &retryable, &cancelled, err, sizeof err) != 0)
+        fail_msg("cka job: %s", err);
+    json_t *layer = json_array_get(json_object_get(result, "layers"), 0);
+    assert_non_null(layer);
+    json_incref(layer);
+    json_decref(result);
+    json_decref(spec);
+    return layer;
+}
+
+static void check_layer(json_t *layer, const char *fixture, json_int_t n, json_int_t dropped) {
+    double want = fixture_value(fixture), got = json_real_value(json_object_get(layer, "cka"));
+    if (!(fabs(got - want) <= F64_VS_FIXTURE_TOL * fabs(want)))
+        fail_msg("%s: cka %.17g, expected %.17g\nlog:\n%s", fixture, got, want, job_log);
+    assert_int_equal(json_integer_value(json_object_get(layer, "n")), n);
+    assert_int_equal(json_integer_value(json_object_get(layer, "dropped_rows")), dropped);
+}
+
+static const char nan_rows_spec[] =
+    "{\"x\": {\"path\": \"nan_rows_x.npy\"}, \"y\": {\"path\": \"nan_rows_y.npy\"},"
+    " \"debiased\": true}";
+
+/* Large enough (here: any pair, by STRATA_CKA_GPU_MIN_FLOPS=0) goes to the
+ * GPU; without a GPU (gpu -1) or below the threshold it stays on the CPU. */
+static void test_runner_on_gpu(void **state) {
+    (void)state;
+    assert_int_equal(setenv("STRATA_CKA_GPU_MIN_FLOPS", "0", 1), 0);
+    json_t *layer = run_cka_job(nan_rows_spec, 0);
+    check_layer(layer, "nan_rows_debiased", 47, 3);
+    if (!strstr(job_log, "feature space on GPU 0 ("))
+        fail_msg("log does not say GPU 0:\n%s", job_log);
+    json_decref(layer);
+
+    layer = run_cka_job(nan_rows_spec, -1);
+    check_layer(layer, "nan_rows_debiased", 47, 3);
+    assert_non_null(strstr(job_log, "on the CPU"));
+    assert_null(strstr(job_log, "GPU"));
+    json_decref(layer);
+
+    assert_int_equal(unsetenv("STRATA_CKA_GPU_MIN_FLOPS"), 0);
+    layer = run_cka_job(nan_rows_spec, 0); /* 47 x 16 is far below 1e10 */
+    check_layer(layer, "nan_rows_debiased", 47, 3);
+    assert_null(strstr(job_log, "GPU"));
+    json_decref(layer);
+}
+
+/* The GPU declines rbf and runs out of (emulated) memory after dropping the
+ * NaN rows: both times the CPU computes the same value, the log says why,
+ * and the rows dropped on the GPU's side are still counted. */
+static void test_runner_fallbacks(void **state) {
+    (void)state;
+    assert_int_equal(setenv("STRATA_CKA_GPU_MIN_FLOPS", "0", 1), 0);
+    json_t *layer = run_cka_job("{\"x\": {\"path\": \"rbf_t1_x.npy\"}, \"y\": {\"path\": "
+                                "\"rbf_t1_y.npy\"}, \"kernel\": \"rbf\", \"rbf_threshold\": 1.0}",
+                                0);
+    check_layer(layer, "rbf_t1", 30, 0);
+    if (!strstr(job_log, "cka not on GPU 0 (the GPU computes linear CKA in feature space only"))
+        fail_msg("log lacks the decline:\n%s", job_log);
+    assert_non_null(strstr(job_log, "Gram space on the CPU"));
+    json_decref(layer);
+
+    assert_int_equal(setenv("STRATA_EMU_MEMORY", "4096", 1), 0);
+    layer = run_cka_job(nan_rows_spec, 0);
+    assert_int_equal(unsetenv("STRATA_EMU_MEMORY"), 0);
+    check_layer(layer, "nan_rows_debiased", 47, 3);
+    if (!strstr(job_log, "cka not on GPU 0 (out of GPU memory"))
+        fail_msg("log lacks the memory fallback:\n%s", job_log);
+    assert_non_null(strstr(job_log, "on the CPU"));
+    json_decref(layer);
+    assert_int_equal(unsetenv("STRATA_CKA_GPU_MIN_FLOPS"), 0);
+}
+
 int main(void) {
     tu_fixture_path(fixture_dir, sizeof fixture_dir, "cka");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_vs_cpu),  cmocka_unit_test(test_massive_offset_column),
         cmocka_unit_test(test_fixtures),       cmocka_unit_test(test_declines),
         cmocka_unit_test(test_auto_and_deterministic), cmocka_unit_test(test_cancel),
+        cmocka_unit_test(test_runner_on_gpu),  cmocka_unit_test(test_runner_fallbacks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
