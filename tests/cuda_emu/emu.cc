@@ -40,7 +40,7 @@
  *
  * strata_emu_switch(save, to): stores the current stack pointer in *save
  * and continues on the stack whose saved pointer is to. */
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(STRATA_EMU_UCONTEXT) /* the latter: test the fallback */
 #define STRATA_EMU_ASM_SWITCH 1
 extern "C" void strata_emu_switch(void **save, void *to) noexcept;
 __asm__(".text\n"
@@ -91,6 +91,7 @@ constexpr size_t k_stack_bytes = 512 * 1024; /* ASan frames are large */
 #else
 constexpr size_t k_stack_bytes = 128 * 1024;
 #endif
+constexpr size_t k_stack_guard = 256 * 1024;
 
 /* Prints the message and aborts: for what a GPU would refuse or hang on. */
 [[noreturn]] __attribute__((format(printf, 1, 2))) void emu_die(const char *fmt, ...)
@@ -113,7 +114,7 @@ struct fiber {
 #else
     ucontext_t ctx;
 #endif
-    unsigned char *stack; /* usable part, above the guard page */
+    unsigned char *stack; /* usable part, above the guard */
     size_t stack_size;
     bool started;
     fiber_state state;
@@ -154,22 +155,21 @@ thread_local emu_thread t_emu;
  * between turns, are simply dropped with their stacks. */
 emu_thread::~emu_thread()
 {
-    long page = sysconf(_SC_PAGESIZE);
-    size_t guard = page > 0 ? (size_t)page : 4096;
     for (fiber *f : pool) {
-        munmap(f->stack - guard, f->stack_size + guard);
+        munmap(f->stack - k_stack_guard, f->stack_size + k_stack_guard);
         delete f;
     }
 }
 
 void fiber_main();
 
-/* A fiber with a stack of k_stack_bytes under a PROT_NONE guard page, so a
- * kernel that overflows its stack faults instead of corrupting memory. */
+/* A fiber with a stack of k_stack_bytes above k_stack_guard PROT_NONE
+ * bytes, so a kernel that overflows its stack faults instead of writing
+ * over the next fiber's stack (the guard is wide because g++ does not
+ * probe large frames page by page). */
 fiber *fiber_new()
 {
-    long page = sysconf(_SC_PAGESIZE);
-    size_t guard = page > 0 ? (size_t)page : 4096;
+    size_t guard = k_stack_guard;
     void *mem = mmap(nullptr, k_stack_bytes + guard, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (mem == MAP_FAILED)
@@ -491,6 +491,8 @@ void launch(const launch_desc &d)
     t.smem = nullptr;
     free(smem);
 }
+
+size_t fiber_stack_bytes() { return k_stack_bytes; }
 
 unsigned char *dyn_smem()
 {

@@ -275,6 +275,8 @@ struct launch_desc {
 };
 
 void launch(const launch_desc &d);
+/* Each emulated thread's stack size (an overflow faults). */
+size_t fiber_stack_bytes();
 /* The running block's dynamic shared memory (poisoned with 0xFF bytes at the
  * start of every block). */
 unsigned char *dyn_smem();

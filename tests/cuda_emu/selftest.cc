@@ -169,6 +169,21 @@ __global__ void st_nop_kernel(int *p)
         *p = 1;
 }
 
+/* Launched without arguments; counts its threads in a global. */
+__device__ unsigned st_noarg_threads;
+__global__ void st_noarg_kernel()
+{
+    atomicAdd(&st_noarg_threads, 1u);
+}
+
+/* A local array past the end of the thread's stack. */
+__global__ void st_stack_overflow_kernel(size_t bytes, int *out)
+{
+    volatile unsigned char *big = static_cast<volatile unsigned char *>(__builtin_alloca(bytes));
+    big[0] = 1;
+    *out = big[0];
+}
+
 __global__ void st_deadlock_kernel(float *out)
 {
     float v = (float)threadIdx.x;
@@ -515,6 +530,10 @@ extern "C" int emu_st_cudart(char *what, size_t whatlen)
     c.expect(cudaStreamDestroy(s2) == cudaSuccess, "second stream destroy");
     cudaGetLastError();
 
+    st_noarg_threads = 0;
+    CU_LAUNCH(st_noarg_kernel, dim3(2, 3), dim3(32, 2), 0, 0);
+    c.expect(st_noarg_threads == 384, "a launch without arguments");
+
     c.expect(cudaFuncSetAttribute(st_nop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   232449) == cudaErrorInvalidValue,
              "opt-in over 227 KiB refused");
@@ -556,6 +575,13 @@ extern "C" void emu_st_die_smem_too_big(void)
 extern "C" void emu_st_die_smem_no_optin(void)
 {
     CU_LAUNCH(st_big_smem_kernel, 1, 32, 65536, 0, (size_t)1, (double *)nullptr);
+}
+
+extern "C" void emu_st_die_stack_overflow(void)
+{
+    static int out;
+    CU_LAUNCH(st_stack_overflow_kernel, 1, 32, 0, 0, strata_emu::fiber_stack_bytes() + 64 * 1024,
+              &out);
 }
 
 extern "C" void emu_st_die_deadlock(void)

@@ -82,6 +82,9 @@ void emu_st_die_deadlock(void);        /* half a warp shuffles, the rest waits a
 void emu_st_die_divergent_bar(void);   /* __syncthreads in both branches of a divergent if */
 void emu_st_die_shfl_exited(void);     /* a lane exits, the others shuffle */
 void emu_st_die_partial_warp(void);    /* full-mask shuffle in a 16-thread block */
+/* A thread allocates more stack than it has: faults (SIGSEGV, or ASan's
+ * stack-overflow report) rather than writing over another thread's stack. */
+void emu_st_die_stack_overflow(void);
 
 #ifdef __cplusplus
 }

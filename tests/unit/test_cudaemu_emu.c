@@ -5,7 +5,9 @@
  * bf16/fp16 conversions against numpy/torch (tests/fixtures/cuda_emu/), the
  * cudart subset, gemm_emu.c against naive products, and the launches and
  * kernels that must abort (in a forked child, which must die of SIGABRT). */
+#include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -17,7 +19,6 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <fcntl.h>
 
 #include <cmocka.h>
 
@@ -425,6 +426,73 @@ static void expect_abort(void (*fn)(void), const char *expect)
         fail_msg("abort message lacks \"%s\": %s", expect, msg);
 }
 
+static void test_stack_overflow_faults(void **state)
+{
+    (void)state;
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0)
+            dup2(devnull, STDERR_FILENO);
+        emu_st_die_stack_overflow();
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    /* killed by SIGSEGV, or ASan's report and exit(1): anything but success */
+    assert_false(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+typedef struct {
+    float x[3000];
+    float sums[3000 / 256 + 1];
+    double total;
+    int rc;
+} block_sum_job;
+
+static void *block_sum_thread(void *arg)
+{
+    block_sum_job *job = arg;
+    char err[256];
+    for (int round = 0; round < 20 && job->rc == 0; round++)
+        job->rc = emu_st_block_sum(job->x, 3000, 256, job->sums, &job->total, err, sizeof err);
+    return NULL;
+}
+
+/* Jobs run on several OS threads at once, each launching its own kernels:
+ * shared memory, fibers and the current launch are per thread. */
+static void test_concurrent_launches_from_threads(void **state)
+{
+    (void)state;
+    enum { NT = 3 };
+    static block_sum_job jobs[NT];
+    pthread_t th[NT];
+    for (int j = 0; j < NT; j++) {
+        for (int i = 0; i < 3000; i++)
+            jobs[j].x[i] = (float)((i * (j + 1)) % 17);
+        jobs[j].rc = 0;
+        assert_int_equal(pthread_create(&th[j], NULL, block_sum_thread, &jobs[j]), 0);
+    }
+    for (int j = 0; j < NT; j++)
+        assert_int_equal(pthread_join(th[j], NULL), 0);
+    for (int j = 0; j < NT; j++) {
+        assert_int_equal(jobs[j].rc, 0);
+        double want = 0;
+        for (int i = 0; i < 3000; i++)
+            want += jobs[j].x[i];
+        assert_true(jobs[j].total == want);
+        for (int b = 0; b < 3000 / 256 + 1; b++) {
+            float s = 0;
+            for (int i = b * 256; i < 3000 && i < (b + 1) * 256; i++)
+                s += jobs[j].x[i];
+            assert_true(jobs[j].sums[b] == s);
+        }
+    }
+}
+
 static void test_refused_launches_abort(void **state)
 {
     (void)state;
@@ -455,6 +523,8 @@ int main(void)
         cmocka_unit_test(test_half_conversions_match_numpy_and_torch),
         cmocka_unit_test(test_cudart),
         cmocka_unit_test(test_gemm_emu),
+        cmocka_unit_test(test_concurrent_launches_from_threads),
+        cmocka_unit_test(test_stack_overflow_faults),
         cmocka_unit_test(test_refused_launches_abort),
         cmocka_unit_test(test_hangs_and_undefined_warps_abort),
     };
