@@ -346,6 +346,8 @@ static inline void __syncwarp(unsigned mask = 0xffffffffu)
     }
 STRATA_EMU_SHFL(int)
 STRATA_EMU_SHFL(unsigned)
+STRATA_EMU_SHFL(long)
+STRATA_EMU_SHFL(unsigned long)
 STRATA_EMU_SHFL(long long)
 STRATA_EMU_SHFL(unsigned long long)
 STRATA_EMU_SHFL(float)
