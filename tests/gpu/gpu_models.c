@@ -896,7 +896,10 @@ void gt_check_predict_cka_jobs(void) {
         json_decref(r);
     }
     if (!ok) return;
-    /* CKA between the two pools' hidden states, layer by layer. */
+    /* CKA between the two pools' hidden states, layer by layer. The runner
+     * sends only products above a size threshold to the GPU; these inputs
+     * are small, so the threshold goes to 0 for this process. */
+    setenv("STRATA_CKA_GPU_MIN_FLOPS", "0", 1);
     double t0 = util_now_seconds();
     json_t *vals[3] = {NULL, NULL, NULL};
     gt_job jobs[3];
