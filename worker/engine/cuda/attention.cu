@@ -369,6 +369,7 @@ int attn_prepare(const void *kernel, const attn_launch *launch, char *err, size_
     return 1;
 }
 
+/* attn_launch's geometry as CUDA's dim3. */
 dim3 attn_grid(const attn_launch &l) { return dim3(l.grid[0], l.grid[1], l.grid[2]); }
 dim3 attn_block(const attn_launch &l) { return dim3(l.block[0], l.block[1], l.block[2]); }
 
@@ -384,6 +385,8 @@ dim3 attn_block(const attn_launch &l) { return dim3(l.block[0], l.block[1], l.bl
                       args);                                                                   \
     } while (0)
 
+/* The arguments every attention kernel shares; the caller fills in the
+ * outputs, dout and the statistics' place. */
 attn_args attn_make_args(const attn_plan &p, const float *q, const float *k, const float *v,
                          const int *lengths) {
     attn_args a = {};
@@ -401,6 +404,7 @@ attn_args attn_make_args(const attn_plan &p, const float *q, const float *k, con
     return a;
 }
 
+/* The forward for NV head dimensions per lane: one launch, no scratch. */
 template <int NV>
 int attn_forward_nv(const attn_plan &p, attn_args a, cudaStream_t stream, char *err,
                     size_t errlen) {
@@ -408,10 +412,22 @@ int attn_forward_nv(const attn_plan &p, attn_args a, cudaStream_t stream, char *
     return 0;
 }
 
-/* The backward's chunks in order: statistics, then dq, then dk/dv. */
+/* The backward's chunks in order, each as statistics, then dq, then dk/dv
+ * (stream order makes each wait for the one before). 0, or -1 with err if
+ * a kernel's shared memory cannot be raised: all three are readied before
+ * the first launch (every chunk needs the same), so nothing is enqueued. */
 template <int NV>
 int attn_backward_nv(const attn_plan &p, attn_args a, cudaStream_t stream, char *err,
                      size_t errlen) {
+    attn_chunk first;
+    attn_plan_chunk(&p, 0, &first);
+    if (attn_prepare(reinterpret_cast<const void *>(attn_forward_kernel<NV, true>), &first.stats,
+                     err, errlen) < 0 ||
+        attn_prepare(reinterpret_cast<const void *>(attn_dq_kernel<NV>), &first.dq, err,
+                     errlen) < 0 ||
+        attn_prepare(reinterpret_cast<const void *>(attn_dkv_kernel<NV>), &first.dkv, err,
+                     errlen) < 0)
+        return -1;
     for (size_t c = 0; c < p.chunks; c++) {
         attn_chunk ch;
         attn_plan_chunk(&p, c, &ch);
