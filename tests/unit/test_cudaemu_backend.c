@@ -282,7 +282,8 @@ static void test_ops_rows(void **state) {
     float eps = 1e-6f;
 
     /* rmsnorm, in place and not; backward with and without dweight. */
-    float *x = rand_floats(N * C, 3.0f), *wt = rand_floats(C, 1.0f), *dout = rand_floats(N * C, 1.0f);
+    float *x = rand_floats(N * C, 3.0f), *wt = rand_floats(C, 1.0f);
+    float *dout = rand_floats(N * C, 1.0f);
     float *x_d = dev_floats(be, x, N * C), *wt_d = dev_floats(be, wt, C);
     float *o_d = dev_floats(be, NULL, N * C);
     float *want = malloc(N * C * sizeof *want);
@@ -394,7 +395,8 @@ static void test_ops_attention(void **state) {
     float *scratch = malloc(2 * tt * sizeof *scratch), *out = malloc(nq * sizeof *out);
     assert_non_null(scratch);
     assert_non_null(out);
-    float *q_d = dev_floats(be, q, nq), *k_d = dev_floats(be, k, nkv), *v_d = dev_floats(be, v, nkv);
+    float *q_d = dev_floats(be, q, nq), *k_d = dev_floats(be, k, nkv);
+    float *v_d = dev_floats(be, v, nkv);
     float *o_d = dev_floats(be, NULL, nq), *s_d = dev_floats(be, NULL, 2 * tt);
     float *dout_d = dev_floats(be, dout, nq);
     int *len_d = dev_from(be, lengths, sizeof lengths);
@@ -436,7 +438,8 @@ static void check_lowp(cuda_precision p, double loose) {
     size_t N = 10, in = 64, out = 20;
     float *x = rand_floats(N * in, 1.0f), *w = rand_floats(out * in, 0.5f);
     float *dy = rand_floats(N * out, 1.0f), *dw0 = rand_floats(out * in, 0.1f);
-    float *xr = rounded(x, N * in, p), *wr = rounded(w, out * in, p), *dyr = rounded(dy, N * out, p);
+    float *xr = rounded(x, N * in, p), *wr = rounded(w, out * in, p);
+    float *dyr = rounded(dy, N * out, p);
     float *x_d = dev_floats(be, x, N * in), *w_d = dev_floats(be, w, out * in);
     float *y_d = dev_floats(be, NULL, N * out), *dy_d = dev_floats(be, dy, N * out);
     float *dx_d = dev_floats(be, NULL, N * in), *dw_d = dev_floats(be, dw0, out * in);

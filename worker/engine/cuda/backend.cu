@@ -150,7 +150,9 @@ static bool cb_convert(const char *op, uint16_t *dst, const float *src, size_t n
 }
 
 /* n rounded up to CB_ALIGN_ELEMS. */
-static size_t cb_aligned(size_t n) { return (n + CB_ALIGN_ELEMS - 1) / CB_ALIGN_ELEMS * CB_ALIGN_ELEMS; }
+static size_t cb_aligned(size_t n) {
+    return (n + CB_ALIGN_ELEMS - 1) / CB_ALIGN_ELEMS * CB_ALIGN_ELEMS;
+}
 
 /* The scratch with room for n low-precision elements, grown (never shrunk)
  * as needed, or NULL with the error recorded. Growing waits for the stream,
@@ -243,8 +245,9 @@ static void *cb_alloc(size_t bytes, char *err, size_t errlen) {
         if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) (void)cudaGetLastError();
         const double gib = 1024.0 * 1024.0 * 1024.0;
         if (e == cudaErrorMemoryAllocation)
-            cb_seterr(err, errlen, "out of GPU memory allocating %zu bytes (%.2f GiB free of %.2f GiB)",
-                      bytes, (double)free_b / gib, (double)total_b / gib);
+            cb_seterr(err, errlen,
+                      "out of GPU memory allocating %zu bytes (%.2f GiB free of %.2f GiB)", bytes,
+                      (double)free_b / gib, (double)total_b / gib);
         else
             cb_seterr(err, errlen, "cudaMalloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
         return NULL;
