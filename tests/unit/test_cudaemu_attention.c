@@ -2,7 +2,7 @@
  * on the CPU by the emulator (tests/cuda_emu), against the CPU backend's
  * attention and attention_backward (cpu.c) on the same random inputs.
  *
- * Shapes: B 2..3, T 1..40 with lengths 1, T and values between (so
+ * Shapes: B 2..3, T 1..40 and 100 with lengths 1, T and values between (so
  * padding rows, partial tiles and several key tiles all occur), NH 4 over
  * NKV 2 (grouped) and NKV 4, HS 8, 16, 40, 64 and 256 (every per-lane width
  * the kernels instantiate). Small T with many heads also splits the
@@ -159,6 +159,8 @@ static void test_grouped(void **state) {
         {2, 40, 4, 2, 16, {40, 17, 0}, 1.0f}, {3, 40, 4, 2, 8, {1, 40, 23}, 1.0f},
         {2, 33, 4, 2, 64, {33, 32, 0}, 1.5f}, {3, 5, 4, 2, 16, {5, 1, 3}, 1.0f},
         {2, 1, 4, 2, 8, {1, 1, 0}, 1.0f},     {3, 38, 4, 2, 40, {2, 38, 31}, 2.0f},
+        /* four tiles: masks across tile edges, dkv over several query tiles */
+        {2, 100, 4, 2, 16, {100, 67, 0}, 2.0f},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i], 11 + i);
 }
