@@ -36,7 +36,11 @@ void runner_logf(runner_ctx *ctx, const char *fmt, ...) {
     ctx->log(ctx, line);
 }
 
-bool runner_err_is_oom(const char *err) { return strstr(err, "out of memory") != NULL; }
+/* The host allocator says "out of memory", the CUDA backend "out of GPU
+ * memory": both are a machine's limit, not the job's fault. */
+bool runner_err_is_oom(const char *err) {
+    return strstr(err, "out of memory") != NULL || strstr(err, "out of GPU memory") != NULL;
+}
 
 /* Tries GPU ctx->gpu in precision p: fills dev and returns 0, or -1 with
  * why set (no such GPU, or the backend would not open). */

@@ -435,9 +435,31 @@ static void test_fallback_and_required(void **state) {
     tu_run_end(&run);
 }
 
+/* A GPU too small for the model: the job fails, retryably (another worker
+ * may have more memory), saying it ran out of GPU memory. */
+static void test_gpu_out_of_memory(void **state) {
+    (void)state;
+    tu_run run;
+    tu_run_begin(&run, "emu-oom");
+    char err[ERR_LEN];
+    json_t *result = NULL;
+    bool retryable = false;
+    setenv("STRATA_EMU_MEMORY", "4096", 1);
+    int rc = run_job(&run, "predict", PREDICT_SPEC("fp32"), 0, true, &result, &retryable, err,
+                     sizeof err);
+    unsetenv("STRATA_EMU_MEMORY");
+    assert_int_equal(rc, -1);
+    assert_null(result);
+    assert_non_null(strstr(err, "out of GPU memory"));
+    assert_true(runner_err_is_oom(err));
+    assert_true(retryable);
+    tu_run_end(&run);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_emulated_gpu),
+        cmocka_unit_test(test_gpu_out_of_memory),
         cmocka_unit_test(test_predict_fp32),
         cmocka_unit_test(test_predict_bf16),
         cmocka_unit_test(test_train_lora_fp32),
