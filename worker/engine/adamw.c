@@ -129,14 +129,19 @@ double adamw_grad_norm(const adamw *opt, const float *grads) {
     return sqrt(sum);
 }
 
-double adamw_clip_grad_norm(const adamw *opt, float *grads, double max_norm) {
-    double total = adamw_grad_norm(opt, grads);
-    if (!(max_norm > 0.0) || !isfinite(total)) return total;
+float adamw_clip_coef(double total, double max_norm) {
+    if (!(max_norm > 0.0) || !isfinite(total)) return 1.0f;
     /* torch: clip_coef = max_norm / (total_norm + 1e-6) on a float32 tensor,
      * where scalar / tensor is tensor.reciprocal() * scalar. */
     float denom = (float)total + 1e-6f;
     float coef = (1.0f / denom) * (float)max_norm;
-    if (coef >= 1.0f) return total;
+    return coef < 1.0f ? coef : 1.0f;
+}
+
+double adamw_clip_grad_norm(const adamw *opt, float *grads, double max_norm) {
+    double total = adamw_grad_norm(opt, grads);
+    float coef = adamw_clip_coef(total, max_norm);
+    if (coef == 1.0f) return total;
     for (size_t r = 0; r < opt->nranges; r++) {
         float *g = grads + opt->ranges[r].offset; /* (count) */
         for (size_t i = 0; i < opt->ranges[r].count; i++) g[i] *= coef;
@@ -144,33 +149,57 @@ double adamw_clip_grad_norm(const adamw *opt, float *grads, double max_norm) {
     return total;
 }
 
-void adamw_step(adamw *opt, float *params, const float *grads, double lr) {
+adamw_scalars adamw_begin_step(adamw *opt, double lr) {
     opt->t++;
     const adamw_config *c = &opt->cfg;
     double t = (double)opt->t;
     double bias_correction1 = 1.0 - pow(c->beta1, t);
     double bias_correction2 = 1.0 - pow(c->beta2, t);
     /* Each scalar is rounded to float32 where torch hands it to a float32
-     * kernel, so the arithmetic below is torch's, operation for operation. */
-    const float b1 = (float)c->beta1, one_minus_b1 = (float)(1.0 - c->beta1);
-    const float b2 = (float)c->beta2, one_minus_b2 = (float)(1.0 - c->beta2);
-    const float neg_step_size = (float)(-(lr / bias_correction1));
-    const float bc2_sqrt = (float)sqrt(bias_correction2);
-    const float eps = (float)c->eps;
-    const float decay = (float)(1.0 - lr * c->weight_decay);
+     * kernel, so the arithmetic of the update is torch's, operation for
+     * operation. */
+    adamw_scalars s;
+    s.beta1 = (float)c->beta1;
+    s.one_minus_beta1 = (float)(1.0 - c->beta1);
+    s.beta2 = (float)c->beta2;
+    s.one_minus_beta2 = (float)(1.0 - c->beta2);
+    s.neg_step_size = (float)(-(lr / bias_correction1));
+    s.bias_correction2_sqrt = (float)sqrt(bias_correction2);
+    s.eps = (float)c->eps;
+    s.decay = (float)(1.0 - lr * c->weight_decay);
+    return s;
+}
+
+float adamw_range_decay(const adamw *opt, size_t r, const adamw_scalars *s) {
+    return opt->ranges[r].decay && opt->cfg.weight_decay != 0.0 ? s->decay : 1.0f;
+}
+
+const adamw_range *adamw_ranges(const adamw *opt, size_t *nranges) {
+    *nranges = opt->nranges;
+    return opt->ranges;
+}
+
+void adamw_moments(adamw *opt, float **m, float **v) {
+    *m = opt->m;
+    *v = opt->v;
+}
+
+void adamw_step(adamw *opt, float *params, const float *grads, double lr) {
+    const adamw_scalars s = adamw_begin_step(opt, lr);
     size_t packed = 0;
     for (size_t r = 0; r < opt->nranges; r++) {
         const adamw_range *range = &opt->ranges[r];
         float *p = params + range->offset;      /* (count) */
         const float *g = grads + range->offset; /* (count) */
         float *m = opt->m + packed, *v = opt->v + packed;
-        bool decayed = range->decay && c->weight_decay != 0.0;
+        const float decay = adamw_range_decay(opt, r, &s);
+        bool decayed = decay != 1.0f; /* p * 1 is p: skip the multiplication */
         for (size_t i = 0; i < range->count; i++) {
             float pi = decayed ? p[i] * decay : p[i];
-            m[i] = m[i] * b1 + one_minus_b1 * g[i];
-            v[i] = v[i] * b2 + (one_minus_b2 * g[i]) * g[i];
-            float denom = sqrtf(v[i]) / bc2_sqrt + eps;
-            p[i] = pi + (neg_step_size * m[i]) / denom;
+            m[i] = m[i] * s.beta1 + s.one_minus_beta1 * g[i];
+            v[i] = v[i] * s.beta2 + (s.one_minus_beta2 * g[i]) * g[i];
+            float denom = sqrtf(v[i]) / s.bias_correction2_sqrt + s.eps;
+            p[i] = pi + (s.neg_step_size * m[i]) / denom;
         }
         packed += range->count;
     }

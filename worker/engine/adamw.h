@@ -129,4 +129,52 @@ int adamw_write_file(const adamw *opt, FILE *f, char *err, size_t errlen);
  * bytes). */
 int adamw_read_file(adamw *opt, FILE *f, char *err, size_t errlen);
 
+/* --- the step's arithmetic for an update that runs elsewhere (a GPU) ---
+ *
+ * A caller that keeps params, grads and the moments in other memory (the
+ * CUDA backend's kernels.h cuk_sumsq / cuk_adamw) still counts the steps,
+ * computes the scalars and checkpoints through this optimizer: the host
+ * decides, the device does the elementwise work with the same float32
+ * scalars, so both reach the same values operation for operation. */
+
+/* The float32 scalars of one AdamW step, computed in double from the
+ * config, lr and the step count and rounded where torch rounds them (see
+ * the formulas above). */
+typedef struct {
+    float beta1, one_minus_beta1;
+    float beta2, one_minus_beta2;
+    float neg_step_size;         /* (float)(-(lr / (1 - beta1^t))) */
+    float bias_correction2_sqrt; /* (float)sqrt(1 - beta2^t) */
+    float eps;
+    float decay;                 /* (float)(1 - lr * weight_decay) */
+} adamw_scalars;
+
+/* Counts one step (the step count goes up by one, as in adamw_step) and
+ * returns its scalars for learning rate lr. adamw_step is this followed by
+ * the elementwise update over the ranges. */
+adamw_scalars adamw_begin_step(adamw *opt, double lr);
+
+/* The factor range r's parameters are multiplied by before the update:
+ * s->decay when the range decays and weight_decay is not 0, else exactly
+ * 1 (a multiplication by which changes nothing). r < the range count. */
+float adamw_range_decay(const adamw *opt, size_t r, const adamw_scalars *s);
+
+/* The ranges (the optimizer owns them) and their number in *nranges. The
+ * moments are packed in this order: range r's start at the sum of the
+ * counts before it. */
+const adamw_range *adamw_ranges(const adamw *opt, size_t *nranges);
+
+/* clip_grad_norm_'s coefficient for a total norm (computed over the
+ * trainable elements in double) and max_norm, as adamw_clip_grad_norm
+ * applies it: (1 / ((float)total + 1e-6f)) * (float)max_norm when that is
+ * below 1; exactly 1 (no clipping) otherwise, when max_norm <= 0 or when
+ * total is not finite. */
+float adamw_clip_coef(double total, double max_norm);
+
+/* The moments for import and export (a device copy downloaded into them
+ * before adamw_write_file, or uploaded from them after adamw_read_file):
+ * *m and *v, adamw_trainable floats each, packed in range order, owned by
+ * the optimizer. */
+void adamw_moments(adamw *opt, float **m, float **v);
+
 #endif
