@@ -6,6 +6,7 @@
 #include "common/util.h"
 #include "worker/engine/adamw.h"
 #include "worker/engine/backend.h"
+#include "worker/engine/cuda/kernels.h"
 #include "worker/engine/dataset.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/model.h"
@@ -37,6 +38,10 @@
  * 2000 steps in a row without one. */
 #define TRAIN_SCALE_INIT 65536.0
 #define TRAIN_SCALE_GROWTH_INTERVAL 2000
+
+/* What one optimizer step on a GPU downloads: the gradients' sum of
+ * squares (a double) and their inf/NaN flag (an int), padded to 16 bytes. */
+#define TRAIN_GPU_NORM_BYTES 16
 
 typedef struct {
     bool lora;
@@ -81,10 +86,15 @@ typedef struct {
 
     /* Where the passes run. On a GPU the model lives in dmodel (full
      * fine-tuning: the trainable parameters themselves) and the adapter in
-     * d_lora_params; gradients accumulate in d_grads and come to the host
-     * (grads) at each optimizer step, where AdamW updates the fp32 master
-     * copy (model.params / lora_params) that is then uploaded again. On the
-     * CPU fwd, fwd_lora and fwd_grads are the host objects. */
+     * d_lora_params; gradients accumulate in d_grads. The optimizer runs
+     * there too: d_train (dmodel.params or d_lora_params) is the fp32
+     * master copy, d_m / d_v the moments (packed in adamw's range order),
+     * d_norm one double and one int for the gradients' sum of squares and
+     * inf/NaN flag, the only thing a step downloads. opt stays on the host
+     * for the step count, the scalars and the checkpoint format; its
+     * moments and the host parameters (model.params / lora_params) are
+     * filled from the device at checkpoints and at the end only. On the CPU
+     * fwd, fwd_lora and fwd_grads are the host objects. */
     runner_device dev;
     bool dev_open;
     llama_model dmodel;
@@ -92,6 +102,9 @@ typedef struct {
     float *d_lora_params;
     llama_lora dlora;
     float *d_grads;
+    float *d_train;
+    float *d_m, *d_v, *d_norm;
+    uint64_t step_bytes; /* host<->device bytes the optimizer steps moved */
     const llama_model *fwd;
     llama_lora *fwd_lora;
     float *fwd_grads;
@@ -107,6 +120,9 @@ static void train_job_free(train_job *job) {
     if (job->state_ready) llama_state_free(&job->state);
     job->state_ready = false;
     if (job->d_grads) job->dev.be->free_buf(job->d_grads);
+    if (job->d_m) job->dev.be->free_buf(job->d_m);
+    if (job->d_v) job->dev.be->free_buf(job->d_v);
+    if (job->d_norm) job->dev.be->free_buf(job->d_norm);
     if (job->d_lora_params) job->dev.be->free_buf(job->d_lora_params);
     if (job->dmodel_ready) {
         cuda_backend_forget_weights(job->dmodel.params);
@@ -875,11 +891,33 @@ static int train_write_outputs(train_job *job, runner_ctx *ctx, json_t *artifact
     return 0;
 }
 
+/* On a GPU: downloads the trained parameters (the device's master copy)
+ * into the host's (model.params or lora_params) and, with moments, AdamW's
+ * moments into the host optimizer, so that the writers, which read the
+ * host copies, save what the device holds. Nothing on the CPU. Returns 0,
+ * or -1 with err set (an asynchronous device failure). */
+static int train_to_host(train_job *job, bool moments, char *err, size_t errlen) {
+    if (!job->dev.on_gpu) return 0;
+    const backend *be = job->dev.be;
+    be->download(job->train_params, job->d_train, job->n_train * sizeof(float));
+    if (moments) {
+        float *m, *v;
+        adamw_moments(job->opt, &m, &v);
+        size_t bytes = adamw_trainable(job->opt) * sizeof(float);
+        be->download(m, job->d_m, bytes);
+        be->download(v, job->d_v, bytes);
+    }
+    return runner_device_sync(&job->dev, err, errlen);
+}
+
 /* Writes and publishes checkpoint-{step}-*: parameters, optimizer state and
- * the trainer state (data position, losses so far). */
+ * the trainer state (data position, losses so far); on a GPU from what the
+ * device holds (the only time a run moves them to the host). */
 static int train_checkpoint(train_job *job, runner_ctx *ctx, int64_t step, sft_pos pos,
                             json_t *artifacts, char *err, size_t errlen) {
     char name[128], path[4096];
+    if (train_to_host(job, true, err, errlen) != 0)
+        return err_prefix(err, errlen, "checkpoint of step %lld", (long long)step);
     snprintf(name, sizeof name, "checkpoint-%lld-%s.safetensors", (long long)step,
              job->o.lora ? "adapter_model" : "model");
     if (train_work_path(ctx, name, path, sizeof path, err, errlen) != 0 ||
@@ -1121,16 +1159,27 @@ out:
     return rc;
 }
 
-/* fp16 loss scaling after a step's gradients reached the host: true with
- * grads (n_train) divided by the loss scale when all are finite (and the
- * scale doubled after TRAIN_SCALE_GROWTH_INTERVAL such steps in a row);
- * false, grads untouched, when any is inf or NaN. */
-static bool train_unscale(train_job *job, float *grads) {
-    for (size_t i = 0; i < job->n_train; i++)
-        if (!isfinite(grads[i])) return false;
-    /* a power of two: the division is exact */
-    float inv = (float)(1.0 / job->loss_scale);
-    for (size_t i = 0; i < job->n_train; i++) grads[i] *= inv;
+/* fp16 loss scaling's bookkeeping once a step's gradients were checked
+ * (torch.cuda.amp.GradScaler's): an overflow skips the step and halves the
+ * scale; otherwise *unscale gets the factor that undoes this step's scale
+ * (a power of two, so multiplying by it is exact) and the scale doubles
+ * after TRAIN_SCALE_GROWTH_INTERVAL clean steps in a row. Returns whether
+ * the optimizer steps. Without loss scaling: true, *unscale 1. */
+static bool train_scaler(train_job *job, runner_ctx *ctx, int64_t k, bool overflow,
+                         float *unscale) {
+    *unscale = 1.0f;
+    if (!job->scaling) return true;
+    if (overflow) {
+        /* no update, a smaller scale; the step still counts (data,
+         * schedule) and reports grad_norm 0 */
+        job->skipped++;
+        job->loss_scale /= 2;
+        job->scale_clean = 0;
+        runner_logf(ctx, "step %lld: fp16 gradients overflowed; step skipped, loss scale now %g",
+                    (long long)k + 1, job->loss_scale);
+        return false;
+    }
+    *unscale = (float)(1.0 / job->loss_scale);
     if (++job->scale_clean >= TRAIN_SCALE_GROWTH_INTERVAL) {
         job->loss_scale *= 2;
         job->scale_clean = 0;
@@ -1138,24 +1187,131 @@ static bool train_unscale(train_job *job, float *grads) {
     return true;
 }
 
-/* On a GPU, after an optimizer step on the host: uploads the updated
- * trainable parameters (the whole model, or the adapter) and refreshes the
- * low-precision copy of a fully trained model's weights. Returns 0, or -1
- * with err set (an asynchronous device failure). */
-static int train_upload(train_job *job, runner_ctx *ctx, char *err, size_t errlen) {
-    if (!job->dev.on_gpu) return 0;
+/* The optimizer step on the CPU: clip the host gradients, AdamW on the
+ * host parameters. *norm gets the pre-clip norm. Returns 0, or -1 with err
+ * when the norm is not finite (the loss diverged). */
+static int train_step_cpu(train_job *job, int64_t k, double lr, double *norm, char *err,
+                          size_t errlen) {
+    *norm = adamw_clip_grad_norm(job->opt, job->grads, job->o.max_grad_norm);
+    if (!isfinite(*norm))
+        return err_set(err, errlen, "step %lld: gradient norm is %g (the loss diverged)",
+                       (long long)k + 1, *norm);
+    adamw_step(job->opt, job->train_params, job->grads, lr);
+    return 0;
+}
+
+/* The CUDA stream the optimizer's kernels run on: the legacy default
+ * stream. The backend's stream is a blocking one (cudaStreamCreate), which
+ * the legacy stream is ordered with both ways, so these kernels run after
+ * the gradient passes queued before them and before the backend's next
+ * copy or kernel, with no host wait; cuda.h does not hand out the
+ * backend's own stream. (The emulator runs launches in order anyway.) */
+static void *train_gpu_stream(void) { return NULL; }
+
+/* On a GPU: the sum of squares of the trainable gradients in double and
+ * whether any is inf or NaN, reduced on the device over every range and
+ * downloaded in one TRAIN_GPU_NORM_BYTES copy. Returns 0, or -1 with err
+ * (a refused launch, an asynchronous device failure). */
+static int train_gpu_sumsq(train_job *job, double *sumsq, bool *nonfinite, char *err,
+                           size_t errlen) {
     const backend *be = job->dev.be;
-    if (job->o.lora) {
-        be->upload(job->d_lora_params, job->lora_params, job->n_train * sizeof(float));
-    } else {
-        be->upload(job->dmodel.params, job->model.params, job->n_train * sizeof(float));
+    size_t nr = 0;
+    const adamw_range *r = adamw_ranges(job->opt, &nr);
+    double *d_sum = (double *)(void *)job->d_norm;
+    int *d_flag = (int *)(void *)(job->d_norm + 2);
+    be->zero(job->d_norm, TRAIN_GPU_NORM_BYTES / sizeof(float));
+    for (size_t i = 0; i < nr; i++)
+        if (cuk_sumsq(d_sum, d_flag, job->d_grads + r[i].offset, r[i].count, train_gpu_stream(),
+                      err, errlen) != 0)
+            return err_prefix(err, errlen, "gradient norm");
+    unsigned char host[TRAIN_GPU_NORM_BYTES];
+    be->download(host, job->d_norm, sizeof host);
+    job->step_bytes += sizeof host;
+    if (runner_device_sync(&job->dev, err, errlen) != 0) return -1;
+    int flag;
+    memcpy(sumsq, host, sizeof *sumsq);
+    memcpy(&flag, host + 2 * sizeof(float), sizeof flag);
+    *nonfinite = flag != 0;
+    return 0;
+}
+
+/* The optimizer step on a GPU, with nothing but the norm crossing to the
+ * host: the gradients' sum of squares decides the fp16 skip, the norm and
+ * the clip coefficient on the host exactly as adamw_clip_grad_norm would
+ * (the unscale is a power of two, so scaling the root in double equals
+ * the root of unscaled squares, and one multiplication by unscale * coef
+ * rounds as unscaling then clipping does); then one cuk_adamw per range
+ * with adamw_begin_step's scalars and adamw_range_decay's factor, and a
+ * fully trained model's low-precision copy refreshed on the device.
+ * *norm gets the pre-clip norm (0 for a skipped step). Returns 0, or -1
+ * with err (the loss diverged, a refused launch, a device failure). */
+static int train_step_gpu(train_job *job, runner_ctx *ctx, int64_t k, double lr, double *norm,
+                          char *err, size_t errlen) {
+    double sumsq = 0;
+    bool nonfinite = false;
+    float unscale;
+    *norm = 0;
+    if (train_gpu_sumsq(job, &sumsq, &nonfinite, err, errlen) != 0)
+        return err_prefix(err, errlen, "step %lld", (long long)k + 1);
+    if (!train_scaler(job, ctx, k, nonfinite, &unscale)) return 0;
+    double total = sqrt(sumsq) * (double)unscale;
+    if (nonfinite && isfinite(total)) total = NAN;
+    if (!isfinite(total))
+        return err_set(err, errlen, "step %lld: gradient norm is %g (the loss diverged)",
+                       (long long)k + 1, total);
+    float grad_scale = unscale * adamw_clip_coef(total, job->o.max_grad_norm);
+    adamw_scalars s = adamw_begin_step(job->opt, lr);
+    size_t nr = 0, packed = 0;
+    const adamw_range *r = adamw_ranges(job->opt, &nr);
+    for (size_t i = 0; i < nr; i++) {
+        if (cuk_adamw(job->d_train + r[i].offset, job->d_grads + r[i].offset, job->d_m + packed,
+                      job->d_v + packed, r[i].count, grad_scale,
+                      adamw_range_decay(job->opt, i, &s), s.beta1, s.one_minus_beta1, s.beta2,
+                      s.one_minus_beta2, s.neg_step_size, s.bias_correction2_sqrt, s.eps,
+                      train_gpu_stream(), err, errlen) != 0)
+            return err_prefix(err, errlen, "step %lld: AdamW", (long long)k + 1);
+        packed += r[i].count;
+    }
+    if (!job->o.lora) {
         char why[ERR_LEN];
         if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
                                           sizeof why) != 0)
             runner_logf(ctx, "no %s copy of the updated weights (%s)",
                         cuda_precision_name(job->dev.precision), why);
     }
-    return runner_device_sync(&job->dev, err, errlen);
+    *norm = total;
+    return 0;
+}
+
+/* On a GPU: the optimizer's device state, its moments zero or (after a
+ * resume) uploaded from the host optimizer, and the norm's scratch. Logs
+ * what lives where and what a step moves. Returns 0, or -1 with err
+ * (*retryable when the GPU is out of memory). */
+static int train_gpu_optimizer(train_job *job, runner_ctx *ctx, bool *retryable, char *err,
+                               size_t errlen) {
+    const backend *be = job->dev.be;
+    size_t n = adamw_trainable(job->opt), bytes = n * sizeof(float);
+    job->d_m = be->alloc(bytes, err, errlen);
+    job->d_v = job->d_m ? be->alloc(bytes, err, errlen) : NULL;
+    job->d_norm = job->d_v ? be->alloc(TRAIN_GPU_NORM_BYTES, err, errlen) : NULL;
+    if (!job->d_norm) {
+        *retryable = runner_err_is_oom(err);
+        return err_prefix(err, errlen, "AdamW moments on GPU %d", job->dev.gpu);
+    }
+    if (adamw_steps(job->opt) > 0) {
+        float *m, *v;
+        adamw_moments(job->opt, &m, &v);
+        be->upload(job->d_m, m, bytes);
+        be->upload(job->d_v, v, bytes);
+    } else {
+        be->zero(job->d_m, n);
+        be->zero(job->d_v, n);
+    }
+    runner_logf(ctx,
+                "optimizer: AdamW on GPU %d (fp32 master weights and moments of %zu "
+                "parameters on the device); a step moves %d bytes to the host",
+                job->dev.gpu, n, TRAIN_GPU_NORM_BYTES);
+    return 0;
 }
 
 /* Points the passes at the host objects (CPU) or, on a GPU, places the
@@ -1171,14 +1327,18 @@ static int train_to_device(train_job *job, runner_ctx *ctx, bool *retryable, cha
     job->fwd_grads = job->grads;
     if (!job->dev.on_gpu) return 0;
     const backend *be = job->dev.be;
-    if (llama_model_to_backend(be, &job->model, &job->dmodel, err, errlen) != 0) {
+    /* Under LoRA the base model is frozen: in bf16/fp16 its projections
+     * live on the device in that precision only, already covered. */
+    if ((job->o.lora ? llama_model_to_backend_frozen(be, &job->model, &job->dmodel, err, errlen)
+                     : llama_model_to_backend(be, &job->model, &job->dmodel, err, errlen)) != 0) {
         *retryable = runner_err_is_oom(err);
         return err_prefix(err, errlen, "model to GPU %d", job->dev.gpu);
     }
     job->dmodel_ready = true;
     job->fwd = &job->dmodel;
     char why[ERR_LEN];
-    if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
+    if (!job->o.lora &&
+        cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
                                       sizeof why) != 0)
         runner_logf(ctx, "no %s copy of the weights (%s): products convert them as they go",
                     cuda_precision_name(job->dev.precision), why);
@@ -1203,6 +1363,8 @@ static int train_to_device(train_job *job, runner_ctx *ctx, bool *retryable, cha
         job->dlora.dropout_seed = job->lora.dropout_seed;
         job->fwd_lora = &job->dlora;
     }
+    job->d_train = job->o.lora ? job->d_lora_params : job->dmodel.params;
+    if (train_gpu_optimizer(job, ctx, retryable, err, errlen) != 0) return -1;
     if (job->scaling)
         runner_logf(ctx, "fp16: loss scale %g (halved on inf/NaN gradients, doubled after %d "
                     "clean steps)", job->loss_scale, TRAIN_SCALE_GROWTH_INTERVAL);
@@ -1290,33 +1452,12 @@ static int train_loop(train_job *job, runner_ctx *ctx, json_t *artifacts, int64_
             loss_sum += ls;
             counted += nc;
         }
-        /* The optimizer runs on the host's fp32 master copy. (kernels.h has a
-         * GPU AdamW, cuk_adamw; keeping the moments on the device and
-         * skipping these transfers is a later step.) */
-        if (job->dev.on_gpu)
-            be->download(job->grads, job->d_grads, job->n_train * sizeof *job->grads);
         double lr = job->o.lr * sched_lambda(&sch, k), norm = 0;
-        if (job->scaling && !train_unscale(job, job->grads)) {
-            /* GradScaler: no update, a smaller scale; the step still counts
-             * (data, schedule) and reports grad_norm 0 */
-            job->skipped++;
-            job->loss_scale /= 2;
-            job->scale_clean = 0;
-            runner_logf(ctx, "step %lld: fp16 gradients overflowed; step skipped, loss scale now %g",
-                        (long long)k + 1, job->loss_scale);
-        } else {
-            norm = adamw_clip_grad_norm(job->opt, job->grads, job->o.max_grad_norm);
-            if (!isfinite(norm)) {
-                err_set(err, errlen, "step %lld: gradient norm is %g (the loss diverged)",
-                        (long long)k + 1, norm);
-                goto out;
-            }
-            adamw_step(job->opt, job->train_params, job->grads, lr);
-            if (train_upload(job, ctx, err, errlen) != 0) {
-                *retryable = runner_err_is_oom(err);
-                err_prefix(err, errlen, "step %lld", (long long)k + 1);
-                goto out;
-            }
+        int src = job->dev.on_gpu ? train_step_gpu(job, ctx, k, lr, &norm, err, errlen)
+                                  : train_step_cpu(job, k, lr, &norm, err, errlen);
+        if (src != 0) {
+            *retryable = runner_err_is_oom(err);
+            goto out;
         }
         double loss = counted > 0 ? loss_sum / (double)counted : 0.0;
         tokens += step.n_tokens;
@@ -1447,6 +1588,13 @@ int train_run(json_t *spec, runner_ctx *ctx, json_t **result, bool *retryable, b
                    errlen) != 0)
         goto out;
     double loop_seconds = util_now_seconds() - loop_start;
+    if (job.dev.on_gpu)
+        runner_logf(ctx, "optimizer: %lld steps moved %llu bytes between host and GPU",
+                    (long long)(steps - resumed), (unsigned long long)job.step_bytes);
+    if (train_to_host(&job, false, err, errlen) != 0) {
+        *retryable = runner_err_is_oom(err);
+        goto out;
+    }
     if (train_write_outputs(&job, ctx, artifacts, err, errlen) != 0) {
         *retryable = true;
         goto out;
