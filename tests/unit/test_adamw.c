@@ -643,6 +643,105 @@ static void test_lr_zero(void **state) {
     adamw_free(opt);
 }
 
+/* The pieces a device update is built from (adamw_begin_step's scalars,
+ * adamw_range_decay, adamw_clip_coef, adamw_ranges, adamw_moments), used
+ * as train.c's GPU path uses them with its own arrays standing for device
+ * memory: clipping folded into one gradient scale with an fp16-style
+ * unscale of 1/8, two ranges (one decayed), three steps. Parameters and
+ * moments equal adamw_step's bit for bit, and the moments imported into the
+ * optimizer serialize to the same bytes as the host optimizer's state. */
+static void test_device_pieces(void **state) {
+    (void)state;
+    char err[ERR_LEN];
+    adamw_config cfg = adamw_default_config();
+    cfg.weight_decay = 0.05;
+    adamw_range r[2] = {{1, 5, true}, {8, 4, false}};
+    adamw *host = NULL, *dev = NULL;
+    assert_int_equal(adamw_new(&cfg, r, 2, &host, err, sizeof err), 0);
+    assert_int_equal(adamw_new(&cfg, r, 2, &dev, err, sizeof err), 0);
+    enum { N = 13 };
+    float p_host[N], p_dev[N], m_dev[9] = {0}, v_dev[9] = {0};
+    for (int i = 0; i < N; i++) p_host[i] = p_dev[i] = 0.1f * (float)(i - 6);
+    size_t nr = 0;
+    const adamw_range *got = adamw_ranges(dev, &nr);
+    assert_int_equal(nr, 2);
+    assert_true(got[1].offset == 8 && got[1].count == 4 && !got[1].decay);
+    const float unscale = 0.125f;
+    for (int step = 0; step < 3; step++) {
+        double lr = 0.01 * (step + 1), max_norm = step == 1 ? 100.0 : 0.5;
+        float g_host[N], g_scaled[N];
+        for (int i = 0; i < N; i++) {
+            g_scaled[i] = (float)sin(1.7 * i + step) * 8.0f; /* "loss-scaled" by 8 */
+            g_host[i] = g_scaled[i] * unscale;               /* exact: a power of two */
+        }
+        /* host: clip, then step */
+        double total = adamw_clip_grad_norm(host, g_host, max_norm);
+        adamw_step(host, p_host, g_host, lr);
+        /* device: the scaled gradients' squares, the root unscaled in double */
+        double sumsq = 0;
+        for (size_t k = 0; k < nr; k++)
+            for (size_t i = 0; i < got[k].count; i++)
+                sumsq += (double)g_scaled[got[k].offset + i] * g_scaled[got[k].offset + i];
+        double dev_total = sqrt(sumsq) * (double)unscale;
+        assert_true(dev_total == total);
+        float coef = adamw_clip_coef(dev_total, max_norm);
+        assert_true(step == 1 ? coef == 1.0f : coef < 1.0f);
+        float grad_scale = unscale * coef;
+        adamw_scalars sc = adamw_begin_step(dev, lr);
+        size_t packed = 0;
+        for (size_t k = 0; k < nr; k++) {
+            float decay = adamw_range_decay(dev, k, &sc);
+            assert_true(k == 0 ? decay == (float)(1.0 - lr * 0.05) : decay == 1.0f);
+            for (size_t i = 0; i < got[k].count; i++) {
+                float *p = &p_dev[got[k].offset + i], *m = &m_dev[packed + i],
+                      *v = &v_dev[packed + i];
+                float g = g_scaled[got[k].offset + i] * grad_scale;
+                float pi = *p * decay;
+                *m = *m * sc.beta1 + sc.one_minus_beta1 * g;
+                *v = *v * sc.beta2 + (sc.one_minus_beta2 * g) * g;
+                float denom = sqrtf(*v) / sc.bias_correction2_sqrt + sc.eps;
+                *p = pi + (sc.neg_step_size * *m) / denom;
+            }
+            packed += got[k].count;
+        }
+        assert_int_equal(adamw_steps(dev), step + 1);
+        assert_memory_equal(p_dev, p_host, sizeof p_dev);
+    }
+    /* export: the device's moments into the optimizer, then its state */
+    float *m, *v;
+    adamw_moments(dev, &m, &v);
+    memcpy(m, m_dev, sizeof m_dev);
+    memcpy(v, v_dev, sizeof v_dev);
+    assert_memory_equal(adamw_exp_avg(dev), adamw_exp_avg(host), sizeof m_dev);
+    assert_memory_equal(adamw_exp_avg_sq(dev), adamw_exp_avg_sq(host), sizeof v_dev);
+    size_t len = adamw_state_size(host);
+    assert_int_equal(adamw_state_size(dev), len);
+    unsigned char *a = malloc(len), *b = malloc(len);
+    assert_true(a && b);
+    assert_int_equal(adamw_serialize(host, a, len, err, sizeof err), 0);
+    assert_int_equal(adamw_serialize(dev, b, len, err, sizeof err), 0);
+    assert_memory_equal(a, b, len);
+    free(a);
+    free(b);
+    adamw_free(host);
+    adamw_free(dev);
+}
+
+/* adamw_clip_coef: 1 exactly when off, not finite, or at or under the
+ * limit; torch's float32 formula otherwise. */
+static void test_clip_coef(void **state) {
+    (void)state;
+    assert_true(adamw_clip_coef(5.0, 0.0) == 1.0f);
+    assert_true(adamw_clip_coef(5.0, -1.0) == 1.0f);
+    assert_true(adamw_clip_coef(INFINITY, 1.0) == 1.0f);
+    assert_true(adamw_clip_coef(NAN, 1.0) == 1.0f);
+    assert_true(adamw_clip_coef(5.0, 10.0) == 1.0f);
+    assert_true(adamw_clip_coef(0.0, 1.0) == 1.0f);
+    assert_true(adamw_clip_coef(5.0, 1.0) == (1.0f / (5.0f + 1e-6f)) * 1.0f);
+    float at = adamw_clip_coef(5.0, 5.0);
+    assert_true(at < 1.0f && at > 0.9999f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_against_torch),     cmocka_unit_test(test_schedule_tables),
@@ -651,6 +750,7 @@ int main(void) {
         cmocka_unit_test(test_state_refused),     cmocka_unit_test(test_state_file),
         cmocka_unit_test(test_new_refused),
         cmocka_unit_test(test_clip_edges),        cmocka_unit_test(test_lr_zero),
+        cmocka_unit_test(test_device_pieces),     cmocka_unit_test(test_clip_coef),
     };
     return cmocka_run_group_tests(tests, setup_all, teardown_all);
 }
