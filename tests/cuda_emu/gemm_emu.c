@@ -157,6 +157,28 @@ out:
     return rc;
 }
 
+/* gemm_run per product, in batch order (as the stream would run them);
+ * the offsets are in elements of each operand's type. */
+int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M,
+                             size_t N, size_t K, float alpha, const void *A, size_t lda,
+                             size_t stride_a, const void *B, size_t ldb, size_t stride_b,
+                             float beta, float *C, size_t ldc, size_t stride_c, size_t batch,
+                             char *err, size_t errlen)
+{
+    const size_t dims[] = {batch};
+    if (gemm_check_int("gemm_run_strided_batched", dims, 1, err, errlen) != 0)
+        return -1;
+    size_t esize = type == GEMM_F32 ? sizeof(float) : sizeof(uint16_t);
+    for (size_t i = 0; i < batch; i++) {
+        const char *a = (const char *)A + i * stride_a * esize;
+        const char *b = (const char *)B + i * stride_b * esize;
+        if (gemm_run(g, type, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta,
+                     C + i * stride_c, ldc, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
 int gemm_dsyrk_t(gemm_ctx *g, size_t M, size_t N, double alpha, const double *A, size_t lda,
                  double beta, double *C, size_t ldc, char *err, size_t errlen)
 {

@@ -123,6 +123,32 @@ int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, 
     return 0;
 }
 
+int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M,
+                             size_t N, size_t K, float alpha, const void *A, size_t lda,
+                             size_t stride_a, const void *B, size_t ldb, size_t stride_b,
+                             float beta, float *C, size_t ldc, size_t stride_c, size_t batch,
+                             char *err, size_t errlen) {
+    if (!gemm_fits(M, N, K, lda, ldb, ldc) || !gemm_fits(batch, 0, 0, 0, 0, 0))
+        return gemm_err(err, errlen,
+                        "batched product (%zu, %zu, %zu) x %zu exceeds cuBLAS's int sizes", M, N,
+                        K, batch);
+    if ((stride_a | stride_b | stride_c) > (size_t)LLONG_MAX)
+        return gemm_err(err, errlen, "batched product: a stride exceeds cuBLAS's long long");
+    if (M == 0 || N == 0 || batch == 0) return 0;
+    cudaDataType_t dt = type == GEMM_BF16 ? CUDA_R_16BF : type == GEMM_F16 ? CUDA_R_16F
+                                                                            : CUDA_R_32F;
+    /* The same swap as gemm_run, per product: C_i^T = op(B_i)^T op(A_i)^T. */
+    cublasStatus_t st = cublasGemmStridedBatchedEx(
+        g->handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+        (int)N, (int)M, (int)K, &alpha, B, dt, (int)ldb, (long long)stride_b, A, dt, (int)lda,
+        (long long)stride_a, &beta, C, CUDA_R_32F, (int)ldc, (long long)stride_c, (int)batch,
+        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    if (st != CUBLAS_STATUS_SUCCESS)
+        return gemm_err(err, errlen, "cublasGemmStridedBatchedEx (%zu, %zu, %zu) x %zu: %s", M,
+                        N, K, batch, gemm_status_name(st));
+    return 0;
+}
+
 /* Copies the lower triangle of the column-major n x n matrix c into its
  * upper one, so both hold the symmetric result syrk wrote into one. */
 __global__ void gemm_mirror_lower(double *c, int n, int ldc) {

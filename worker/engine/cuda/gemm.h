@@ -35,6 +35,17 @@ int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, 
              size_t K, float alpha, const void *A, size_t lda, const void *B, size_t ldb,
              float beta, float *C, size_t ldc, char *err, size_t errlen);
 
+/* batch products C_i = alpha * op(A_i) op(B_i) + beta * C_i (i < batch)
+ * with X_i = X + i * stride_x elements (of X's type: 16-bit for bf16/fp16
+ * operands, fp32 for C), each as gemm_run computes it. A zero stride reuses
+ * one operand for every product; C_i must not overlap. 0, or -1 with err
+ * (as gemm_run, or a batch or stride past the library's sizes). */
+int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M,
+                             size_t N, size_t K, float alpha, const void *A, size_t lda,
+                             size_t stride_a, const void *B, size_t ldb, size_t stride_b,
+                             float beta, float *C, size_t ldc, size_t stride_c, size_t batch,
+                             char *err, size_t errlen);
+
 /* Float64 products for CKA: C (N, N) = alpha * A^T A + beta * C (A (M, N)
  * row-major; both triangles of C are written), and C (N1, N2) =
  * alpha * A^T B + beta * C. */
