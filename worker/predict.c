@@ -646,8 +646,9 @@ out:
 }
 
 /* Opens the job's device (runner_device_open: ctx->gpu, spec.precision)
- * and, on a GPU, copies the model there and registers its weights so that
- * bf16/fp16 products read a low-precision copy made once. The host model
+ * and, on a GPU, copies the model there frozen: in bf16/fp16 its
+ * projections exist on the device only in that precision (7B: 13 GiB, not
+ * 26 + 13), so predict of 7B with batch 8 fits in 24 GB. The host model
  * stays: the generation head's product and the pooled rows use host memory.
  * Returns 0, or -1 with err set (*retryable when the GPU ran out of
  * memory: another worker may have a larger one). */
@@ -657,17 +658,13 @@ static int predict_to_device(predict_job *job, json_t *spec, runner_ctx *ctx, bo
     job->dev_open = true;
     job->fwd = &job->model;
     if (!job->dev.on_gpu) return 0;
-    if (llama_model_to_backend(job->dev.be, &job->model, &job->dmodel, err, errlen) != 0) {
+    const backend *be = job->dev.be;
+    if (llama_model_to_backend_frozen(be, &job->model, &job->dmodel, err, errlen) != 0) {
         *retryable = runner_err_is_oom(err);
         return err_prefix(err, errlen, "model to GPU %d", job->dev.gpu);
     }
     job->dmodel_ready = true;
     job->fwd = &job->dmodel;
-    char why[ERR_LEN];
-    if (cuda_backend_register_weights(job->dmodel.params, job->dmodel.nparams, why,
-                                      sizeof why) != 0)
-        runner_logf(ctx, "no %s copy of the weights (%s): products convert them as they go",
-                    cuda_precision_name(job->dev.precision), why);
     return 0;
 }
 

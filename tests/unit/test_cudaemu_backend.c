@@ -20,7 +20,10 @@
  *     parameter tensor's gradient 1e-5 (GRAD_TOL) relative to its largest
  *     element (measured 5e-7).
  *   whole model, bf16 with registered weights: hidden states and logits
- *     2e-2 (MODEL_BF16_TOL) of the fp32 result (measured 0.009). */
+ *     2e-2 (MODEL_BF16_TOL) of the fp32 result (measured 0.009).
+ *   frozen weights (llama_model_to_backend_frozen): bitwise equal to the
+ *     registered-copy path in bf16 and fp16 (the same conversion kernel
+ *     makes the same copy), and to llama_model_to_backend in fp32. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -35,6 +38,7 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <inttypes.h>
 
 #include "common/util.h"
 #include "worker/engine/backend.h"
@@ -947,6 +951,271 @@ static void test_loss_and_grad_tied(void **state) {
     check_loss_and_grad(true);
 }
 
+/* --- frozen weights --------------------------------------------------- */
+
+/* Floats of the fp32 part of a frozen placement of m (embed and norms). */
+static size_t frozen_fp32_count(const llama_model *m) {
+    size_t C = (size_t)m->cfg.hidden_size, L = (size_t)m->cfg.num_hidden_layers;
+    return (size_t)m->cfg.vocab_size * C + 2 * L * C + C;
+}
+
+/* Device bytes free on the thread's device. */
+static size_t free_bytes(void) {
+    size_t f = 0, t = 0;
+    char err[ERR_LEN] = "";
+    if (cuda_backend_memory(&f, &t, err, sizeof err) != 0) fail_msg("memory: %s", err);
+    return f;
+}
+
+/* Forward of host on precision p two ways: llama_model_to_backend with
+ * every weight registered, and llama_model_to_backend_frozen; hidden states
+ * and logits must agree bit for bit, and freeing must return all memory. */
+static void check_frozen_forward(cuda_precision p, bool tied) {
+    llama_model host;
+    make_model(&host, tied);
+    int L = host.cfg.num_hidden_layers, V = host.cfg.vocab_size;
+    size_t per = (size_t)MB * MT * host.cfg.hidden_size, nh = (size_t)(L + 1) * per;
+    size_t nlog = (size_t)MB * MT * V;
+    float *h_reg = calloc(nh, sizeof(float)), *h_frz = calloc(nh, sizeof(float));
+    float *lg_reg = calloc(nlog, sizeof(float)), *lg_frz = calloc(nlog, sizeof(float));
+    assert_true(h_reg && h_frz && lg_reg && lg_frz);
+    hidden_sink sr = {h_reg, per, 0}, sf = {h_frz, per, 0};
+    char err[ERR_LEN] = "";
+
+    const backend *be = open_cuda(p);
+    size_t free0 = free_bytes();
+    llama_model dev;
+    if (llama_model_to_backend(be, &host, &dev, err, sizeof err) != 0)
+        fail_msg("llama_model_to_backend: %s", err);
+    if (p != CUDA_FP32 &&
+        cuda_backend_register_weights(dev.params, dev.nparams, err, sizeof err) != 0)
+        fail_msg("register: %s", err);
+    run_forward(be, &dev, &sr, lg_reg);
+    cuda_backend_forget_weights(dev.params);
+    llama_model_free_backend(be, &dev);
+    /* What stays is the context's product scratch, grown by the forward
+     * (never shrunk); the frozen forward needs no more of it. */
+    assert_true(free_bytes() <= free0);
+    free0 = free_bytes();
+
+    if (llama_model_to_backend_frozen(be, &host, &dev, err, sizeof err) != 0)
+        fail_msg("llama_model_to_backend_frozen: %s", err);
+    assert_int_equal(dev.w.lm_head == dev.w.embed, tied);
+    uintptr_t base = (uintptr_t)dev.params, end = base + dev.nparams * sizeof(float);
+    if (p == CUDA_FP32) {
+        /* fp32: the ordinary placement, every offset as in host. */
+        assert_int_equal(dev.nparams, host.nparams);
+        assert_true(dev.w.w_down - dev.params == host.w.w_down - host.params);
+    } else {
+        /* Only embed and norms in params; every projection is a key
+         * outside any device buffer. */
+        assert_int_equal(dev.nparams, frozen_fp32_count(&host));
+        const float *keys[] = {dev.w.wq, dev.w.wk, dev.w.wv, dev.w.wo,
+                               dev.w.w_gate, dev.w.w_up, dev.w.w_down, dev.w.lm_head};
+        for (size_t i = 0; i < (tied ? 7u : 8u); i++) {
+            uintptr_t k = (uintptr_t)keys[i];
+            assert_true(k < base || k >= end);
+        }
+        assert_true((uintptr_t)dev.w.final_norm >= base &&
+                    (uintptr_t)dev.w.final_norm < end);
+        /* The fp32 part plus two bytes a projection weight (and the tied
+         * head's copy). */
+        size_t lowp = host.nparams - frozen_fp32_count(&host);
+        size_t want = dev.nparams * sizeof(float) + lowp * 2 +
+                      (tied ? (size_t)V * (size_t)host.cfg.hidden_size * 2 : 0);
+        assert_int_equal(free0 - free_bytes(), want);
+    }
+    run_forward(be, &dev, &sf, lg_frz);
+    assert_memory_equal(h_frz, h_reg, nh * sizeof(float));
+    assert_memory_equal(lg_frz, lg_reg, nlog * sizeof(float));
+    print_message("%s frozen forward (%s head): bitwise equal to the %s path\n",
+                  cuda_precision_name(p), tied ? "tied" : "untied",
+                  p == CUDA_FP32 ? "ordinary" : "registered-copy");
+    llama_model_free_backend(be, &dev);
+    assert_null(dev.params);
+    assert_int_equal(free_bytes(), free0);
+    free(h_reg), free(h_frz), free(lg_reg), free(lg_frz);
+    llama_free(&host);
+    close_cuda();
+}
+
+static void test_frozen_bf16(void **state) {
+    (void)state;
+    check_frozen_forward(CUDA_BF16, false);
+    check_frozen_forward(CUDA_BF16, true);
+}
+
+static void test_frozen_fp16(void **state) {
+    (void)state;
+    check_frozen_forward(CUDA_FP16, false);
+    check_frozen_forward(CUDA_FP16, true);
+}
+
+static void test_frozen_fp32(void **state) {
+    (void)state;
+    check_frozen_forward(CUDA_FP32, false);
+    check_frozen_forward(CUDA_FP32, true);
+    /* The low-level upload refuses an fp32 context. */
+    open_cuda(CUDA_FP32);
+    float w[4] = {1, 2, 3, 4};
+    const float *key = w;
+    char err[ERR_LEN] = "";
+    assert_int_equal(cuda_backend_upload_frozen(w, 4, &key, err, sizeof err), -1);
+    assert_null(key);
+    assert_non_null(strstr(err, "bf16 or fp16"));
+    assert_false(cuda_backend_low_precision());
+    close_cuda();
+}
+
+/* Whether /proc/self/maps lists [a, a + bytes) inside one mapping with no
+ * access ("---p"). */
+static bool mapped_without_access(uintptr_t a, size_t bytes) {
+    FILE *f = fopen("/proc/self/maps", "r");
+    assert_non_null(f);
+    char line[512];
+    bool found = false;
+    while (fgets(line, sizeof line, f)) {
+        uintptr_t lo = 0, hi = 0;
+        char perms[8] = "";
+        if (sscanf(line, "%" SCNxPTR "-%" SCNxPTR " %7s", &lo, &hi, perms) != 3) continue;
+        if (a >= lo && a + bytes <= hi) {
+            found = strcmp(perms, "---p") == 0;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+/* A key is host address space that no one can read: a child that reads
+ * one dies instead of seeing numbers; the range is mapped with no access;
+ * the key works only where the registry maps it. */
+static void test_frozen_key_unreadable(void **state) {
+    (void)state;
+    const backend *be = open_cuda(CUDA_BF16);
+    assert_true(cuda_backend_low_precision());
+    size_t n = 3000;
+    float *w = rand_floats(n, 1.0f);
+    const float *key = NULL;
+    char err[ERR_LEN] = "";
+    if (cuda_backend_upload_frozen(w, n, &key, err, sizeof err) != 0)
+        fail_msg("upload_frozen: %s", err);
+    assert_non_null(key);
+    assert_true(mapped_without_access((uintptr_t)key, n * sizeof(float)));
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        if (devnull >= 0) dup2(devnull, 2);
+        /* cmocka turns SIGSEGV into a failed test and carries on. */
+        signal(SIGSEGV, SIG_DFL);
+        volatile const float *k = key;
+        float v = k[n / 2];
+        _exit(v == v ? 0 : 3);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    /* SIGSEGV, or a sanitizer's report of it and a nonzero exit. */
+    assert_false(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    if (WIFSIGNALED(status)) assert_int_equal(WTERMSIG(status), SIGSEGV);
+
+    /* A product reads the copy: x = e_j picks row j of W in bf16. */
+    size_t in = 30, out = 100; /* n = out * in */
+    float *x = calloc(in, sizeof(float));
+    assert_non_null(x);
+    x[7] = 1.0f;
+    float *dx = dev_floats(be, x, in), *dy = dev_floats(be, NULL, out);
+    be->matmul(dy, dx, key, 1, in, out, false);
+    float *y = host_floats(be, dy, out);
+    for (size_t o = 0; o < out; o++)
+        if (y[o] != round_bf16(w[o * in + 7])) fail_msg("row %zu: %g vs %g", o, y[o], w[o]);
+    /* Registering inside a key is a no-op (the copy is all there is);
+     * forgetting it keeps it; past its end is refused. */
+    assert_int_equal(cuda_backend_register_weights(key + in, 2 * in, err, sizeof err), 0);
+    cuda_backend_forget_weights(key);
+    assert_int_equal(cuda_backend_register_weights(key + 1, n, err, sizeof err), -1);
+    assert_non_null(strstr(err, "frozen"));
+    /* The precision cannot change under frozen weights. */
+    assert_null(cuda_backend_open(0, CUDA_FP16, err, sizeof err));
+    assert_non_null(strstr(err, "frozen bf16"));
+    cuda_backend_free_frozen(key);
+    assert_false(mapped_without_access((uintptr_t)key, n * sizeof(float)));
+    cuda_backend_free_frozen(key); /* no longer a key: ignored */
+    assert_ptr_equal(cuda_backend_open(0, CUDA_FP16, err, sizeof err), be);
+    be->free_buf(dx), be->free_buf(dy);
+    free(w), free(x), free(y);
+    close_cuda();
+}
+
+/* Peak device bytes of a frozen placement of m: the fp32 part, then each
+ * key's copy with its staging (chunk = the tensor) beside the earlier
+ * copies, then the tied head's copy. */
+static size_t frozen_peak(const llama_model *m) {
+    const llama_weights *w = &m->w;
+    const float *order[] = {w->wq, w->wk, w->wv, w->wo, w->mlp_norm,
+                            w->w_gate, w->w_up, w->w_down, w->final_norm};
+    size_t held = frozen_fp32_count(m) * sizeof(float), peak = held;
+    /* Each projection's size: to the next tensor in the layout. */
+    for (size_t i = 0; i + 1 < sizeof order / sizeof order[0]; i++) {
+        if (order[i] == w->mlp_norm) continue;
+        size_t n = (size_t)(order[i + 1] - order[i]);
+        if (held + n * 6 > peak) peak = held + n * 6;
+        held += n * 2;
+    }
+    size_t head = (size_t)m->cfg.vocab_size * (size_t)m->cfg.hidden_size;
+    if (peak < held + (m->w.lm_head == m->w.embed ? head * 2 : head * 6))
+        peak = held + (m->w.lm_head == m->w.embed ? head * 2 : head * 6);
+    return peak;
+}
+
+/* With the device's memory just at the frozen placement's peak, the
+ * frozen upload succeeds where the fp32 one fails; one byte less and it
+ * fails cleanly too; every failure and free returns all memory. */
+static void check_frozen_memory(bool tied) {
+    llama_model host;
+    make_model(&host, tied);
+    const backend *be = open_cuda(CUDA_BF16);
+    size_t free0 = free_bytes(), used0 = EMU_MEMORY - free0;
+    size_t peak = frozen_peak(&host);
+    /* The premise: the fp32 weights alone exceed the frozen peak. */
+    assert_true(host.nparams * sizeof(float) > peak);
+    char mem[32], err[ERR_LEN] = "";
+    llama_model dev;
+
+    snprintf(mem, sizeof mem, "%zu", used0 + peak - 1);
+    setenv("STRATA_EMU_MEMORY", mem, 1);
+    size_t free_small = free_bytes();
+    assert_int_equal(llama_model_to_backend_frozen(be, &host, &dev, err, sizeof err), -1);
+    assert_non_null(strstr(err, "out of GPU memory"));
+    assert_null(dev.params);
+    assert_int_equal(free_bytes(), free_small);
+
+    snprintf(mem, sizeof mem, "%zu", used0 + peak);
+    setenv("STRATA_EMU_MEMORY", mem, 1);
+    free_small = free_bytes();
+    assert_int_equal(llama_model_to_backend(be, &host, &dev, err, sizeof err), -1);
+    assert_non_null(strstr(err, "out of GPU memory"));
+    if (llama_model_to_backend_frozen(be, &host, &dev, err, sizeof err) != 0)
+        fail_msg("frozen placement within %zu bytes: %s", peak, err);
+    print_message("frozen placement (%s head): peak %zu bytes vs %zu of fp32 weights\n",
+                  tied ? "tied" : "untied", peak, host.nparams * sizeof(float));
+    llama_model_free_backend(be, &dev);
+    assert_int_equal(free_bytes(), free_small);
+
+    snprintf(mem, sizeof mem, "%zu", EMU_MEMORY);
+    setenv("STRATA_EMU_MEMORY", mem, 1);
+    assert_int_equal(free_bytes(), free0);
+    llama_free(&host);
+    close_cuda();
+}
+
+static void test_frozen_memory(void **state) {
+    (void)state;
+    check_frozen_memory(false);
+    check_frozen_memory(true);
+}
+
 int main(void) {
     /* Before the emulator's first cudaMalloc, which reads it. */
     char mem[32];
@@ -970,6 +1239,11 @@ int main(void) {
         cmocka_unit_test(test_forward_tied),
         cmocka_unit_test(test_loss_and_grad_untied),
         cmocka_unit_test(test_loss_and_grad_tied),
+        cmocka_unit_test(test_frozen_bf16),
+        cmocka_unit_test(test_frozen_fp16),
+        cmocka_unit_test(test_frozen_fp32),
+        cmocka_unit_test(test_frozen_key_unreadable),
+        cmocka_unit_test(test_frozen_memory),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

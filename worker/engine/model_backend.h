@@ -24,8 +24,35 @@
 int llama_model_to_backend(const backend *be, const llama_model *host, llama_model *dev,
                            char *err, size_t errlen);
 
-/* Releases what llama_model_to_backend made (the backend buffer, unless it
- * was shared with the host model) and zeroes *dev. Safe on a zeroed model. */
+/* llama_model_to_backend for a model that will not be trained (predict;
+ * the base model under LoRA), placed to take the least device memory:
+ *   - a host-memory backend (CPU): *dev shares host's params, as above;
+ *   - the CUDA backend in fp32: exactly llama_model_to_backend;
+ *   - the CUDA backend in bf16/fp16 (this thread's context): the seven
+ *     projections (wq wk wv wo w_gate w_up w_down) and an untied lm_head
+ *     exist on the device only in that precision (cuda.h's frozen weights:
+ *     their pointers in *dev are keys that only matmul may be given), while
+ *     the embedding table and the norm weights, which the embedding and
+ *     rmsnorm ops read, stay fp32. A tied lm_head stays the fp32 table,
+ *     which also gets a registered low-precision copy for the head's
+ *     product (V*C*2 bytes, a few percent of a 7B model; converting it at
+ *     every forward would need as much scratch).
+ * In the last case dev->params holds only the fp32 tensors, packed as
+ * embed, attn_norm, mlp_norm, final_norm, and dev->nparams counts them, so
+ * no gradient buffer laid out like host->params can index dev: use it only
+ * where no gradient of the model's weights is formed (grads NULL). The
+ * caller need not register dev's weights (bf16/fp16 are covered; fp32 has
+ * nothing to register). Returns 0, or -1 with err set (as
+ * llama_model_to_backend; "out of GPU memory" when the device is full);
+ * *dev is then zeroed and nothing is kept. Release with
+ * llama_model_free_backend. */
+int llama_model_to_backend_frozen(const backend *be, const llama_model *host, llama_model *dev,
+                                  char *err, size_t errlen);
+
+/* Releases what llama_model_to_backend or llama_model_to_backend_frozen
+ * made (the backend buffer, unless it was shared with the host model, and
+ * the frozen tensors, on the thread that made them) and zeroes *dev. Safe
+ * on a zeroed model. */
 void llama_model_free_backend(const backend *be, llama_model *dev);
 
 #endif

@@ -20,7 +20,10 @@
  * CUDA_FP32; in CUDA_BF16 / CUDA_FP16 both operands rounded to the low
  * precision (activations into the scratch before each product, weights
  * from their registered copy or converted on the fly) with fp32
- * accumulation and fp32 output. RoPE angles are computed on the host by the
+ * accumulation and fp32 output. Frozen weights (cuda_backend_upload_frozen)
+ * are registered ranges whose fp32 side does not exist: their key is
+ * host address space mapped with no access, so only the products, which
+ * map it to the copy, may be given it. RoPE angles are computed on the host by the
  * CPU backend, so both backends rotate by identical fp32 angles. */
 extern "C" {
 #include "worker/engine/backend.h"
@@ -30,11 +33,13 @@ extern "C" {
 #include "worker/engine/cuda/gemm.h"
 #include "worker/engine/cuda/kernels.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #define CB_ERR_LEN 512
 /* cuBLAS workspace per thread: what NVIDIA recommends for Hopper. */
@@ -42,13 +47,20 @@ extern "C" {
 /* Low-precision operands start on 16-byte boundaries (8 elements) inside
  * the scratch, as tensor-core kernels prefer. */
 #define CB_ALIGN_ELEMS 8
+/* Floats a frozen upload stages per chunk (32 MiB): large enough that the
+ * copies run at full speed, small next to any model worth freezing. */
+#define CB_FROZEN_CHUNK ((size_t)8 << 20)
 
 /* A weight range [w, w + n) of device floats with its copy in the
- * context's low precision. */
+ * context's low precision. A frozen range has no fp32 side: w is the start
+ * of n floats of inaccessible host address space (map_bytes of it, to be
+ * unmapped), and low is the only copy of the weights. */
 typedef struct {
     const float *w;
     size_t n;
     uint16_t *low;
+    bool frozen;
+    size_t map_bytes;
 } cb_weight;
 
 /* A live buffer from this thread's alloc, so that freeing it can drop the
@@ -180,8 +192,8 @@ static uint16_t *cb_scratch(const char *op, size_t n) {
     return cb.scratch;
 }
 
-/* The low-precision copy of [w, w + n) when a registered range holds it,
- * else NULL. */
+/* The low-precision copy of [w, w + n) when a registered range (frozen or
+ * not) holds it, else NULL. */
 static const uint16_t *cb_registered(const float *w, size_t n) {
     uintptr_t a = reinterpret_cast<uintptr_t>(w);
     for (size_t i = 0; i < cb.nweights; i++) {
@@ -213,7 +225,9 @@ static void cb_drop_weights_in(const void *p, size_t bytes) {
     size_t kept = 0;
     for (size_t i = 0; i < cb.nweights; i++) {
         uintptr_t w = reinterpret_cast<uintptr_t>(cb.weights[i].w);
-        if (w >= lo && w - lo < bytes) {
+        /* A frozen key is host address space, never inside a device buffer;
+         * only cuda_backend_free_frozen releases it. */
+        if (!cb.weights[i].frozen && w >= lo && w - lo < bytes) {
             cudaFree(cb.weights[i].low);
             continue;
         }
@@ -317,7 +331,10 @@ static void cb_scale(float *x, size_t n, float a) {
 
 /* --- matrix products -------------------------------------------------- */
 
-/* out (N, out_dim) (+)= x (N, in_dim) W^T: row-major C = A B^T. */
+/* out (N, out_dim) (+)= x (N, in_dim) W^T: row-major C = A B^T. In
+ * bf16/fp16 a w inside a registered or frozen range is read from its copy;
+ * a frozen w never reaches the fp32 branch, as the precision cannot change
+ * while frozen ranges exist. */
 static void cb_matmul(float *out, const float *x, const float *w, size_t N, size_t in_dim,
                       size_t out_dim, bool accumulate) {
     if (!cb_ready("matmul") || N == 0 || out_dim == 0) return;
@@ -339,7 +356,9 @@ static void cb_matmul(float *out, const float *x, const float *w, size_t N, size
             beta, out, out_dim);
 }
 
-/* dx (N, in) (+)= dy (N, out) W (out, in); dw (out, in) += dy^T x. */
+/* dx (N, in) (+)= dy (N, out) W (out, in); dw (out, in) += dy^T x. W is
+ * read only for dx, from its copy when registered or frozen (dw of a frozen
+ * weight is never asked for: it is not trained). */
 static void cb_matmul_backward(float *dx, float *dw, const float *dy, const float *x,
                                const float *w, size_t N, size_t in_dim, size_t out_dim,
                                bool accumulate_dx) {
@@ -562,12 +581,35 @@ static const backend cb_table = {
 
 /* --- the context ------------------------------------------------------ */
 
+/* Room for one more registry entry: 0, or -1 with err set. */
+static int cb_reserve_weight(char *err, size_t errlen) {
+    if (cb.nweights < cb.cap_weights) return 0;
+    size_t cap = cb.cap_weights ? 2 * cb.cap_weights : 8;
+    void *grown = realloc(cb.weights, cap * sizeof *cb.weights);
+    if (!grown) return cb_seterr(err, errlen, "out of host memory registering weights");
+    cb.weights = static_cast<cb_weight *>(grown);
+    cb.cap_weights = cap;
+    return 0;
+}
+
+/* The index of the frozen range whose key range holds w, or -1. */
+static long cb_frozen_at(const float *w) {
+    uintptr_t a = reinterpret_cast<uintptr_t>(w);
+    for (size_t i = 0; i < cb.nweights; i++) {
+        const cb_weight *r = &cb.weights[i];
+        uintptr_t b = reinterpret_cast<uintptr_t>(r->w);
+        if (r->frozen && a >= b && a - b < r->n * sizeof(float)) return (long)i;
+    }
+    return -1;
+}
+
 /* Converts every registered range again (after a switch of precision, the
  * copies being in the old one). */
 static void cb_reconvert_weights(void) {
     if (cb.precision == CUDA_FP32) return;
     for (size_t i = 0; i < cb.nweights && !cb.failed; i++)
-        cb_convert("register_weights", cb.weights[i].low, cb.weights[i].w, cb.weights[i].n);
+        if (!cb.weights[i].frozen)
+            cb_convert("register_weights", cb.weights[i].low, cb.weights[i].w, cb.weights[i].n);
 }
 
 const backend *cuda_backend_open(int device, cuda_precision precision, char *err,
@@ -585,6 +627,14 @@ const backend *cuda_backend_open(int device, cuda_precision precision, char *err
             return NULL;
         }
         if (precision != cb.precision) {
+            for (size_t i = 0; i < cb.nweights; i++)
+                if (cb.weights[i].frozen) {
+                    cb_seterr(err, errlen,
+                              "this thread holds frozen %s weights, which cannot be converted "
+                              "to %s; free them first",
+                              cuda_precision_name(cb.precision), cuda_precision_name(precision));
+                    return NULL;
+                }
             cb.precision = precision;
             cb_reconvert_weights();
         }
@@ -628,7 +678,11 @@ void cuda_backend_close(void) {
     if (!cb.open) return;
     cudaStreamSynchronize(cb.stream);
     (void)cudaGetLastError();
-    for (size_t i = 0; i < cb.nweights; i++) cudaFree(cb.weights[i].low);
+    for (size_t i = 0; i < cb.nweights; i++) {
+        cudaFree(cb.weights[i].low);
+        if (cb.weights[i].frozen)
+            munmap(const_cast<float *>(cb.weights[i].w), cb.weights[i].map_bytes);
+    }
     free(cb.weights);
     if (cb.scratch) cudaFree(cb.scratch);
     free(cb.buffers);
@@ -641,6 +695,11 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
     if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
     if (cb.failed) return cb_seterr(err, errlen, "an earlier GPU operation failed: %s", cb.err);
     if (cb.precision == CUDA_FP32 || n == 0) return 0;
+    if (cb_frozen_at(w) >= 0) {
+        /* Its copy is all there is and cannot change. */
+        if (cb_registered(w, n)) return 0;
+        return cb_seterr(err, errlen, "%zu weights at a frozen key run past its end", n);
+    }
     for (size_t i = 0; i < cb.nweights; i++) {
         cb_weight *r = &cb.weights[i];
         if (r->w != w) continue;
@@ -654,20 +713,14 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
         cuda_backend_forget_weights(w);
         break;
     }
-    if (cb.nweights == cb.cap_weights) {
-        size_t cap = cb.cap_weights ? 2 * cb.cap_weights : 8;
-        void *grown = realloc(cb.weights, cap * sizeof *cb.weights);
-        if (!grown) return cb_seterr(err, errlen, "out of host memory registering weights");
-        cb.weights = static_cast<cb_weight *>(grown);
-        cb.cap_weights = cap;
-    }
+    if (cb_reserve_weight(err, errlen) != 0) return -1;
     void *low = NULL;
     if (cudaMalloc(&low, n * sizeof(uint16_t)) != cudaSuccess) {
         (void)cudaGetLastError();
         return cb_seterr(err, errlen, "out of GPU memory for a %s copy of %zu weights",
                          cuda_precision_name(cb.precision), n);
     }
-    cb_weight r = {w, n, static_cast<uint16_t *>(low)};
+    cb_weight r = {w, n, static_cast<uint16_t *>(low), false, 0};
     if (!cb_convert("register_weights", r.low, w, n)) {
         cudaFree(low);
         return cb_seterr(err, errlen, "%s", cb.err);
@@ -679,7 +732,7 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
 void cuda_backend_forget_weights(const float *w) {
     if (!cb.open) return;
     for (size_t i = 0; i < cb.nweights; i++) {
-        if (cb.weights[i].w != w) continue;
+        if (cb.weights[i].w != w || cb.weights[i].frozen) continue;
         /* Queued products may still read the copy. */
         cudaStreamSynchronize(cb.stream);
         cudaFree(cb.weights[i].low);
@@ -697,3 +750,90 @@ int cuda_backend_sync(char *err, size_t errlen) {
     cb.err[0] = '\0';
     return -1;
 }
+
+/* Fills low (n, low precision, device) from host (n floats) chunk by chunk
+ * through stage (chunk floats, device). The stream orders each copy into
+ * stage after the conversion that read its previous contents. Returns
+ * whether everything ran (an error is recorded otherwise). */
+static bool cb_stage_frozen(uint16_t *low, const float *host, size_t n, float *stage,
+                            size_t chunk) {
+    for (size_t off = 0; off < n; off += chunk) {
+        size_t m = n - off < chunk ? n - off : chunk;
+        if (!cb_cuda_ok("upload_frozen", cudaMemcpyAsync(stage, host + off, m * sizeof(float),
+                                                         cudaMemcpyHostToDevice, cb.stream)))
+            return false;
+        if (!cb_convert("upload_frozen", low + off, stage, m)) return false;
+    }
+    return cb_cuda_ok("upload_frozen", cudaStreamSynchronize(cb.stream));
+}
+
+int cuda_backend_upload_frozen(const float *host, size_t n, const float **key, char *err,
+                               size_t errlen) {
+    *key = NULL;
+    if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
+    if (cb.failed) return cb_seterr(err, errlen, "an earlier GPU operation failed: %s", cb.err);
+    if (cb.precision == CUDA_FP32)
+        return cb_seterr(err, errlen, "frozen weights need bf16 or fp16 products; this context "
+                                      "computes in fp32");
+    if (!host || n == 0) return cb_seterr(err, errlen, "no weights to upload");
+    if (n > SIZE_MAX / sizeof(float))
+        return cb_seterr(err, errlen, "%zu weights do not fit in the address space", n);
+    if (cb_reserve_weight(err, errlen) != 0) return -1;
+    size_t map_bytes = n * sizeof(float);
+    /* PROT_NONE and MAP_NORESERVE: no memory, no commit charge, and any
+     * dereference faults. */
+    void *range = mmap(NULL, map_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+    if (range == MAP_FAILED)
+        return cb_seterr(err, errlen, "cannot reserve %zu bytes of address space for frozen "
+                                      "weights: %s", map_bytes, strerror(errno));
+    void *low = NULL, *stage = NULL;
+    size_t chunk = n < CB_FROZEN_CHUNK ? n : CB_FROZEN_CHUNK;
+    if (cudaMalloc(&low, n * sizeof(uint16_t)) != cudaSuccess) {
+        (void)cudaGetLastError();
+        cb_seterr(err, errlen, "out of GPU memory for %zu frozen %s weights", n,
+                  cuda_precision_name(cb.precision));
+        goto fail;
+    }
+    if (cudaMalloc(&stage, chunk * sizeof(float)) != cudaSuccess) {
+        (void)cudaGetLastError();
+        cb_seterr(err, errlen, "out of GPU memory for %zu bytes of staging for frozen weights",
+                  chunk * sizeof(float));
+        goto fail;
+    }
+    if (!cb_stage_frozen(static_cast<uint16_t *>(low), host, n, static_cast<float *>(stage),
+                         chunk)) {
+        cb_seterr(err, errlen, "%s", cb.err);
+        goto fail;
+    }
+    cudaFree(stage);
+    cb.weights[cb.nweights++] = {static_cast<const float *>(range), n,
+                                 static_cast<uint16_t *>(low), true, map_bytes};
+    *key = static_cast<const float *>(range);
+    return 0;
+fail:
+    /* The stream may still hold the copies: they must finish before the
+     * memory goes. */
+    cudaStreamSynchronize(cb.stream);
+    (void)cudaGetLastError();
+    if (stage) cudaFree(stage);
+    if (low) cudaFree(low);
+    munmap(range, map_bytes);
+    return -1;
+}
+
+void cuda_backend_free_frozen(const float *key) {
+    if (!cb.open || !key) return;
+    for (size_t i = 0; i < cb.nweights; i++) {
+        cb_weight *r = &cb.weights[i];
+        if (!r->frozen || r->w != key) continue;
+        /* Queued products may still read the copy. */
+        cudaStreamSynchronize(cb.stream);
+        cudaFree(r->low);
+        munmap(const_cast<float *>(r->w), r->map_bytes);
+        cb.weights[i] = cb.weights[--cb.nweights];
+        return;
+    }
+}
+
+bool cuda_backend_low_precision(void) { return cb.open && cb.precision != CUDA_FP32; }

@@ -72,6 +72,39 @@ void cuda_backend_close(void);
 int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t errlen);
 void cuda_backend_forget_weights(const float *w);
 
+/* Frozen weights: tensors that are read only by matmul (and by
+ * matmul_backward for dx), never written, in bf16/fp16 contexts. They live
+ * on the device ONLY in the context's low precision (2 bytes a weight, no
+ * fp32 copy), which is what lets predict of a 7B model and LoRA training on
+ * a 7B base fit (docs/gpu.md).
+ *
+ * cuda_backend_upload_frozen converts host[0, n) (fp32, host memory) into a
+ * new low-precision device tensor, in chunks through a bounded fp32 staging
+ * buffer (at most 32 MiB), so neither the host nor the device ever holds a
+ * second full copy. *key is set to the tensor's key: the start of n floats
+ * of host address space reserved with no access (it costs no memory), which
+ * stands for the tensor wherever the engine wants a float pointer. matmul
+ * and matmul_backward given a w inside [key, key + n) read the copy at the
+ * same element offset, as they do for registered weights; every other op
+ * given such a pointer is a programming error, and the GPU (or the host
+ * with the emulator) faults on it. The key is valid until
+ * cuda_backend_free_frozen(key) or cuda_backend_close. While a thread holds
+ * frozen tensors, cuda_backend_open refuses to change its precision (there
+ * is no fp32 source to convert again). Returns 0, or -1 with err set: the
+ * context computes in fp32 (upload normally there), out of GPU memory
+ * (err says "out of GPU memory"), no address space, a failed copy or
+ * conversion; *key is then NULL and nothing is kept. */
+int cuda_backend_upload_frozen(const float *host, size_t n, const float **key, char *err,
+                               size_t errlen);
+/* Frees the device copy of the frozen tensor whose key is key and releases
+ * its address range. A pointer that is not a live key of the calling
+ * thread (NULL, an ordinary device buffer) is ignored, so a caller may pass
+ * any weight pointer. */
+void cuda_backend_free_frozen(const float *key);
+/* Whether the calling thread has an open context whose products are bf16
+ * or fp16 (where frozen tensors can be uploaded). */
+bool cuda_backend_low_precision(void);
+
 /* Device bytes free and total on the thread's device (after open). */
 int cuda_backend_memory(size_t *free_bytes, size_t *total_bytes, char *err, size_t errlen);
 

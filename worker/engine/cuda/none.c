@@ -37,6 +37,19 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
 
 void cuda_backend_forget_weights(const float *w) { (void)w; }
 
+int cuda_backend_upload_frozen(const float *host, size_t n, const float **key, char *err,
+                               size_t errlen) {
+    (void)host;
+    (void)n;
+    *key = NULL;
+    return err_set(err, errlen, "%s", NONE_WHY);
+}
+
+/* No key can have been handed out. */
+void cuda_backend_free_frozen(const float *key) { (void)key; }
+
+bool cuda_backend_low_precision(void) { return false; }
+
 int cuda_backend_memory(size_t *free_bytes, size_t *total_bytes, char *err, size_t errlen) {
     if (free_bytes) *free_bytes = 0;
     if (total_bytes) *total_bytes = 0;
