@@ -29,6 +29,7 @@ extern "C" {
 #include "worker/engine/backend.h"
 }
 #include "worker/engine/cuda/compat.cuh"
+#include "worker/engine/cuda/attn_gemm.h"
 #include "worker/engine/cuda/cuda.h"
 #include "worker/engine/cuda/gemm.h"
 #include "worker/engine/cuda/kernels.h"
@@ -78,6 +79,7 @@ typedef struct {
     gemm_ctx *gemm;
     uint16_t *scratch; /* scratch_elems low-precision elements */
     size_t scratch_elems;
+    attn_gemm_ws attn_ws; /* S/P and 16-bit q/k/v/dout of attn_gemm.h */
     cb_weight *weights;
     size_t nweights, cap_weights;
     cb_buffer *buffers;
@@ -475,12 +477,33 @@ static void cb_rope(float *x, const int *pos, size_t N, int nheads, int HS, floa
     cudaFree(table);
 }
 
+/* Whether attention of this shape takes the tensor-core path (attn_gemm.h):
+ * bf16/fp16 products and T >= ATTN_GEMM_MIN_T, a shape it plans and room
+ * for its workspace in the context (grown here, never shrunk). Otherwise,
+ * fp32 jobs included, the exact flash kernels run: a refused plan (one
+ * head's scores past the cap) or a full device costs speed, not the job.
+ * Decided before anything is enqueued. */
+static bool cb_attn_gemm(int B, int T, int NH, int NKV, int HS, bool backward,
+                         attn_gemm_plan *plan) {
+    if (!attn_gemm_wanted(cb.precision != CUDA_FP32, T)) return false;
+    char e[CB_ERR_LEN] = "";
+    if (attn_gemm_plan_make(plan, B, T, NH, NKV, HS, backward, ATTN_GEMM_SP_CAP, e, sizeof e))
+        return false;
+    return attn_gemm_reserve(&cb.attn_ws, plan->ws_bytes, cb_stream(), e, sizeof e) == 0;
+}
+
 static void cb_attention(float *out, const float *q, const float *k, const float *v,
                          const int *lengths, int B, int T, int NH, int NKV, int HS,
                          float *scratch) {
     if (!cb_ready("attention")) return;
     char e[CB_ERR_LEN] = "";
-    int rc = cuk_attention(out, q, k, v, lengths, B, T, NH, NKV, HS, scratch, cb_stream(), e,
+    attn_gemm_plan plan;
+    int rc;
+    if (cb_attn_gemm(B, T, NH, NKV, HS, false, &plan))
+        rc = attn_gemm_forward(&plan, &cb.attn_ws, cb.gemm, cb_low_type(), out, q, k, v, lengths,
+                               cb_stream(), e, sizeof e);
+    else
+        rc = cuk_attention(out, q, k, v, lengths, B, T, NH, NKV, HS, scratch, cb_stream(), e,
                            sizeof e);
     cb_launched("attention", rc, e);
 }
@@ -491,7 +514,13 @@ static void cb_attention_backward(float *dq, float *dk, float *dv, const float *
                                   float *scratch) {
     if (!cb_ready("attention_backward")) return;
     char e[CB_ERR_LEN] = "";
-    int rc = cuk_attention_backward(dq, dk, dv, dout, q, k, v, lengths, B, T, NH, NKV, HS,
+    attn_gemm_plan plan;
+    int rc;
+    if (cb_attn_gemm(B, T, NH, NKV, HS, true, &plan))
+        rc = attn_gemm_backward(&plan, &cb.attn_ws, cb.gemm, cb_low_type(), dq, dk, dv, dout, q,
+                                k, v, lengths, cb_stream(), e, sizeof e);
+    else
+        rc = cuk_attention_backward(dq, dk, dv, dout, q, k, v, lengths, B, T, NH, NKV, HS,
                                     scratch, cb_stream(), e, sizeof e);
     cb_launched("attention_backward", rc, e);
 }
@@ -685,6 +714,7 @@ void cuda_backend_close(void) {
     }
     free(cb.weights);
     if (cb.scratch) cudaFree(cb.scratch);
+    attn_gemm_ws_free(&cb.attn_ws);
     free(cb.buffers);
     gemm_ctx_free(cb.gemm);
     cudaStreamDestroy(cb.stream);
