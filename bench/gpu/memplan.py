@@ -1,9 +1,15 @@
 """bench/gpu/memplan.py - GPU memory of strata's CUDA engine for a LLaMA config,
 from the sizes the code states: forward.h's llama_state (activations; the
-training buffers' formula in its comment), the CUDA backend's copies
-(backend.cu: the model in fp32 via llama_model_to_backend, a bf16/fp16 copy
-of every registered weight, a low-precision scratch as large as the biggest
-product's operands, 32 MiB of cuBLAS workspace), and the LoRA buffers.
+training buffers' formula in its comment), the frozen model as
+llama_model_to_backend_frozen places it for predict and for LoRA's base
+model in bf16/fp16 (model_backend.h: embedding and norms in fp32, the seven
+projections and an untied head only in bf16 via cuda_backend_upload_frozen,
+a tied head's bf16 copy registered), the CUDA backend's low-precision
+scratch as large as the biggest product's converted operands, 32 MiB of
+cuBLAS workspace, and the LoRA buffers (parameters, gradients and AdamW's
+two moments, all fp32 on the device). For comparison each table also states
+the total of the placement before frozen weights (the whole model in fp32
+plus a registered bf16 copy of all of it).
 The forward's (B, T, V) device logits are allocated only when logits are
 asked for (predict asks for none; training's logits are in its working
 space), so they are not counted.
@@ -27,16 +33,30 @@ def nparams(c):
     return V * C * (1 if c["tied"] else 2) + L * per_layer + C
 
 
+def fp32_part(c):
+    """Floats a frozen placement keeps in fp32: embedding and norms."""
+    C, L, V = c["C"], c["L"], c["V"]
+    return V * C + 2 * L * C + C
+
+
+def model_items(c):
+    """The frozen model's device bytes (llama_model_to_backend_frozen, bf16)."""
+    P, F = nparams(c), fp32_part(c)
+    items = [("embedding and norms, fp32", 4 * F),
+             ("projections%s, bf16 only (frozen)" % ("" if c["tied"] else " and lm_head"),
+              2 * (P - F))]
+    if c["tied"]:
+        items.append(("bf16 copy of the tied head", 2 * c["V"] * c["C"]))
+    return items
+
+
 def plan(c, B, T, train, r=8, targets=("q", "v")):
     """[(item, bytes)] for the current engine."""
     C, FF, L, V = c["C"], c["FF"], c["L"], c["V"]
     kvd = C // c["NH"] * c["NKV"]
     HS = C // c["NH"]
     N = B * T
-    P = nparams(c)
-    items = [
-        ("model, fp32 (llama_model_to_backend)", 4 * P),
-        ("bf16 copy of the registered weights", 2 * P),
+    items = model_items(c) + [
         ("activations (llama_state_init: x, xn, q, k, v, gate, up, scores, rope)",
          4 * (N * (3 * C + 2 * kvd + 2 * FF) + T * T + T * HS)),
     ]
@@ -49,9 +69,11 @@ def plan(c, B, T, train, r=8, targets=("q", "v")):
             ("backward working space: N (V + 3C + 2KVD + 3FF) + 2 T^2",
              4 * (N * (V + 3 * C + 2 * kvd + 3 * FF) + 2 * T * T)),
             ("LoRA u (L, 7, N, r) and du (N, r)", 4 * (L * 7 * N * r + N * r)),
-            ("LoRA params and gradients (fp32)", 2 * 4 * n_lora),
+            ("LoRA params, gradients and AdamW moments (fp32)", 4 * 4 * n_lora),
         ]
-        scratch = 2 * N * (V + C)  # lm_head's backward: dy (N, V) and x (N, C) in bf16
+        # lm_head's backward: dy (N, V) in bf16; the frozen head is read from
+        # its copy and has no gradient, so x is not converted.
+        scratch = 2 * N * V
     else:
         scratch = 2 * N * max(C, FF)  # the widest activation operand of a product
     items += [("low-precision operand scratch", scratch), ("cuBLAS workspace", 32 << 20),
@@ -59,19 +81,21 @@ def plan(c, B, T, train, r=8, targets=("q", "v")):
     return items
 
 
-def table(title, items, budget_gb):
+def table(title, items, budget_gb, c):
     total = sum(b for _, b in items)
+    model = sum(b for _, b in model_items(c))
+    before = total - model + 6 * nparams(c)
     lines = ["**%s**" % title, "", "| item | GiB |", "|---|---:|"]
     lines += ["| %s | %.2f |" % (k, b / GIB) for k, b in items]
     lines.append("| **total** | **%.2f** |" % (total / GIB))
     budget = budget_gb * 1e9 / GIB
-    fp32 = items[0][1]
     lines.append("")
-    lines.append("Against %d GB (%.1f GiB): %s by %.1f GiB as the engine stands; "
-                 "without the fp32 copy of the frozen weights (%.2f GiB): total %.2f GiB, %s."
+    lines.append("Against %d GB (%.1f GiB): %s by %.1f GiB as the engine stands. Placed as "
+                 "before frozen weights (fp32 model plus a registered bf16 copy, %.2f GiB "
+                 "instead of %.2f): total %.2f GiB, %s."
                  % (budget_gb, budget, "fits" if total <= budget * GIB else "over",
-                    abs(budget * GIB - total) / GIB, fp32 / GIB, (total - fp32) / GIB,
-                    "fits" if total - fp32 <= budget * GIB else "still over"))
+                    abs(budget * GIB - total) / GIB, 6 * nparams(c) / GIB, model / GIB,
+                    before / GIB, "fits" if before <= budget * GIB else "over"))
     return lines
 
 
@@ -79,9 +103,9 @@ def render():
     c = LLAMA2_7B
     out = ["Llama-2-7B: %d parameters (untied head), C %d, FF %d, L %d, V %d."
            % (nparams(c), c["C"], c["FF"], c["L"], c["V"]), ""]
-    out += table("LoRA r 8 on q_proj, v_proj, batch 4 x 1024, bf16 products", plan(c, 4, 1024, True), 80)
+    out += table("LoRA r 8 on q_proj, v_proj, batch 4 x 1024, bf16 products", plan(c, 4, 1024, True), 80, c)
     out.append("")
-    out += table("predict, batch 8 x 1024, bf16 products", plan(c, 8, 1024, False), 24)
+    out += table("predict, batch 8 x 1024, bf16 products", plan(c, 8, 1024, False), 24, c)
     return "\n".join(out) + "\n"
 
 
