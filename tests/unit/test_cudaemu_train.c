@@ -22,6 +22,19 @@
  *     largest |value| 0.1 to 1).
  *     Measured (emulator): hidden states 3e-4 (bf16); losses 1e-4, grad
  *     norms 1e-3, tensors 0.02 (bf16 LoRA) and 0.06 (fp16 full).
+ * The optimizer runs on the device (train.c: cuk_sumsq + cuk_adamw, the
+ * moments in device memory): every GPU train job's log must say that a
+ * step moved 16 bytes (the gradients' sum of squares and inf/NaN flag) and
+ * that its steps moved 16 each, nothing more. Where the optimizer ran on
+ * the host before, a step downloaded the gradients and uploaded the
+ * parameters: 8 bytes per trainable parameter (the full fp32 runs here:
+ * 2 x 4 x 12,672 = 101,376 bytes a step, printed per run; a 7B model: 2 x 27 GB).
+ * fp32 with clipping active at every step (max_grad_norm below every norm,
+ * asserted) and weight decay on some ranges, for full fine-tuning and LoRA,
+ * within FP32_TOL of the CPU; checkpoints cross devices: one written on
+ * the GPU (moments within FP32_TOL of the CPU's, same step, config and
+ * ranges) continues on the CPU, one written on the CPU continues on the
+ * GPU, both ending within FP32_TOL of the uninterrupted CPU run.
  * Also: the job logs which device it ran on and the result says so; a GPU
  * that does not exist falls back to the CPU, unless the job required one,
  * which then fails without a retry. */
@@ -71,8 +84,23 @@ static void test_log(runner_ctx *ctx, const char *line) {
     snprintf(job_log + used, sizeof job_log - used, "%s\n", line);
 }
 
+/* The checkpoint the next job resumes from (resume_step 0: none). */
+static char resume_dir[PATH_MAX];
+static int64_t resume_step;
+
+static int test_resolve_checkpoint(runner_ctx *ctx, char *dir, size_t dirlen, int64_t *step,
+                                   char *err, size_t errlen) {
+    (void)ctx;
+    (void)err;
+    (void)errlen;
+    *step = resume_step;
+    snprintf(dir, dirlen, "%s", resume_dir);
+    return 0;
+}
+
 /* Runs kind with spec_text ('' quotes; %M the model dir, %D the dataset)
- * on gpu (-1: the CPU), gpu_required as given. Returns runner_run's
+ * on gpu (-1: the CPU), gpu_required as given, resuming from resume_dir's
+ * checkpoint of resume_step when that is not 0. Returns runner_run's
  * status; *result on success, err and *retryable on failure. */
 static int run_job(tu_run *run, const char *kind, const char *spec_text, int gpu,
                    bool gpu_required, json_t **result, bool *retryable, char *err,
@@ -99,6 +127,7 @@ static int run_job(tu_run *run, const char *kind, const char *spec_text, int gpu
     ctx.log = test_log;
     ctx.gpu = gpu;
     ctx.gpu_required = gpu_required;
+    ctx.resolve_checkpoint = test_resolve_checkpoint;
     job_log[0] = '\0';
     bool cancelled = false;
     *retryable = false;
@@ -304,17 +333,40 @@ static void test_predict_bf16(void **state) {
     "'max_steps': 3, 'save_steps': 0, 'max_grad_norm': 0.5, 'seed': 5, "                        \
     "'precision': '" precision "'}"
 
+/* Fails unless the job log says the optimizer ran on the GPU and its
+ * steps moved 16 bytes each between host and device (the gradients' sum of
+ * squares and inf/NaN flag), steps of them in this run. */
+static void expect_device_optimizer(int64_t steps) {
+    char line[128];
+    expect_log("optimizer: AdamW on GPU 0 (fp32 master weights and moments of ");
+    expect_log("on the device); a step moves 16 bytes to the host");
+    snprintf(line, sizeof line, "optimizer: %lld steps moved %lld bytes between host and GPU",
+             (long long)steps, (long long)steps * 16);
+    expect_log(line);
+}
+
 /* Runs spec on the CPU and on the GPU and compares losses, learning rates,
- * grad norms and the saved tensors (file) within tol; returns the worst
- * loss difference. */
+ * grad norms and the saved tensors (file) within tol; every GPU grad norm
+ * must exceed min_norm (a max_grad_norm the test wants active). Returns
+ * the worst loss difference. */
 static double train_pair(const char *spec, const char *file, const char *precision, double tol,
-                         double tensor_tol) {
+                         double tensor_tol, double min_norm) {
     tu_run cpu, gpu;
     tu_run_begin(&cpu, "emu-tc");
     tu_run_begin(&gpu, "emu-tg");
     json_t *rc = run_ok(&cpu, "train", spec, -1);
     json_t *rg = run_ok(&gpu, "train", spec, 0);
     expect_device(rg, "cuda", precision);
+    expect_device_optimizer(json_integer_value(json_object_get(rg, "steps")));
+    json_int_t trainable = json_integer_value(json_object_get(rg, "trainable_parameters"));
+    assert_true(trainable > 0);
+    printf("optimizer step host<->device: 16 bytes (host AdamW: %lld)\n",
+           (long long)trainable * 8);
+    json_t *gn = json_object_get(rg, "grad_norms");
+    for (size_t i = 0; i < json_array_size(gn); i++)
+        if (!(json_real_value(json_array_get(gn, i)) > min_norm))
+            fail_msg("grad norm %zu is %g, not above %g", i,
+                     json_real_value(json_array_get(gn, i)), min_norm);
     if (strcmp(precision, "fp16") == 0) {
         expect_log("fp16: loss scale 65536");
         /* at 2^16 these gradients stay finite: no step skipped */
@@ -341,22 +393,175 @@ static double train_pair(const char *spec, const char *file, const char *precisi
 
 static void test_train_lora_fp32(void **state) {
     (void)state;
-    train_pair(LORA_SPEC("fp32"), "adapter_model.safetensors", "fp32", FP32_TOL, FP32_TOL);
+    train_pair(LORA_SPEC("fp32"), "adapter_model.safetensors", "fp32", FP32_TOL, FP32_TOL, 0);
 }
 
 static void test_train_full_fp32(void **state) {
     (void)state;
-    train_pair(FULL_SPEC("fp32"), "model.safetensors", "fp32", FP32_TOL, FP32_TOL);
+    train_pair(FULL_SPEC("fp32"), "model.safetensors", "fp32", FP32_TOL, FP32_TOL, 0);
 }
 
 static void test_train_lora_bf16(void **state) {
     (void)state;
-    train_pair(LORA_SPEC("bf16"), "adapter_model.safetensors", "bf16", LOWP_TOL, LOWP_TENSOR_TOL);
+    train_pair(LORA_SPEC("bf16"), "adapter_model.safetensors", "bf16", LOWP_TOL, LOWP_TENSOR_TOL,
+               0);
 }
 
 static void test_train_full_fp16(void **state) {
     (void)state;
-    train_pair(FULL_SPEC("fp16"), "model.safetensors", "fp16", LOWP_TOL, LOWP_TENSOR_TOL);
+    train_pair(FULL_SPEC("fp16"), "model.safetensors", "fp16", LOWP_TOL, LOWP_TENSOR_TOL, 0);
+}
+
+/* Clipping and weight decay on the device optimizer, fp32: max_grad_norm
+ * 0.05 is below every step's gradient norm (asserted), so every step clips;
+ * weight_decay 0.1 applies to the linear weights and the embedding but not
+ * to the norm weights (full fine-tuning: ranges of both kinds) or to the
+ * whole adapter (LoRA). Within FP32_TOL of the CPU, as without them. */
+#define CLIP_SPEC(method, extra)                                                                \
+    "{'base_model': {'path': '%M'}, 'dataset': {'path': '%D'}, 'template': 'vanilla', "         \
+    "'method': '" method "', " extra "'learning_rate': 0.01, 'lr_scheduler': 'cosine', "        \
+    "'warmup_steps': 1, 'batch_size': 2, 'max_steps': 6, 'save_steps': 2, "                     \
+    "'weight_decay': 0.1, 'max_grad_norm': 0.05, 'seed': 7, 'precision': 'fp32'}"
+#define CLIP_LORA                                                                               \
+    CLIP_SPEC("lora", "'lora': {'r': 2, 'alpha': 4, 'targets': ['q_proj', 'o_proj', "          \
+                      "'up_proj']}, ")
+#define CLIP_FULL CLIP_SPEC("full", "")
+#define CLIP_MAX_NORM 0.05
+
+static void test_train_clip_decay_full(void **state) {
+    (void)state;
+    train_pair(CLIP_FULL, "model.safetensors", "fp32", FP32_TOL, FP32_TOL, CLIP_MAX_NORM);
+}
+
+static void test_train_clip_decay_lora(void **state) {
+    (void)state;
+    train_pair(CLIP_LORA, "adapter_model.safetensors", "fp32", FP32_TOL, FP32_TOL,
+               CLIP_MAX_NORM);
+}
+
+/* A little-endian uint64 at p. */
+static uint64_t le64(const unsigned char *p) {
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++) x |= (uint64_t)p[i] << (8 * i);
+    return x;
+}
+
+/* Compares two checkpoint optimizer states (adamw.c's format): the same
+ * header and ranges byte for byte (step, config, ranges), the moments
+ * within tol relative (each of m and v on its own). */
+static void optimizer_files_close(const char *a, const char *b, double tol) {
+    char *da = NULL, *db = NULL, err[ERR_LEN];
+    size_t la = 0, lb = 0;
+    if (util_read_file(a, (size_t)1 << 28, &da, &la, err, sizeof err) != 0 ||
+        util_read_file(b, (size_t)1 << 28, &db, &lb, err, sizeof err) != 0)
+        fail_msg("%s", err);
+    assert_int_equal(la, lb);
+    assert_true(la > 64 && memcmp(da, "STRAdamW", 8) == 0);
+    size_t prefix = 64 + 24 * (size_t)le64((const unsigned char *)da + 24);
+    assert_true(prefix < la && (la - prefix) % 8 == 0);
+    assert_memory_equal(da, db, prefix);
+    size_t T = (la - prefix) / 8;
+    double *x = malloc(T * sizeof *x), *y = malloc(T * sizeof *y);
+    assert_true(x && y);
+    for (int which = 0; which < 2; which++) {
+        for (size_t i = 0; i < T; i++) {
+            float fa, fb;
+            memcpy(&fa, da + prefix + (which * T + i) * 4, 4);
+            memcpy(&fb, db + prefix + (which * T + i) * 4, 4);
+            x[i] = fa;
+            y[i] = fb;
+        }
+        double d = rel_diff(x, y, T, which ? "exp_avg_sq" : "exp_avg");
+        printf("  checkpoint %s: %s %.3g relative\n", strrchr(a, '/') + 1,
+               which ? "exp_avg_sq" : "exp_avg", d);
+        assert_true(d <= tol);
+    }
+    free(x);
+    free(y);
+    free(da);
+    free(db);
+}
+
+/* Checkpoints cross devices (fp32, clipping and decay active, 6 steps,
+ * checkpoints every 2): A runs on the CPU, B on the GPU, both from the
+ * start; C resumes B's (GPU) checkpoint of step 2 on the CPU, D resumes A's
+ * (CPU) checkpoint of step 4 on the GPU. The GPU's checkpoint holds the
+ * CPU's step, config and ranges and moments within FP32_TOL; C and D end
+ * where A ends: every loss, learning rate and grad norm and the final
+ * tensors within FP32_TOL, and each says where it resumed. */
+static void check_resume_across(const char *spec, const char *file, const char *ckpt) {
+    tu_run a, b, c, d;
+    tu_run_begin(&a, "emu-ra");
+    tu_run_begin(&b, "emu-rb");
+    tu_run_begin(&c, "emu-rc");
+    tu_run_begin(&d, "emu-rd");
+    resume_step = 0;
+    json_t *ra = run_ok(&a, "train", spec, -1);
+    json_t *rb = run_ok(&b, "train", spec, 0);
+    expect_device_optimizer(6);
+    char pa[PATH_MAX + 64], pb[PATH_MAX + 64];
+    for (int step = 2; step <= 6; step += 2) {
+        snprintf(pa, sizeof pa, "%s/checkpoint-%d-optimizer.bin", a.out, step);
+        snprintf(pb, sizeof pb, "%s/checkpoint-%d-optimizer.bin", b.out, step);
+        optimizer_files_close(pb, pa, FP32_TOL);
+        char name[96];
+        snprintf(name, sizeof name, "checkpoint-%d-%s", step, ckpt);
+        double dt = tensors_diff(&b, &a, name);
+        assert_true(dt <= FP32_TOL);
+    }
+    /* GPU checkpoint of step 2, continued on the CPU */
+    snprintf(resume_dir, sizeof resume_dir, "%s", b.out);
+    resume_step = 2;
+    json_t *rc = run_ok(&c, "train", spec, -1);
+    expect_log("train: resumed from checkpoint step 2");
+    expect_log("running on the CPU (fp32)");
+    /* CPU checkpoint of step 4, continued on the GPU */
+    snprintf(resume_dir, sizeof resume_dir, "%s", a.out);
+    resume_step = 4;
+    json_t *rd = run_ok(&d, "train", spec, 0);
+    resume_step = 0;
+    expect_log("train: resumed from checkpoint step 4");
+    expect_device(rd, "cuda", "fp32");
+    expect_device_optimizer(2);
+    assert_int_equal(json_integer_value(json_object_get(rc, "resumed_from")), 2);
+    assert_int_equal(json_integer_value(json_object_get(rd, "resumed_from")), 4);
+    const struct {
+        json_t *r;
+        tu_run *run;
+        const char *what;
+    } cont[] = {{rb, &b, "GPU from the start"}, {rc, &c, "GPU step 2 -> CPU"},
+                {rd, &d, "CPU step 4 -> GPU"}};
+    for (size_t i = 0; i < sizeof cont / sizeof cont[0]; i++) {
+        assert_int_equal(json_array_size(json_object_get(cont[i].r, "losses")), 6);
+        double dl = series_diff(cont[i].r, ra, "losses");
+        double dr = series_diff(cont[i].r, ra, "learning_rates");
+        double dn = series_diff(cont[i].r, ra, "grad_norms");
+        double dt = tensors_diff(cont[i].run, &a, file);
+        printf("%s vs CPU uninterrupted: losses %.3g, lrs %.3g, grad norms %.3g, %s %.3g\n",
+               cont[i].what, dl, dr, dn, file, dt);
+        assert_true(dl <= FP32_TOL);
+        assert_true(dr <= 1e-12);
+        assert_true(dn <= FP32_TOL);
+        assert_true(dt <= FP32_TOL);
+    }
+    json_decref(ra);
+    json_decref(rb);
+    json_decref(rc);
+    json_decref(rd);
+    tu_run_end(&a);
+    tu_run_end(&b);
+    tu_run_end(&c);
+    tu_run_end(&d);
+}
+
+static void test_resume_across_full(void **state) {
+    (void)state;
+    check_resume_across(CLIP_FULL, "model.safetensors", "model.safetensors");
+}
+
+static void test_resume_across_lora(void **state) {
+    (void)state;
+    check_resume_across(CLIP_LORA, "adapter_model.safetensors", "adapter_model.safetensors");
 }
 
 /* fp16 overflow: examples whose only label is EOS, one per step, so each
@@ -388,6 +593,8 @@ static void test_train_fp16_skip(void **state) {
     printf("fp16 with one label per step: %lld of 8 steps skipped\n", (long long)skipped);
     assert_true(skipped >= 1 && skipped < 8);
     expect_log("step 1: fp16 gradients overflowed; step skipped, loss scale now 32768");
+    /* skipped steps download the norm too, and nothing else */
+    expect_device_optimizer(8);
     /* a skipped step reports grad norm 0 and still has a finite loss */
     json_t *norms = json_object_get(r, "grad_norms"), *losses = json_object_get(r, "losses");
     assert_true(json_real_value(json_array_get(norms, 0)) == 0.0);
@@ -466,6 +673,10 @@ int main(void) {
         cmocka_unit_test(test_train_full_fp32),
         cmocka_unit_test(test_train_lora_bf16),
         cmocka_unit_test(test_train_full_fp16),
+        cmocka_unit_test(test_train_clip_decay_full),
+        cmocka_unit_test(test_train_clip_decay_lora),
+        cmocka_unit_test(test_resume_across_full),
+        cmocka_unit_test(test_resume_across_lora),
         cmocka_unit_test(test_train_fp16_skip),
         cmocka_unit_test(test_fallback_and_required),
     };
