@@ -28,6 +28,10 @@
  *                       ~10^5 outputs over the largest output stays near
  *                       2^-9 ~ 2e-3 (bf16) / 2^-12 ~ 2.4e-4 (fp16); the
  *                       bounds leave a factor of about 5 above that.
+ *                 Attention runs on the tensor cores there too (attn_gemm.h,
+ *                 T >= 64), so each low-precision mode also checks it
+ *                 against the fp32 CPU attention (ATTN_BF16_TOL and
+ *                 ATTN_FP16_TOL below).
  *   ref ...       tests/reference/ PyTorch fixtures (forward hidden states
  *                 and logits; loss and gradients of full and LoRA training)
  *                 through llama_forward / llama_loss_and_grad on the GPU in
@@ -56,6 +60,13 @@
 #define MATMUL_ROUNDED_TOL 1e-4
 #define MATMUL_BF16_TOL 1e-2
 #define MATMUL_FP16_TOL 2e-3
+/* Attention in bf16/fp16 (the tensor-core path, attn_gemm.h, for T >= 64;
+ * its products run gemm_run_strided_batched) vs the fp32 CPU attention:
+ * q, k, v, P (and dO, dS) carry 2^-9 / 2^-12 relative rounding, which the
+ * emulated test measures at 5e-3 (bf16) and 8e-4 (fp16) of the largest
+ * output; 4-5x above that. */
+#define ATTN_BF16_TOL 2e-2
+#define ATTN_FP16_TOL 4e-3
 #define GT_MAX_ROWS 256
 #define GT_DEV_BUFS 32
 
@@ -438,7 +449,7 @@ static void gt_op_rope(const backend *gpu, const gt_shape *s, gt_rng *rng) {
 
 /* One attention shape: forward and backward with padded sequences. */
 static void gt_op_attention_case(const backend *gpu, gt_rng *rng, const char *check, int B, int T,
-                                 int NH, int NKV, int HS) {
+                                 int NH, int NKV, int HS, double tol) {
     if (!gt_wanted(check)) return;
     double t0 = util_now_seconds();
     const backend *cpu = backend_cpu();
@@ -486,7 +497,7 @@ static void gt_op_attention_case(const backend *gpu, gt_rng *rng, const char *ch
         free(a1), free(a2), free(a3);
     }
     gt_dev_ok(&d);
-    gt_op_done(check, &d, &e, OP_FP32_TOL, t0);
+    gt_op_done(check, &d, &e, tol, t0);
     free(q), free(k), free(v), free(out), free(dout), free(dq), free(dk), free(dv);
     free(scratch), free(lengths);
 }
@@ -700,12 +711,15 @@ static void gt_check_ops(int device) {
             gt_op_rmsnorm(gpu, s, &rng);
             gt_op_rope(gpu, s, &rng);
             if (gt_cfg.small) {
-                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd GQA HS16", 2, 16, 4, 2, 16);
-                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd MHA HS64", 3, 9, 2, 2, 64);
+                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd GQA HS16", 2, 16, 4, 2, 16,
+                                     OP_FP32_TOL);
+                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd MHA HS64", 3, 9, 2, 2, 64,
+                                     OP_FP32_TOL);
             } else {
-                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd GQA HS64", 4, 256, 8, 2, 64);
+                gt_op_attention_case(gpu, &rng, "op attention fwd+bwd GQA HS64", 4, 256, 8, 2, 64,
+                                     OP_FP32_TOL);
                 gt_op_attention_case(gpu, &rng, "op attention fwd+bwd MHA HS128", 2, 512, 8, 8,
-                                     128);
+                                     128, OP_FP32_TOL);
             }
             gt_op_embedding_ce(gpu, s, &rng);
             gt_op_dropout(gpu, s, &rng);
@@ -713,6 +727,19 @@ static void gt_check_ops(int device) {
         } else {
             gt_op_matmul(gpu, s, &rng, precs[i], true);
             gt_op_matmul(gpu, s, &rng, precs[i], false);
+            /* Long enough for the tensor-core attention (T >= 64). */
+            bool bf = precs[i] == CUDA_BF16;
+            double tol = bf ? ATTN_BF16_TOL : ATTN_FP16_TOL;
+            if (gt_cfg.small)
+                gt_op_attention_case(gpu, &rng,
+                                     bf ? "op attention bf16 GQA HS16"
+                                        : "op attention fp16 GQA HS16",
+                                     2, 70, 4, 2, 16, tol);
+            else
+                gt_op_attention_case(gpu, &rng,
+                                     bf ? "op attention bf16 GQA HS128 T1024"
+                                        : "op attention fp16 GQA HS128 T1024",
+                                     2, 1024, 8, 2, 128, tol);
         }
     }
     char err[ERR_LEN];

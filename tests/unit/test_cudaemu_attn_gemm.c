@@ -43,6 +43,7 @@
 #define FP16_TOL 4e-3
 #define GEMM_TOL 1e-6
 #define ERR_LEN 256
+#define REF_MAX_T 128 /* the rounded reference keeps a row of scores on the stack */
 
 /* splitmix64 in [-1, 1): the same numbers every run. */
 static uint64_t rng_state = 0xa77e6e33ULL;
@@ -280,9 +281,8 @@ static void ref_rounded(gemm_type type, const attn_case *c, const float *q, cons
                 int live = t < len ? t + 1 : len;
                 const float *qt = q + qb + (size_t)t * qrow;
                 double m = -INFINITY, sum = 0.0;
-                float s[128 + 1];
-                float *srow = T <= 128 ? s : NULL;
-                assert_non_null(srow);
+                float srow[REF_MAX_T];
+                assert_true(T <= REF_MAX_T);
                 for (int j = 0; j < live; j++) {
                     double acc = 0.0;
                     for (int d = 0; d < HS; d++)
@@ -361,7 +361,8 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     double *w_round = &worst_seen[0], *w_lp = &worst_seen[type == GEMM_F16 ? 2 : 1];
     double lp_tol = type == GEMM_F16 ? FP16_TOL : BF16_TOL;
 
-    float *got = rand_floats(nq, 1.0f), *ref = rand_floats(nq, 1.0f), *cpu_out = rand_floats(nq, 1.0f);
+    float *got = rand_floats(nq, 1.0f), *ref = rand_floats(nq, 1.0f);
+    float *cpu_out = rand_floats(nq, 1.0f);
     if (attn_gemm_forward(&plan, &ws, g, type, got, q, k, v, len, NULL, err, sizeof err) != 0)
         fail_msg("attn_gemm_forward (%s): %s", shape, err);
     ref_rounded(type, c, q, k, v, NULL, ref, NULL, NULL, NULL);
@@ -369,7 +370,8 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     expect_close(got, ref, nq, ROUNDED_TOL, "out vs rounded", shape, w_round);
     expect_close(got, cpu_out, nq, lp_tol, "out vs fp32", shape, w_lp);
 
-    float *dq0 = rand_floats(nq, 1.0f), *dk0 = rand_floats(nkv, 1.0f), *dv0 = rand_floats(nkv, 1.0f);
+    float *dq0 = rand_floats(nq, 1.0f), *dk0 = rand_floats(nkv, 1.0f);
+    float *dv0 = rand_floats(nkv, 1.0f);
     float *dq = dup_floats(dq0, nq), *dk = dup_floats(dk0, nkv), *dv = dup_floats(dv0, nkv);
     float *rq = dup_floats(dq0, nq), *rk = dup_floats(dk0, nkv), *rv = dup_floats(dv0, nkv);
     float *cq = dup_floats(dq0, nq), *ck = dup_floats(dk0, nkv), *cv = dup_floats(dv0, nkv);
@@ -386,7 +388,8 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     const char *names[3] = {"dq", "dk", "dv"};
     for (int i = 0; i < 3; i++) {
         size_t n = ns[i];
-        float *dg = malloc(n * sizeof *dg), *dr = malloc(n * sizeof *dr), *dc = malloc(n * sizeof *dc);
+        float *dg = malloc(n * sizeof *dg), *dr = malloc(n * sizeof *dr);
+        float *dc = malloc(n * sizeof *dc);
         assert_true(dg && dr && dc);
         for (size_t e = 0; e < n; e++) {
             dg[e] = grads[i][0][e] - grads[i][3][e];
