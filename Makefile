@@ -86,6 +86,11 @@ $(BUILD)/emu/%.cu.o: %.cu
 $(BUILD)/emu/%.cc.o: %.cc
 	@mkdir -p $(dir $@)
 	$(EMU_CXX) $(EMU_FLAGS) -MMD -MP -c $< -o $@
+# A real worker whose GPUs are emulated (STRATA_EMU_DEVICES of them, default
+# 1): the integration tests run GPU jobs and the one-job-per-GPU slots through
+# it on machines without a GPU.
+$(BUILD)/strata-worker-emu: $(call obj,worker/main.c) $(EMU_LINK) $(BUILD)/libworker.a $(BUILD)/libcommon.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(EMU_LIBS) $(LDLIBS)
 
 .PHONY: all deps test unit integration demo up down status clean bench
 all: $(SERVER) $(WORKER)
@@ -124,7 +129,7 @@ $(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(CUDA_LI
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
 
-integration: all
+integration: all $(BUILD)/strata-worker-emu
 	BUILD=$(BUILD) SANITIZER=$(SANITIZER) tests/integration/run.sh
 
 # test, demo and up first install what is missing (a fresh Debian machine has

@@ -1,10 +1,22 @@
 /* agent.c - see agent.h.
  *
- * Threads: the main thread claims jobs and runs them (the engine calls the
- * runner_ctx callbacks from it); while a job runs, a heartbeat thread renews
- * the lease, sends progress and batched log lines, and turns a cancel request,
- * a lost lease or a second shutdown signal into ctx->cancel. Each thread has
- * its own client (libcurl handles are not shared between threads). */
+ * Threads: the agent runs one slot per GPU (one slot without GPUs, or with
+ * --once). Each slot claims jobs and runs them on its own thread (slot 0 on
+ * the main thread, which alone takes the signals; the engine calls the
+ * runner_ctx callbacks from the slot's thread); while a job runs, a
+ * heartbeat thread of its own renews the lease, sends progress and batched
+ * log lines, and turns a cancel request, a lost lease or a second shutdown
+ * signal into ctx->cancel. Each thread has its own client (libcurl handles
+ * are not shared between threads).
+ *
+ * GPUs are assigned here, not by the server: slot i's home GPU is i. A
+ * gpus:0 job computes on its slot's home GPU when it is free, else on the
+ * CPU; a gpus:g job reserves g GPUs, its home GPU first, and computes on the
+ * first. A slot whose home GPU is reserved by another slot's job does not
+ * claim until it is back (a job that a long-poll under way brings meanwhile
+ * is released back to the queue), so the server's count of free GPUs
+ * (registered minus the gpus of running jobs) and this one agree but for
+ * the instants around a job's end. */
 #include "agent.h"
 
 #include <errno.h>
@@ -13,6 +25,7 @@
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,18 +66,38 @@ enum agent_stop_reason {
 
 typedef struct {
     const agent_config *cfg;
-    client main_client; /* main thread */
-    client beat_client; /* heartbeat thread */
-    int64_t worker_id;
     json_t *queues;
     char hostname[256];
     json_t *gpus; /* the registration's "gpus": [{"index", "name", "memory_gb"}] */
-    int ngpus;    /* how many: train and predict jobs run on GPU 0 when > 0 */
+    int ngpus;    /* how many; also the number of slots when > 0 (without --once) */
+
+    pthread_mutex_t reg_lock; /* guards worker_id: any slot may register again */
+    int64_t worker_id;
+
+    pthread_mutex_t gpu_lock; /* guards gpu_owner */
+    pthread_cond_t gpu_freed; /* broadcast whenever a job gives GPUs back */
+    int64_t gpu_owner[CUDA_MAX_DEVICES]; /* id of the job holding GPU i; 0: free */
+
+    atomic_int fatal;         /* a slot met a fatal answer: every slot stops claiming */
 } agent;
 
-/* One running job, shared between the main and the heartbeat thread. */
+/* One claim loop with its two clients: the slot's thread runs the claims,
+ * the job and its reports; the job's heartbeat thread uses beat_client. */
 typedef struct {
     agent *a;
+    int index;           /* the slot's number, and its home GPU when a->ngpus > 0 */
+    client main_client;  /* the slot's own thread */
+    client beat_client;  /* its jobs' heartbeat thread */
+    bool main_ok, beat_ok;
+    int64_t worker_id;   /* the registration its clients announce */
+    int rc;              /* the loop's outcome (agent_slot_loop) */
+    char err[ERR_LEN];
+} agent_slot;
+
+/* One running job, shared between its slot's and its heartbeat thread. */
+typedef struct {
+    agent *a;
+    agent_slot *slot;
     int64_t id;
     const char *kind;
     char work_dir[PATH_MAX];
@@ -240,7 +273,7 @@ static int agent_download(agent_job *job, int64_t artifact_id, const char *sha25
                       .expect_sha256 = sha256,
                       .timeout_s = CLIENT_TRANSFER_TIMEOUT_S};
     long status = 0;
-    if (agent_transfer(&job->a->main_client, &req, agent_job_stop_cond(job), &status, NULL, err,
+    if (agent_transfer(&job->slot->main_client, &req, agent_job_stop_cond(job), &status, NULL, err,
                        errlen) != 0)
         return -1;
     if (status < 200 || status >= 300) return -1;
@@ -254,7 +287,7 @@ static int agent_get_doc(agent_job *job, const char *url, json_t **doc, char *er
                          size_t errlen) {
     long status = 0;
     *doc = NULL;
-    if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
+    if (agent_call(&job->slot->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
                    agent_job_stop_cond(job), 0, &status, doc, err, errlen) != 0)
         return -1;
     if (status == 404) job->input_permanent = true;
@@ -383,7 +416,7 @@ static int agent_list_job_artifacts(agent_job *job, int64_t source, agent_page_f
                  cursor[0] ? "&cursor=" : "", escaped);
         json_decref(page);
         page = NULL;
-        if (agent_call(&job->a->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
+        if (agent_call(&job->slot->main_client, "GET", url, NULL, false, CLIENT_CALL_TIMEOUT_S,
                        agent_job_stop_cond(job), 0, &status, &page, err, errlen) != 0)
             goto out;
         if (status == 404) job->input_permanent = true;
@@ -901,8 +934,8 @@ static void agent_progress(runner_ctx *ctx, int64_t step, int64_t total, const c
     pthread_mutex_unlock(&job->lock);
 }
 
-static void agent_log_line(runner_ctx *ctx, const char *line) {
-    agent_job *job = ctx->user;
+/* Appends one line to the job's pending log (sent with the next flush). */
+static void agent_job_log(agent_job *job, const char *line) {
     log_debug("job %lld: %s", (long long)job->id, line);
     size_t n = strlen(line);
     pthread_mutex_lock(&job->lock);
@@ -915,6 +948,20 @@ static void agent_log_line(runner_ctx *ctx, const char *line) {
         if (job->logs.len >= AGENT_LOG_FLUSH_BYTES) pthread_cond_signal(&job->wake);
     }
     pthread_mutex_unlock(&job->lock);
+}
+
+static void agent_job_logf(agent_job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void agent_job_logf(agent_job *job, const char *fmt, ...) {
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    agent_job_log(job, line);
+}
+
+static void agent_log_line(runner_ctx *ctx, const char *line) {
+    agent_job_log(ctx->user, line);
 }
 
 static int agent_add_artifact(runner_ctx *ctx, const char *name, const char *path, char *err,
@@ -933,7 +980,7 @@ static int agent_add_artifact(runner_ctx *ctx, const char *name, const char *pat
                       .worker_header = true};
     long status = 0;
     json_t *answer = NULL;
-    if (agent_transfer(&job->a->main_client, &req, agent_job_stop_cond(job), &status, &answer,
+    if (agent_transfer(&job->slot->main_client, &req, agent_job_stop_cond(job), &status, &answer,
                        err, errlen) != 0)
         return -1;
     json_decref(answer);
@@ -1093,7 +1140,7 @@ out:
 
 /* One heartbeat: renews the lease, sends progress, learns of a cancel. */
 static void agent_heartbeat(agent_job *job) {
-    client *c = &job->a->beat_client;
+    client *c = &job->slot->beat_client;
     json_t *body = json_object(), *answer = NULL;
     pthread_mutex_lock(&job->lock);
     if (job->has_progress)
@@ -1179,8 +1226,8 @@ static void *agent_beat_main(void *arg) {
         }
         bool beat_due = util_now_seconds() >= next_beat;
         if (big_batch || beat_due) {
-            agent_flush_logs(job, &job->a->beat_client);
-            agent_flush_metrics(job, &job->a->beat_client);
+            agent_flush_logs(job, &job->slot->beat_client);
+            agent_flush_metrics(job, &job->slot->beat_client);
         }
         if (beat_due) {
             agent_heartbeat(job);
@@ -1215,7 +1262,7 @@ static void agent_remove_tree(const char *path) {
  * release itself, a second signal. budget_s > 0 replaces the lease deadline
  * (a release on the way out should not hold the exit for long). Returns 0
  * when the server accepted it, -1 otherwise (logged). */
-static int agent_report(agent *a, int64_t id, double lease_expires, const char *action,
+static int agent_report(client *c, int64_t id, double lease_expires, const char *action,
                         json_t *body, double budget_s) {
     char url[128], err[ERR_LEN] = "";
     long status = 0;
@@ -1226,8 +1273,8 @@ static int agent_report(agent *a, int64_t id, double lease_expires, const char *
     if (budget_s > 0 || deadline < floor) deadline = floor;
     bool release = strcmp(action, "release") == 0;
     agent_stop stop = {.flag = &agent_signals, .threshold = release ? INT_MAX : 2};
-    int rc = agent_call(&a->main_client, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S, stop,
-                        deadline, &status, &answer, err, sizeof err);
+    int rc = agent_call(c, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S, stop, deadline,
+                        &status, &answer, err, sizeof err);
     json_decref(answer);
     if (rc != 0) {
         log_error("job %lld: could not %s it: %s", (long long)id, action, err);
@@ -1252,11 +1299,128 @@ static double agent_job_lease(agent_job *job) {
     return t;
 }
 
-/* Runs one claimed job end to end and reports its outcome. */
-static void agent_run_job(agent *a, json_t *claimed) {
+/* ---- the GPU pool ---- */
+
+/* Waits up to seconds for a broadcast of gpu_freed. Caller holds
+ * a->gpu_lock. */
+static void agent_gpu_wait(agent *a, double seconds) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    long ns = until.tv_nsec + (long)(seconds * 1e9);
+    until.tv_sec += ns / 1000000000L;
+    until.tv_nsec = ns % 1000000000L;
+    pthread_cond_timedwait(&a->gpu_freed, &a->gpu_lock, &until);
+}
+
+/* The job holding the slot's home GPU, or 0 when it is free (or the
+ * worker has no GPU). */
+static int64_t agent_gpu_home_owner(agent_slot *slot) {
+    agent *a = slot->a;
+    if (a->ngpus == 0) return 0;
+    pthread_mutex_lock(&a->gpu_lock);
+    int64_t owner = a->gpu_owner[slot->index];
+    pthread_mutex_unlock(&a->gpu_lock);
+    return owner;
+}
+
+/* Holds the slot's claims while another slot's job has its home GPU
+ * reserved: a claim now would be answered by the server's count, which
+ * does not know which GPU is lent, and the job would land on another
+ * slot's GPU or wait. Returns when the GPU is free or stop triggers. */
+static void agent_gpu_wait_home(agent_slot *slot, agent_stop stop) {
+    agent *a = slot->a;
+    if (a->ngpus == 0) return;
+    bool logged = false;
+    pthread_mutex_lock(&a->gpu_lock);
+    while (a->gpu_owner[slot->index] != 0 && !agent_stopped(stop) && !atomic_load(&a->fatal)) {
+        if (!logged)
+            log_info("slot %d: GPU %d is reserved by job %lld; claiming when it is back",
+                     slot->index, slot->index, (long long)a->gpu_owner[slot->index]);
+        logged = true;
+        agent_gpu_wait(a, 0.2);
+    }
+    pthread_mutex_unlock(&a->gpu_lock);
+}
+
+/* Reserves the GPUs job asks for (want) in the pool, the slot's home GPU
+ * first, then the free ones in order, into held (*nheld of them). want 0:
+ * the home GPU when it is free, else none (the job runs on the CPU). When
+ * fewer than want are free (another slot's job is giving them back), waits
+ * for them, logging that once in the job's log; the heartbeats keep running
+ * meanwhile. Returns 0, or -1 when the job was stopped while waiting. */
+static int agent_gpu_take(agent_job *job, int want, int *held, int *nheld) {
+    agent *a = job->a;
+    int home = job->slot->index;
+    bool logged = false;
+    *nheld = 0;
+    if (a->ngpus == 0) return 0;
+    pthread_mutex_lock(&a->gpu_lock);
+    if (want == 0) {
+        if (a->gpu_owner[home] == 0) {
+            a->gpu_owner[home] = job->id;
+            held[(*nheld)++] = home;
+        } else {
+            agent_job_logf(job, "GPU %d is reserved for job %lld; this job runs on the CPU",
+                           home, (long long)a->gpu_owner[home]);
+        }
+        pthread_mutex_unlock(&a->gpu_lock);
+        return 0;
+    }
+    for (;;) {
+        int nfree = 0;
+        for (int i = 0; i < a->ngpus; i++)
+            if (a->gpu_owner[i] == 0) nfree++;
+        if (nfree >= want) break;
+        if (atomic_load(&job->cancel)) {
+            pthread_mutex_unlock(&a->gpu_lock);
+            return -1;
+        }
+        if (!logged) {
+            agent_job_logf(job, "waiting for %d free GPU%s (%d free now; jobs ending on this "
+                           "worker give theirs back)", want, want == 1 ? "" : "s", nfree);
+            log_info("job %lld: waiting for %d free GPUs (%d free)", (long long)job->id, want,
+                     nfree);
+            logged = true;
+        }
+        agent_gpu_wait(a, 0.2);
+    }
+    if (a->gpu_owner[home] == 0) held[(*nheld)++] = home;
+    for (int i = 0; i < a->ngpus && *nheld < want; i++)
+        if (i != home && a->gpu_owner[i] == 0) held[(*nheld)++] = i;
+    for (int k = 0; k < *nheld; k++) a->gpu_owner[held[k]] = job->id;
+    pthread_mutex_unlock(&a->gpu_lock);
+    return 0;
+}
+
+/* Gives the job's GPUs back to the pool and wakes the slots waiting for
+ * them. */
+static void agent_gpu_give_back(agent *a, const int *held, int nheld) {
+    if (nheld == 0) return;
+    pthread_mutex_lock(&a->gpu_lock);
+    for (int k = 0; k < nheld; k++) a->gpu_owner[held[k]] = 0;
+    pthread_cond_broadcast(&a->gpu_freed);
+    pthread_mutex_unlock(&a->gpu_lock);
+}
+
+/* Writes "a,b,c" (the GPUs held) into out. */
+static void agent_gpu_list(const int *held, int nheld, char *out, size_t outlen) {
+    size_t used = 0;
+    out[0] = '\0';
+    for (int k = 0; k < nheld && used < outlen; k++) {
+        int w = snprintf(out + used, outlen - used, "%s%d", k ? "," : "", held[k]);
+        if (w < 0) break;
+        used += (size_t)w;
+    }
+}
+
+/* Runs one claimed job end to end on slot's thread, with the GPUs it
+ * reserves in the pool, and reports its outcome. */
+static void agent_run_job(agent_slot *slot, json_t *claimed) {
+    agent *a = slot->a;
     agent_job job;
     memset(&job, 0, sizeof job);
     job.a = a;
+    job.slot = slot;
     json_t *idv = json_object_get(claimed, "id");
     job.kind = json_string_value(json_object_get(claimed, "kind"));
     json_t *spec = json_object_get(claimed, "spec");
@@ -1284,6 +1448,7 @@ static void agent_run_job(agent *a, json_t *claimed) {
     bool retryable = false, cancelled = false, beat_started = false;
     int rc = -1;
     pthread_t beat;
+    int held[CUDA_MAX_DEVICES], nheld = 0;
 
     int n = snprintf(job.work_dir, sizeof job.work_dir, "%s/job-%lld", a->cfg->work_dir,
                      (long long)job.id);
@@ -1304,7 +1469,7 @@ static void agent_run_job(agent *a, json_t *claimed) {
     sigaddset(&block, SIGTERM);
     sigaddset(&block, SIGINT);
     pthread_sigmask(SIG_BLOCK, &block, &old);
-    a->beat_client.abort = &job.beat_abort;
+    slot->beat_client.abort = &job.beat_abort;
     beat_started = pthread_create(&beat, NULL, agent_beat_main, &job) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (!beat_started) {
@@ -1328,6 +1493,20 @@ static void agent_run_job(agent *a, json_t *claimed) {
                 gpus_wanted == 1 ? "" : "s", a->ngpus);
         goto report;
     }
+    if (agent_gpu_take(&job, gpus_wanted < 0 ? 0 : gpus_wanted, held, &nheld) != 0) {
+        err_set(err, sizeof err, "stopped while waiting for a free GPU");
+        cancelled = true;
+        goto report;
+    }
+    if (nheld > 1) {
+        /* Spreading one job over several GPUs needs data parallelism
+         * (NCCL), which the engine does not have: the others stay reserved
+         * so that nothing else lands on them. */
+        char list[256];
+        agent_gpu_list(held, nheld, list, sizeof list);
+        agent_job_logf(&job, "job asked for %d GPUs: reserved GPUs %s; the engine runs on GPU %d",
+                       gpus_wanted, list, held[0]);
+    }
     runner_ctx ctx = {.resolve_file = agent_resolve_file,
                       .resolve_layers = agent_resolve_layers,
                       .resolve_model = agent_resolve_model,
@@ -1341,12 +1520,12 @@ static void agent_run_job(agent *a, json_t *claimed) {
                       .cancel = &job.cancel,
                       .work_dir = job.work_dir,
                       .user = &job,
-                      /* one job at a time, so GPU 0 is always free for it */
-                      .gpu = a->ngpus > 0 ? 0 : -1,
+                      /* the first GPU reserved; -1 (the CPU) when none is */
+                      .gpu = nheld > 0 ? held[0] : -1,
                       .gpu_required = gpus_wanted > 0};
-    a->main_client.abort = &job.cancel; /* transfers stop when the job does */
+    slot->main_client.abort = &job.cancel; /* transfers stop when the job does */
     rc = runner_run(job.kind, spec, &ctx, &result, &retryable, &cancelled, err, sizeof err);
-    a->main_client.abort = NULL;
+    slot->main_client.abort = NULL;
     /* Runners cannot tell a missing shared path or registration from an
      * outage; the resolvers could, and no other worker would do better. */
     if (rc != 0 && job.input_permanent) retryable = false;
@@ -1360,7 +1539,7 @@ report:
         atomic_store(&job.beat_abort, 1);
         pthread_join(beat, NULL);
     }
-    a->beat_client.abort = NULL;
+    slot->beat_client.abort = NULL;
 
     /* A job shorter than a heartbeat period would otherwise leave no
      * progress at all: send the last one before the outcome. */
@@ -1380,38 +1559,43 @@ report:
             deadline = agent_wall_now() + AGENT_FINISH_GRACE_S;
         agent_stop stop = {.flag = &agent_signals, .threshold = 2};
         for (unsigned attempt = 0;; attempt++) {
-            int logs_rc = agent_flush_logs(&job, &a->main_client);
-            if (agent_flush_metrics(&job, &a->main_client) == 0 && logs_rc == 0) break;
+            int logs_rc = agent_flush_logs(&job, &slot->main_client);
+            if (agent_flush_metrics(&job, &slot->main_client) == 0 && logs_rc == 0) break;
             if (agent_stopped(stop) || agent_wall_now() >= deadline) break;
             agent_sleep(client_backoff_seconds(attempt, agent_jitter()), stop);
         }
+        client *c = &slot->main_client;
         if (rc == 0) {
             json_t *body = json_pack("{s:o}", "result", result ? json_incref(result) : json_null());
-            outcome = agent_report(a, job.id, agent_job_lease(&job), "complete", body, 0) == 0 ? "succeeded"
-                                                                    : "succeeded (not recorded)";
+            outcome = agent_report(c, job.id, agent_job_lease(&job), "complete", body, 0) == 0
+                          ? "succeeded"
+                          : "succeeded (not recorded)";
             json_decref(body);
         } else if (reason == AGENT_SHUTDOWN) {
             json_t *body = json_object();
-            outcome = agent_report(a, job.id, 0, "release", body, AGENT_RELEASE_BUDGET_S) == 0
+            outcome = agent_report(c, job.id, 0, "release", body, AGENT_RELEASE_BUDGET_S) == 0
                           ? "released (shutdown)"
                           : "abandoned (shutdown)";
             json_decref(body);
         } else if (reason == AGENT_CANCEL_REQUESTED || cancelled) {
             json_t *body = json_pack("{s:s, s:b}", "error", "cancelled", "retryable", 0);
-            agent_report(a, job.id, agent_job_lease(&job), "fail", body, 0);
+            agent_report(c, job.id, agent_job_lease(&job), "fail", body, 0);
             json_decref(body);
             outcome = "cancelled";
         } else {
             log_warn("job %lld failed: %s", (long long)job.id, err);
             json_t *body = json_pack("{s:s, s:b}", "error", err[0] ? err : "unknown error",
                                      "retryable", retryable ? 1 : 0);
-            agent_report(a, job.id, agent_job_lease(&job), "fail", body, 0);
+            agent_report(c, job.id, agent_job_lease(&job), "fail", body, 0);
             json_decref(body);
             outcome = "failed";
         }
     }
     log_info("job %lld (%s) %s in %.1f s", (long long)job.id, job.kind, outcome,
              util_now_seconds() - started);
+    /* After the report, so that the server, too, counts them free by the
+     * time another slot claims for them. */
+    agent_gpu_give_back(a, held, nheld);
 
     json_decref(result);
     agent_remove_tree(job.work_dir);
@@ -1460,9 +1644,10 @@ static int agent_find_gpus(agent *a, char *err, size_t errlen) {
     return 0;
 }
 
-/* Registers with the server, waiting out outages. Returns 0, 1 when a signal
- * ended the wait, or -1 with err set when the server refused us. */
-static int agent_register(agent *a, char *err, size_t errlen) {
+/* Registers with the server through c, waiting out outages, and records
+ * the id in a->worker_id (the caller holds a->reg_lock). Returns 0, 1 when
+ * a signal ended the wait, or -1 with err set when the server refused us. */
+static int agent_register(agent *a, client *c, char *err, size_t errlen) {
     json_t *body = json_pack("{s:s, s:s, s:O, s:O}", "name",
                              a->cfg->name ? a->cfg->name : a->hostname, "hostname", a->hostname,
                              "gpus", a->gpus, "queues", a->queues);
@@ -1470,9 +1655,9 @@ static int agent_register(agent *a, char *err, size_t errlen) {
     long status = 0;
     int rc = -1;
     agent_stop stop = {.flag = &agent_signals, .threshold = 1};
-    a->main_client.abort = &agent_signals;
-    if (agent_call(&a->main_client, "POST", "/api/v1/workers", body, false,
-                   CLIENT_CALL_TIMEOUT_S, stop, 0, &status, &answer, err, errlen) != 0) {
+    c->abort = &agent_signals;
+    if (agent_call(c, "POST", "/api/v1/workers", body, false, CLIENT_CALL_TIMEOUT_S, stop, 0,
+                   &status, &answer, err, errlen) != 0) {
         rc = agent_stopped(stop) ? 1 : -1;
         goto out;
     }
@@ -1488,43 +1673,75 @@ static int agent_register(agent *a, char *err, size_t errlen) {
         goto out;
     }
     a->worker_id = (int64_t)json_integer_value(idv);
-    client_set_worker(&a->main_client, a->worker_id);
-    client_set_worker(&a->beat_client, a->worker_id);
-    log_info("registered with %s as worker %lld", a->main_client.base_url,
-             (long long)a->worker_id);
+    log_info("registered with %s as worker %lld", c->base_url, (long long)a->worker_id);
     rc = 0;
 out:
-    a->main_client.abort = NULL;
+    c->abort = NULL;
     json_decref(body);
     json_decref(answer);
     return rc;
 }
 
-/* Claims and runs jobs until a signal (or one job with --once). Returns 0,
- * or -1 with err set on a fatal answer (bad token). */
-static int agent_loop(agent *a, char *err, size_t errlen) {
+/* Points the slot's clients at the agent's registration, which another
+ * slot may have renewed. */
+static void agent_slot_sync(agent_slot *slot) {
+    agent *a = slot->a;
+    pthread_mutex_lock(&a->reg_lock);
+    int64_t id = a->worker_id;
+    pthread_mutex_unlock(&a->reg_lock);
+    if (id == slot->worker_id) return;
+    slot->worker_id = id;
+    client_set_worker(&slot->main_client, id);
+    client_set_worker(&slot->beat_client, id);
+}
+
+/* The server does not know the slot's registration (e.g. a fresh
+ * database): registers again, unless another slot already has. Returns as
+ * agent_register. */
+static int agent_reregister(agent_slot *slot, char *err, size_t errlen) {
+    agent *a = slot->a;
+    int rc = 0;
+    pthread_mutex_lock(&a->reg_lock);
+    if (a->worker_id == slot->worker_id) {
+        log_warn("server does not know worker %lld any more; registering again",
+                 (long long)slot->worker_id);
+        rc = agent_register(a, &slot->main_client, err, errlen);
+    }
+    pthread_mutex_unlock(&a->reg_lock);
+    if (rc == 0) agent_slot_sync(slot);
+    return rc;
+}
+
+/* One slot's claim loop: claims and runs jobs until a signal, a fatal
+ * answer to another slot, or one job with --once. Returns 0, or -1 with err
+ * set on a fatal answer (bad token, registration refused), which also stops
+ * the other slots' claims. */
+static int agent_slot_loop(agent_slot *slot, char *err, size_t errlen) {
+    agent *a = slot->a;
     agent_stop stop = {.flag = &agent_signals, .threshold = 1};
     unsigned failures = 0;
     char url[128];
     for (;;) {
-        if (agent_stopped(stop)) return 0;
+        agent_gpu_wait_home(slot, stop);
+        if (agent_stopped(stop) || atomic_load(&a->fatal)) return 0;
+        agent_slot_sync(slot);
         json_t *job = NULL;
         long status = 0;
         bool transient = false;
-        snprintf(url, sizeof url, "/api/v1/workers/%lld/claim?wait=%d", (long long)a->worker_id,
-                 a->cfg->wait_s);
-        a->main_client.abort = &agent_signals; /* a signal ends the long-poll at once */
-        int rc = client_json(&a->main_client, "POST", url, NULL, false, a->cfg->wait_s + 15L,
+        snprintf(url, sizeof url, "/api/v1/workers/%lld/claim?wait=%d",
+                 (long long)slot->worker_id, a->cfg->wait_s);
+        slot->main_client.abort = &agent_signals; /* a signal ends the long-poll at once */
+        int rc = client_json(&slot->main_client, "POST", url, NULL, false, a->cfg->wait_s + 15L,
                              &status, &job, &transient, err, errlen);
-        a->main_client.abort = NULL;
+        slot->main_client.abort = NULL;
         if (agent_stopped(stop)) {
             /* A job handed out just as the signal came: give it straight back
              * (a job handed out as the poll was abandoned lapses instead). */
             json_t *idv = json_object_get(job, "id");
             if (rc == 0 && status == 200 && json_is_integer(idv)) {
                 json_t *body = json_object();
-                if (agent_report(a, (int64_t)json_integer_value(idv), 0, "release", body,
-                                 AGENT_RELEASE_BUDGET_S) == 0)
+                if (agent_report(&slot->main_client, (int64_t)json_integer_value(idv), 0,
+                                 "release", body, AGENT_RELEASE_BUDGET_S) == 0)
                     log_info("job %lld released unstarted (shutdown)",
                              (long long)json_integer_value(idv));
                 json_decref(body);
@@ -1534,13 +1751,14 @@ static int agent_loop(agent *a, char *err, size_t errlen) {
         }
         if (rc != 0 || (status != 200 && status != 204)) {
             json_decref(job);
-            if (rc == 0 && (status == 401 || status == 403))
+            if (rc == 0 && (status == 401 || status == 403)) {
+                atomic_store(&a->fatal, 1);
                 return -1; /* err says why: a bad or revoked token */
+            }
             if (rc == 0 && status == 404) {
                 /* The server forgot us (e.g. a fresh database): register again. */
-                log_warn("server does not know worker %lld any more; registering again",
-                         (long long)a->worker_id);
-                int r = agent_register(a, err, errlen);
+                int r = agent_reregister(slot, err, errlen);
+                if (r < 0) atomic_store(&a->fatal, 1);
                 if (r != 0) return r > 0 ? 0 : -1;
                 continue;
             }
@@ -1553,18 +1771,44 @@ static int agent_loop(agent *a, char *err, size_t errlen) {
             json_decref(job);
             continue;
         }
-        agent_run_job(a, job);
+        json_t *idv = json_object_get(job, "id");
+        int64_t lender = agent_gpu_home_owner(slot);
+        if (lender != 0 && json_is_integer(idv)) {
+            /* The poll was under way when another slot's job took the home
+             * GPU: this slot does not claim until it is back, so the job
+             * goes back to the queue, for another worker or for us later. */
+            json_t *body = json_object();
+            if (agent_report(&slot->main_client, (int64_t)json_integer_value(idv), 0, "release",
+                             body, AGENT_RELEASE_BUDGET_S) == 0)
+                log_info("job %lld released unstarted: GPU %d is reserved by job %lld",
+                         (long long)json_integer_value(idv), slot->index, (long long)lender);
+            json_decref(body);
+            json_decref(job);
+            continue;
+        }
+        agent_run_job(slot, job);
         json_decref(job);
         if (a->cfg->once) return 0;
     }
+}
+
+/* Body of the threads of slots 1..n-1 (slot 0 runs on the main thread). */
+static void *agent_slot_main(void *arg) {
+    agent_slot *slot = arg;
+    slot->rc = agent_slot_loop(slot, slot->err, sizeof slot->err);
+    return NULL;
 }
 
 int agent_run(const agent_config *cfg, char *err, size_t errlen) {
     agent a;
     memset(&a, 0, sizeof a);
     a.cfg = cfg;
-    int rc = -1;
-    bool main_ok = false, beat_ok = false;
+    pthread_mutex_init(&a.reg_lock, NULL);
+    pthread_mutex_init(&a.gpu_lock, NULL);
+    pthread_cond_init(&a.gpu_freed, NULL);
+    int rc = -1, nslots = 0, started = 0;
+    agent_slot *slots = NULL;
+    pthread_t threads[CUDA_MAX_DEVICES];
     srand((unsigned)getpid() ^ (unsigned)time(NULL));
 
     if (cfg->heartbeat_s < 1 || cfg->wait_s < 1 || cfg->wait_s > 60) {
@@ -1573,27 +1817,77 @@ int agent_run(const agent_config *cfg, char *err, size_t errlen) {
     }
     if (agent_parse_queues(cfg->queues ? cfg->queues : "default", &a.queues, err, errlen) != 0)
         goto out;
-    if (gethostname(a.hostname, sizeof a.hostname) != 0) snprintf(a.hostname, sizeof a.hostname, "unknown");
+    if (gethostname(a.hostname, sizeof a.hostname) != 0)
+        snprintf(a.hostname, sizeof a.hostname, "unknown");
     a.hostname[sizeof a.hostname - 1] = '\0';
-    if (client_init(&a.main_client, cfg->server_url, cfg->token, err, errlen) != 0) goto out;
-    main_ok = true;
-    if (client_init(&a.beat_client, cfg->server_url, cfg->token, err, errlen) != 0) goto out;
-    beat_ok = true;
     if (util_mkdirs(cfg->work_dir, 0700, err, errlen) != 0) goto out;
-
     if (agent_find_gpus(&a, err, errlen) != 0) goto out;
-    int r = agent_register(&a, err, errlen);
+
+    /* One job per GPU; --once means one job in all, so one slot. */
+    int want_slots = cfg->once || a.ngpus == 0 ? 1 : a.ngpus;
+    slots = calloc((size_t)want_slots, sizeof *slots);
+    if (!slots) {
+        err_set(err, errlen, "out of memory");
+        goto out;
+    }
+    nslots = want_slots;
+    for (int i = 0; i < nslots; i++) {
+        agent_slot *slot = &slots[i];
+        slot->a = &a;
+        slot->index = i;
+        if (client_init(&slot->main_client, cfg->server_url, cfg->token, err, errlen) != 0)
+            goto out;
+        slot->main_ok = true;
+        if (client_init(&slot->beat_client, cfg->server_url, cfg->token, err, errlen) != 0)
+            goto out;
+        slot->beat_ok = true;
+    }
+
+    pthread_mutex_lock(&a.reg_lock);
+    int r = agent_register(&a, &slots[0].main_client, err, errlen);
+    pthread_mutex_unlock(&a.reg_lock);
     if (r != 0) {
         rc = r > 0 ? 0 : -1;
         goto out;
     }
-    rc = agent_loop(&a, err, errlen);
+    if (nslots > 1) log_info("running up to %d jobs at once, one per GPU", nslots);
+
+    /* Signals go to the main thread only; the others poll the count. */
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGTERM);
+    sigaddset(&block, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &block, &old);
+    for (started = 1; started < nslots; started++)
+        if (pthread_create(&threads[started], NULL, agent_slot_main, &slots[started]) != 0)
+            break;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (started < nslots) {
+        atomic_store(&a.fatal, 1);
+        slots[0].rc = err_set(slots[0].err, sizeof slots[0].err,
+                              "cannot start the thread of job slot %d", started);
+    } else {
+        slots[0].rc = agent_slot_loop(&slots[0], slots[0].err, sizeof slots[0].err);
+    }
+    for (int i = 1; i < started; i++) pthread_join(threads[i], NULL);
+    rc = 0;
+    for (int i = 0; i < started && rc == 0; i++) {
+        if (slots[i].rc == 0) continue;
+        snprintf(err, errlen, "%s", slots[i].err);
+        rc = -1;
+    }
     if (rc == 0) log_info("worker %lld stopped", (long long)a.worker_id);
 out:
     if (cfg->remove_work_dir && cfg->work_dir) agent_remove_tree(cfg->work_dir);
-    if (beat_ok) client_cleanup(&a.beat_client);
-    if (main_ok) client_cleanup(&a.main_client);
+    for (int i = 0; i < nslots; i++) {
+        if (slots[i].beat_ok) client_cleanup(&slots[i].beat_client);
+        if (slots[i].main_ok) client_cleanup(&slots[i].main_client);
+    }
+    free(slots);
     json_decref(a.queues);
     json_decref(a.gpus);
+    pthread_cond_destroy(&a.gpu_freed);
+    pthread_mutex_destroy(&a.gpu_lock);
+    pthread_mutex_destroy(&a.reg_lock);
     return rc;
 }
