@@ -103,7 +103,8 @@ def render():
     c = LLAMA2_7B
     out = ["Llama-2-7B: %d parameters (untied head), C %d, FF %d, L %d, V %d."
            % (nparams(c), c["C"], c["FF"], c["L"], c["V"]), ""]
-    out += table("LoRA r 8 on q_proj, v_proj, batch 4 x 1024, bf16 products", plan(c, 4, 1024, True), 80, c)
+    out += table("LoRA r 8 on q_proj, v_proj, batch 4 x 1024, bf16 products",
+                 plan(c, 4, 1024, True), 80, c)
     out.append("")
     out += table("predict, batch 8 x 1024, bf16 products", plan(c, 8, 1024, False), 24, c)
     return "\n".join(out) + "\n"

@@ -1129,7 +1129,7 @@ static void test_frozen_key_unreadable(void **state) {
     be->matmul(dy, dx, key, 1, in, out, false);
     float *y = host_floats(be, dy, out);
     for (size_t o = 0; o < out; o++)
-        if (y[o] != round_bf16(w[o * in + 7])) fail_msg("row %zu: %g vs %g", o, y[o], w[o]);
+        if (y[o] != round_bf16(w[o * in + 7])) fail_msg("row %zu: %g vs %g", o, y[o], w[o * in + 7]);
     /* Registering inside a key is a no-op (the copy is all there is);
      * forgetting it keeps it; past its end is refused. */
     assert_int_equal(cuda_backend_register_weights(key + in, 2 * in, err, sizeof err), 0);
