@@ -1200,13 +1200,10 @@ static int train_step_cpu(train_job *job, int64_t k, double lr, double *norm, ch
     return 0;
 }
 
-/* The CUDA stream the optimizer's kernels run on: the legacy default
- * stream. The backend's stream is a blocking one (cudaStreamCreate), which
- * the legacy stream is ordered with both ways, so these kernels run after
- * the gradient passes queued before them and before the backend's next
- * copy or kernel, with no host wait; cuda.h does not hand out the
- * backend's own stream. (The emulator runs launches in order anyway.) */
-static void *train_gpu_stream(void) { return NULL; }
+/* The CUDA stream the optimizer's kernels run on: the backend's own, so
+ * they run after the gradient passes queued before them and before the
+ * backend's next copy or kernel, with no host wait. */
+static void *train_gpu_stream(void) { return cuda_backend_stream(); }
 
 /* On a GPU: the sum of squares of the trainable gradients in double and
  * whether any is inf or NaN, reduced on the device over every range and

@@ -771,6 +771,8 @@ void cuda_backend_forget_weights(const float *w) {
     }
 }
 
+void *cuda_backend_stream(void) { return cb.open ? static_cast<void *>(cb.stream) : NULL; }
+
 int cuda_backend_sync(char *err, size_t errlen) {
     if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
     cb_cuda_ok("stream", cudaStreamSynchronize(cb.stream));

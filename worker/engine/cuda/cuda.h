@@ -112,6 +112,11 @@ int cuda_backend_memory(size_t *free_bytes, size_t *total_bytes, char *err, size
  * cuBLAS failure: 0, or -1 with err set. */
 int cuda_backend_sync(char *err, size_t errlen);
 
+/* The calling thread's CUDA stream (a cudaStream_t) for work queued beside
+ * the backend's ops, such as the optimizer's kernels, so that it runs in
+ * order with them; NULL when no backend is open on this thread. */
+void *cuda_backend_stream(void);
+
 #ifdef __cplusplus
 }
 #endif

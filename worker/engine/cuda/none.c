@@ -56,4 +56,6 @@ int cuda_backend_memory(size_t *free_bytes, size_t *total_bytes, char *err, size
     return err_set(err, errlen, "%s", NONE_WHY);
 }
 
+void *cuda_backend_stream(void) { return NULL; }
+
 int cuda_backend_sync(char *err, size_t errlen) { return err_set(err, errlen, "%s", NONE_WHY); }
