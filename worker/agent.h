@@ -7,9 +7,13 @@
  * waited out with capped backoff, never given up; a lost lease (409) drops
  * the job silently; a cancel request stops the engine through ctx->cancel.
  *
+ * GPUs: one job slot per GPU (one slot without GPUs or with --once), each
+ * claiming and running jobs on its own thread; GPUs are assigned from the
+ * worker's pool (agent.c says how).
+ *
  * Shutdown: the first SIGTERM/SIGINT (agent_signal) stops claiming and lets
- * the running job finish and be reported; a second one cancels the running
- * job and hands it back to the queue (POST .../release). */
+ * the running jobs finish and be reported; a second one cancels the running
+ * jobs and hands them back to the queue (POST .../release). */
 #ifndef STRATA_AGENT_H
 #define STRATA_AGENT_H
 
@@ -26,7 +30,7 @@ typedef struct {
     int wait_s;             /* claim long-poll, 1..60 seconds */
     const char *work_dir;   /* parent of the per-job scratch directories */
     bool remove_work_dir;   /* remove work_dir itself at exit (it was made for us) */
-    bool once;              /* exit after one job */
+    bool once;              /* exit after one job (one slot, whatever the GPUs) */
 } agent_config;
 
 /* Records a SIGTERM/SIGINT. Async-signal-safe: call it from the handler. */

@@ -23,7 +23,8 @@ static void main_usage(FILE *out) {
             "usage: strata-worker --server URL --token T [options]\n"
             "       strata-worker run ...        (one job locally; see strata-worker run --help)\n"
             "\n"
-            "Serves a strata server: registers, claims jobs, runs them, reports results.\n"
+            "Serves a strata server: registers, claims jobs, runs them, reports results:\n"
+            "one job at a time, or one per GPU on a worker with several GPUs.\n"
             "\n"
             "  --server URL        server base URL (env STRATA_URL), e.g. http://127.0.0.1:8080\n"
             "  --token T           API token, or @FILE to read it from FILE (env STRATA_TOKEN)\n"
@@ -32,11 +33,11 @@ static void main_usage(FILE *out) {
             "  --heartbeat SECONDS heartbeat period while a job runs (default 10)\n"
             "  --wait SECONDS      claim long-poll, 1..60 (default 30)\n"
             "  --work-dir DIR      scratch space for jobs (default $TMPDIR/strata-worker-PID)\n"
-            "  --once              exit after one job\n"
+            "  --once              exit after one job (one at a time, whatever the GPUs)\n"
             "  --help              this text\n"
             "\n"
-            "SIGTERM/SIGINT: stop claiming, finish and report the current job, exit 0.\n"
-            "A second SIGTERM/SIGINT: cancel the current job, hand it back, exit 0.\n");
+            "SIGTERM/SIGINT: stop claiming, finish and report the running jobs, exit 0.\n"
+            "A second SIGTERM/SIGINT: cancel the running jobs, hand them back, exit 0.\n");
 }
 
 static void main_on_signal(int signo) {

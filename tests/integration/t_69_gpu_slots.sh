@@ -61,11 +61,12 @@ TOKEN=$ADMIN
 # batches that each job runs for a second or more on the emulated GPU.
 mkdir -p "$TD/data/chat"
 cp "$FIX"/{config.json,model.safetensors,tokenizer.json,tokenizer_config.json} "$TD/data/chat/"
-"$PY" - "$TD/data/prompts.json" <<'EOF'
+"$PY" - "$TD/data/prompts.json" "$TD/data/long.json" <<'EOF'
 import json, sys
-rows = [{"instruction": "The model reads the text layer by layer, sentence %d." % i,
-         "input": "one layer at a time", "output": "ok"} for i in range(60)]
-json.dump(rows, open(sys.argv[1], "w"))
+for path, n in (sys.argv[1], 100), (sys.argv[2], 300):
+    rows = [{"instruction": "The model reads the text layer by layer, sentence %d." % i,
+             "input": "one layer at a time", "output": "ok"} for i in range(n)]
+    json.dump(rows, open(path, "w"))
 EOF
 [[ $(id -u) -ne 0 ]] || chown -R strata:strata "$TD/data"
 api_json POST /api/v1/models '{"name": "chat", "path": "'"$TD/data/chat"'"}'
@@ -74,11 +75,15 @@ model=$(jbody .id)
 api_json POST /api/v1/datasets '{"name": "prompts", "format": "alpaca", "path": "'"$TD/data/prompts.json"'"}'
 expect_status "register the dataset" 201
 dataset=$(jbody .id)
+api_json POST /api/v1/datasets '{"name": "long", "format": "alpaca", "path": "'"$TD/data/long.json"'"}'
+expect_status "register the longer dataset" 201
+long=$(jbody .id)
 
-# predict GPUS [PRIORITY] : submits a predict job asking for GPUS GPUs; JOB_ID.
+# predict GPUS [PRIORITY [DATASET]] : submits a predict job asking for GPUS
+# GPUs; JOB_ID.
 predict() {
     submit '{"kind": "predict", "priority": '"${2:-0}"', "resources": {"gpus": '"$1"'},
-             "spec": {"model": {"model": '"$model"'}, "dataset": {"dataset": '"$dataset"'},
+             "spec": {"model": {"model": '"$model"'}, "dataset": {"dataset": '"${3:-$dataset}"'},
                       "template": "vanilla", "pool": "last_token", "dtype": "float32",
                       "precision": "fp32", "batch_size": 1}}'
     [[ -n $JOB_ID ]] || it_abort "predict job not accepted: $BODY"
@@ -146,6 +151,23 @@ times "$small"
 expect_true "a gpus:0 job submitted meanwhile started only after it" before "$big_end" "$START"
 job_log "$small"
 expect_match "and then ran on its slot's GPU" 'running on GPU [01] ' "$LOG"
+
+# ---- a gpus:2 job handed out while a gpus:0 job holds one of the GPUs
+# (the server counts only the gpus of running jobs) waits for it
+predict 0 0 "$long"
+hold=$JOB_ID
+wait_for_state "$hold" running 30
+predict 2
+both=$JOB_ID
+wait_for_state "$both" running 30
+wait_for_state "$hold" succeeded 60
+wait_for_state "$both" succeeded 60
+job_log "$hold"
+expect_match "the gpus:0 job ran on its slot's GPU" 'running on GPU [01] ' "$LOG"
+job_log "$both"
+expect_match "the gpus:2 job waited for the GPU the gpus:0 job held" \
+    'waiting for 2 free GPUs \(1 free now' "$LOG"
+expect_match "then reserved both" 'reserved GPUs (0,1|1,0); the engine runs on GPU [01]' "$LOG"
 stop_worker two
 expect_eq "the 2-GPU worker exits 0 on SIGTERM" 0 "$EXIT_CODE"
 expect_eq "it said it runs a job per GPU" 1 "$(grep -c 'running up to 2 jobs at once, one per GPU' "$log2")"
