@@ -11,6 +11,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 #define ERR_LEN 512
 
 /* Formats a reason into err (if non-NULL) and returns -1, so that
@@ -60,5 +64,9 @@ int util_fsync_parent(const char *path);
 /* Reads a whole file of at most max bytes into *out (NUL-terminated, caller frees). */
 int util_read_file(const char *path, size_t max, char **out, size_t *len, char *err,
                    size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

@@ -18,11 +18,12 @@
  * dk and dv happen one after another, deterministically. */
 #include "worker/engine/cuda/compat.cuh"
 
+#include "common/util.h"
+
 #include "worker/engine/cuda/attn_gemm.h"
 #include "worker/engine/cuda/kernels.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 
@@ -112,22 +113,11 @@ __global__ void ag_dsoftmax_kernel(const float *dP, LOW *P, size_t ld, size_t pa
         ag_store(p + j, j < live ? ag_load(p + j) * (dp[j] - d) : 0.0f);
 }
 
-/* Formats err and returns -1. */
-__attribute__((format(printf, 3, 4))) int ag_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 /* A launch's error, if any, as -1 with err naming what. */
 int ag_check_launch(const char *what, char *err, size_t errlen) {
     cudaError_t e = cudaGetLastError();
     if (e == cudaSuccess) return 0;
-    return ag_err(err, errlen, "attention (gemm) %s: %s", what, cudaGetErrorString(e));
+    return err_set(err, errlen, "attention (gemm) %s: %s", what, cudaGetErrorString(e));
 }
 
 /* One row-kernel launch over nh heads of sequence b (type picks LOW). */
@@ -191,11 +181,11 @@ ag_regions ag_regions_of(const attn_gemm_plan *p, attn_gemm_ws *ws) {
 int ag_check(const attn_gemm_plan *p, const attn_gemm_ws *ws, gemm_type type, bool backward,
              char *err, size_t errlen) {
     if (type != GEMM_BF16 && type != GEMM_F16)
-        return ag_err(err, errlen, "attention (gemm): operands must be bf16 or fp16");
+        return err_set(err, errlen, "attention (gemm): operands must be bf16 or fp16");
     if (backward && !p->backward)
-        return ag_err(err, errlen, "attention (gemm): the plan is for the forward only");
+        return err_set(err, errlen, "attention (gemm): the plan is for the forward only");
     if (!ws->buf || ws->bytes < p->ws_bytes)
-        return ag_err(err, errlen, "attention (gemm): workspace of %zu bytes, %zu needed",
+        return err_set(err, errlen, "attention (gemm): workspace of %zu bytes, %zu needed",
                       ws->bytes, p->ws_bytes);
     return 0;
 }
@@ -209,7 +199,7 @@ int attn_gemm_reserve(attn_gemm_ws *ws, size_t bytes, void *stream, char *err, s
         cudaError_t e = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
         if (e != cudaSuccess) {
             (void)cudaGetLastError();
-            return ag_err(err, errlen, "attention (gemm) scratch: %s", cudaGetErrorString(e));
+            return err_set(err, errlen, "attention (gemm) scratch: %s", cudaGetErrorString(e));
         }
         cudaFree(ws->buf);
         ws->buf = NULL;
@@ -218,7 +208,7 @@ int attn_gemm_reserve(attn_gemm_ws *ws, size_t bytes, void *stream, char *err, s
     void *p = NULL;
     if (cudaMalloc(&p, bytes ? bytes : 1) != cudaSuccess) {
         (void)cudaGetLastError();
-        return ag_err(err, errlen, "out of GPU memory for %zu bytes of attention scratch", bytes);
+        return err_set(err, errlen, "out of GPU memory for %zu bytes of attention scratch", bytes);
     }
     ws->buf = p;
     ws->bytes = bytes;

@@ -29,6 +29,8 @@ extern "C" {
 #include "worker/engine/backend.h"
 }
 #include "worker/engine/cuda/compat.cuh"
+
+#include "common/util.h"
 #include "worker/engine/cuda/attn_gemm.h"
 #include "worker/engine/cuda/cuda.h"
 #include "worker/engine/cuda/gemm.h"
@@ -89,19 +91,6 @@ typedef struct {
 } cb_context;
 
 static thread_local cb_context cb;
-
-/* Formats into err (when given) and returns -1. */
-static int cb_seterr(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int cb_seterr(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
 
 /* Records the thread's first error; later ones are consequences of it. */
 static void cb_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -247,7 +236,7 @@ static void *cb_alloc(size_t bytes, char *err, size_t errlen) {
         size_t cap = cb.cap_buffers ? 2 * cb.cap_buffers : 16;
         void *grown = realloc(cb.buffers, cap * sizeof *cb.buffers);
         if (!grown) {
-            cb_seterr(err, errlen, "out of host memory tracking GPU buffers");
+            err_set(err, errlen, "out of host memory tracking GPU buffers");
             return NULL;
         }
         cb.buffers = static_cast<cb_buffer *>(grown);
@@ -261,11 +250,11 @@ static void *cb_alloc(size_t bytes, char *err, size_t errlen) {
         if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) (void)cudaGetLastError();
         const double gib = 1024.0 * 1024.0 * 1024.0;
         if (e == cudaErrorMemoryAllocation)
-            cb_seterr(err, errlen,
+            err_set(err, errlen,
                       "out of GPU memory allocating %zu bytes (%.2f GiB free of %.2f GiB)", bytes,
                       (double)free_b / gib, (double)total_b / gib);
         else
-            cb_seterr(err, errlen, "cudaMalloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
+            err_set(err, errlen, "cudaMalloc of %zu bytes: %s", bytes, cudaGetErrorString(e));
         return NULL;
     }
     cb.buffers[cb.nbuffers++] = {p, bytes};
@@ -615,7 +604,7 @@ static int cb_reserve_weight(char *err, size_t errlen) {
     if (cb.nweights < cb.cap_weights) return 0;
     size_t cap = cb.cap_weights ? 2 * cb.cap_weights : 8;
     void *grown = realloc(cb.weights, cap * sizeof *cb.weights);
-    if (!grown) return cb_seterr(err, errlen, "out of host memory registering weights");
+    if (!grown) return err_set(err, errlen, "out of host memory registering weights");
     cb.weights = static_cast<cb_weight *>(grown);
     cb.cap_weights = cap;
     return 0;
@@ -644,12 +633,12 @@ static void cb_reconvert_weights(void) {
 const backend *cuda_backend_open(int device, cuda_precision precision, char *err,
                                  size_t errlen) {
     if ((unsigned)precision > (unsigned)CUDA_FP16) {
-        cb_seterr(err, errlen, "unknown precision %d", (int)precision);
+        err_set(err, errlen, "unknown precision %d", (int)precision);
         return NULL;
     }
     if (cb.open) {
         if (device != cb.device) {
-            cb_seterr(err, errlen,
+            err_set(err, errlen,
                       "this thread is bound to GPU %d; cuda_backend_close it before opening GPU "
                       "%d",
                       cb.device, device);
@@ -658,7 +647,7 @@ const backend *cuda_backend_open(int device, cuda_precision precision, char *err
         if (precision != cb.precision) {
             for (size_t i = 0; i < cb.nweights; i++)
                 if (cb.weights[i].frozen) {
-                    cb_seterr(err, errlen,
+                    err_set(err, errlen,
                               "this thread holds frozen %s weights, which cannot be converted "
                               "to %s; free them first",
                               cuda_precision_name(cb.precision), cuda_precision_name(precision));
@@ -673,18 +662,18 @@ const backend *cuda_backend_open(int device, cuda_precision precision, char *err
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        cb_seterr(err, errlen, "no usable CUDA driver or GPU (%s)", cudaGetErrorString(e));
+        err_set(err, errlen, "no usable CUDA driver or GPU (%s)", cudaGetErrorString(e));
         return NULL;
     }
     if (device < 0 || device >= count) {
-        cb_seterr(err, errlen, "GPU %d does not exist (this process sees %d)", device, count);
+        err_set(err, errlen, "GPU %d does not exist (this process sees %d)", device, count);
         return NULL;
     }
     e = cudaSetDevice(device);
     if (e == cudaSuccess) e = cudaStreamCreate(&cb.stream);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
-        cb_seterr(err, errlen, "GPU %d: %s", device, cudaGetErrorString(e));
+        err_set(err, errlen, "GPU %d: %s", device, cudaGetErrorString(e));
         cb.stream = NULL;
         return NULL;
     }
@@ -692,7 +681,7 @@ const backend *cuda_backend_open(int device, cuda_precision precision, char *err
     if (gemm_ctx_new(cb_stream(), CB_GEMM_WORKSPACE, &cb.gemm, ge, sizeof ge) != 0) {
         cudaStreamDestroy(cb.stream);
         cb.stream = NULL;
-        cb_seterr(err, errlen, "GPU %d: %s", device, ge);
+        err_set(err, errlen, "GPU %d: %s", device, ge);
         return NULL;
     }
     cb.open = true;
@@ -722,13 +711,13 @@ void cuda_backend_close(void) {
 }
 
 int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t errlen) {
-    if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
-    if (cb.failed) return cb_seterr(err, errlen, "an earlier GPU operation failed: %s", cb.err);
+    if (!cb.open) return err_set(err, errlen, "no CUDA backend is open on this thread");
+    if (cb.failed) return err_set(err, errlen, "an earlier GPU operation failed: %s", cb.err);
     if (cb.precision == CUDA_FP32 || n == 0) return 0;
     if (cb_frozen_at(w) >= 0) {
         /* Its copy is all there is and cannot change. */
         if (cb_registered(w, n)) return 0;
-        return cb_seterr(err, errlen, "%zu weights at a frozen key run past its end", n);
+        return err_set(err, errlen, "%zu weights at a frozen key run past its end", n);
     }
     for (size_t i = 0; i < cb.nweights; i++) {
         cb_weight *r = &cb.weights[i];
@@ -737,7 +726,7 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
             /* Refresh in place: ordered on the stream after whatever
              * changed the weights, before the products that read them. */
             if (!cb_convert("register_weights", r->low, w, n))
-                return cb_seterr(err, errlen, "%s", cb.err);
+                return err_set(err, errlen, "%s", cb.err);
             return 0;
         }
         cuda_backend_forget_weights(w);
@@ -747,13 +736,13 @@ int cuda_backend_register_weights(const float *w, size_t n, char *err, size_t er
     void *low = NULL;
     if (cudaMalloc(&low, n * sizeof(uint16_t)) != cudaSuccess) {
         (void)cudaGetLastError();
-        return cb_seterr(err, errlen, "out of GPU memory for a %s copy of %zu weights",
+        return err_set(err, errlen, "out of GPU memory for a %s copy of %zu weights",
                          cuda_precision_name(cb.precision), n);
     }
     cb_weight r = {w, n, static_cast<uint16_t *>(low), false, 0};
     if (!cb_convert("register_weights", r.low, w, n)) {
         cudaFree(low);
-        return cb_seterr(err, errlen, "%s", cb.err);
+        return err_set(err, errlen, "%s", cb.err);
     }
     cb.weights[cb.nweights++] = r;
     return 0;
@@ -774,10 +763,10 @@ void cuda_backend_forget_weights(const float *w) {
 void *cuda_backend_stream(void) { return cb.open ? static_cast<void *>(cb.stream) : NULL; }
 
 int cuda_backend_sync(char *err, size_t errlen) {
-    if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
+    if (!cb.open) return err_set(err, errlen, "no CUDA backend is open on this thread");
     cb_cuda_ok("stream", cudaStreamSynchronize(cb.stream));
     if (!cb.failed) return 0;
-    cb_seterr(err, errlen, "%s", cb.err);
+    err_set(err, errlen, "%s", cb.err);
     cb.failed = false;
     cb.err[0] = '\0';
     return -1;
@@ -802,14 +791,14 @@ static bool cb_stage_frozen(uint16_t *low, const float *host, size_t n, float *s
 int cuda_backend_upload_frozen(const float *host, size_t n, const float **key, char *err,
                                size_t errlen) {
     *key = NULL;
-    if (!cb.open) return cb_seterr(err, errlen, "no CUDA backend is open on this thread");
-    if (cb.failed) return cb_seterr(err, errlen, "an earlier GPU operation failed: %s", cb.err);
+    if (!cb.open) return err_set(err, errlen, "no CUDA backend is open on this thread");
+    if (cb.failed) return err_set(err, errlen, "an earlier GPU operation failed: %s", cb.err);
     if (cb.precision == CUDA_FP32)
-        return cb_seterr(err, errlen, "frozen weights need bf16 or fp16 products; this context "
+        return err_set(err, errlen, "frozen weights need bf16 or fp16 products; this context "
                                       "computes in fp32");
-    if (!host || n == 0) return cb_seterr(err, errlen, "no weights to upload");
+    if (!host || n == 0) return err_set(err, errlen, "no weights to upload");
     if (n > SIZE_MAX / sizeof(float))
-        return cb_seterr(err, errlen, "%zu weights do not fit in the address space", n);
+        return err_set(err, errlen, "%zu weights do not fit in the address space", n);
     if (cb_reserve_weight(err, errlen) != 0) return -1;
     size_t map_bytes = n * sizeof(float);
     /* PROT_NONE and MAP_NORESERVE: no memory, no commit charge, and any
@@ -817,25 +806,25 @@ int cuda_backend_upload_frozen(const float *host, size_t n, const float **key, c
     void *range = mmap(NULL, map_bytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                        -1, 0);
     if (range == MAP_FAILED)
-        return cb_seterr(err, errlen, "cannot reserve %zu bytes of address space for frozen "
+        return err_set(err, errlen, "cannot reserve %zu bytes of address space for frozen "
                                       "weights: %s", map_bytes, strerror(errno));
     void *low = NULL, *stage = NULL;
     size_t chunk = n < CB_FROZEN_CHUNK ? n : CB_FROZEN_CHUNK;
     if (cudaMalloc(&low, n * sizeof(uint16_t)) != cudaSuccess) {
         (void)cudaGetLastError();
-        cb_seterr(err, errlen, "out of GPU memory for %zu frozen %s weights", n,
+        err_set(err, errlen, "out of GPU memory for %zu frozen %s weights", n,
                   cuda_precision_name(cb.precision));
         goto fail;
     }
     if (cudaMalloc(&stage, chunk * sizeof(float)) != cudaSuccess) {
         (void)cudaGetLastError();
-        cb_seterr(err, errlen, "out of GPU memory for %zu bytes of staging for frozen weights",
+        err_set(err, errlen, "out of GPU memory for %zu bytes of staging for frozen weights",
                   chunk * sizeof(float));
         goto fail;
     }
     if (!cb_stage_frozen(static_cast<uint16_t *>(low), host, n, static_cast<float *>(stage),
                          chunk)) {
-        cb_seterr(err, errlen, "%s", cb.err);
+        err_set(err, errlen, "%s", cb.err);
         goto fail;
     }
     cudaFree(stage);

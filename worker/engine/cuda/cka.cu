@@ -9,11 +9,12 @@
  * device per column, on the host for the few hundred Frobenius partials),
  * so the same input gives the same bits on every run. */
 #include "worker/engine/cuda/compat.cuh"
+
+#include "common/util.h"
 #include "worker/engine/cuda/cka_gpu.h"
 #include "worker/engine/cuda/gemm.h"
 
 #include <math.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,25 +158,12 @@ static __global__ void cka_sumsq_kernel(const T *__restrict__ c, size_t rows, si
 
 /* ---- host ---------------------------------------------------------------- */
 
-/* Formats err and returns -1. */
-static int cka_gpu_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int cka_gpu_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 /* 0 when e is cudaSuccess; else -1 with err "what: <CUDA's message>" (which
  * says "out of memory" for a failed allocation, as runners look for). */
 static int cka_cuda(cudaError_t e, const char *what, char *err, size_t errlen) {
     if (e == cudaSuccess) return 0;
     (void)cudaGetLastError();
-    return cka_gpu_err(err, errlen, "GPU %s: %s", what, cudaGetErrorString(e));
+    return err_set(err, errlen, "GPU %s: %s", what, cudaGetErrorString(e));
 }
 
 /* Float64 at a useful fraction of the float32 rate: P100 (6.0), V100 (7.0),
@@ -377,7 +365,7 @@ static int cka_gpu_run(cka_gpu_buffers *b, cka_matrix *x, cka_matrix *y, bool de
         return -1;
     /* host: D spreads for the variance check, or 4n + D statistics */
     b->host = (double *)malloc((debiased ? 4 * n + D : D) * sizeof(double));
-    if (!b->host) return cka_gpu_err(err, errlen, "out of memory for the CKA statistics");
+    if (!b->host) return err_set(err, errlen, "out of memory for the CKA statistics");
     if (cka_gpu_upload(b, x, y, err, errlen) != 0) return -1;
 
     double *first = b->cols, *sum = first + D, *spread = sum + D;
@@ -434,7 +422,7 @@ static int cka_gpu_run(cka_gpu_buffers *b, cka_matrix *x, cka_matrix *y, bool de
     return 0;
 cancelled:
     call->cpu_may_run = false;
-    return cka_gpu_err(err, errlen, "cancelled");
+    return err_set(err, errlen, "cancelled");
 }
 
 int cka_gpu_compute_with(cka_matrix *x, cka_matrix *y, const cka_options *opt,
@@ -445,7 +433,7 @@ int cka_gpu_compute_with(cka_matrix *x, cka_matrix *y, const cka_options *opt,
     call->cpu_may_run = true;
     call->device_name[0] = '\0';
     if (opt->kernel != CKA_LINEAR || opt->space == CKA_SPACE_GRAM)
-        return cka_gpu_err(err, errlen,
+        return err_set(err, errlen,
                            "the GPU computes linear CKA in feature space only (asked for %s%s)",
                            opt->kernel == CKA_RBF ? "the rbf kernel" : "linear",
                            opt->space == CKA_SPACE_GRAM ? " in Gram space" : "");
@@ -465,16 +453,16 @@ int cka_gpu_compute_with(cka_matrix *x, cka_matrix *y, const cka_options *opt,
 
     call->cpu_may_run = false;
     if (cka_prepare(x, y, opt, res, err, errlen) != 0) return -1;
-    if (cka_gpu_cancelled(cancel)) return cka_gpu_err(err, errlen, "cancelled");
+    if (cka_gpu_cancelled(cancel)) return err_set(err, errlen, "cancelled");
     call->cpu_may_run = true;
     size_t n = x->rows, D = x->cols + y->cols;
     if (n > SIZE_MAX / 16 / D || D > SIZE_MAX / 16 / D)
-        return cka_gpu_err(err, errlen, "%zu x %zu inputs are too large for the GPU", n, D);
+        return err_set(err, errlen, "%zu x %zu inputs are too large for the GPU", n, D);
     size_t free_bytes = 0, total_bytes = 0, need = cka_gpu_need(n, D, f32, opt->debiased);
     if (cka_cuda(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo", err, errlen) != 0)
         return -1;
     if (need > free_bytes)
-        return cka_gpu_err(err, errlen,
+        return err_set(err, errlen,
                            "out of GPU memory on %s: %zu x %zu %s CKA needs %.2f GiB, %.2f GiB "
                            "free",
                            call->device_name, n, D, f32 ? "float32" : "float64", cka_gib(need),

@@ -13,11 +13,12 @@
  * cores with fp32 accumulation and fp32 output. Not built under the
  * emulator: tests/cuda_emu/gemm_emu.c stands in for it there. */
 #include "worker/engine/cuda/compat.cuh"
+
+#include "common/util.h"
 #include "worker/engine/cuda/gemm.h"
 
 #include <cublas_v2.h>
 #include <limits.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -28,19 +29,6 @@ struct gemm_ctx {
     size_t workspace_bytes;
 };
 
-/* Formats err and returns -1. */
-static int gemm_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int gemm_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
-
 /* cuBLAS's own name for a status, for error messages. */
 static const char *gemm_status_name(cublasStatus_t s) {
     const char *name = cublasGetStatusName(s);
@@ -50,18 +38,18 @@ static const char *gemm_status_name(cublasStatus_t s) {
 int gemm_ctx_new(void *stream, size_t workspace_bytes, gemm_ctx **out, char *err, size_t errlen) {
     *out = NULL;
     gemm_ctx *g = static_cast<gemm_ctx *>(calloc(1, sizeof *g));
-    if (!g) return gemm_err(err, errlen, "out of memory for a cuBLAS context");
+    if (!g) return err_set(err, errlen, "out of memory for a cuBLAS context");
     g->stream = static_cast<cudaStream_t>(stream);
     cublasStatus_t st = cublasCreate(&g->handle);
     if (st != CUBLAS_STATUS_SUCCESS) {
         free(g);
-        return gemm_err(err, errlen, "cublasCreate: %s", gemm_status_name(st));
+        return err_set(err, errlen, "cublasCreate: %s", gemm_status_name(st));
     }
     st = cublasSetStream(g->handle, g->stream);
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasSetMathMode(g->handle, CUBLAS_DEFAULT_MATH);
     if (st != CUBLAS_STATUS_SUCCESS) {
         gemm_ctx_free(g);
-        return gemm_err(err, errlen, "cuBLAS setup: %s", gemm_status_name(st));
+        return err_set(err, errlen, "cuBLAS setup: %s", gemm_status_name(st));
     }
     if (workspace_bytes > 0) {
         cudaError_t ce = cudaMalloc(&g->workspace, workspace_bytes);
@@ -69,14 +57,14 @@ int gemm_ctx_new(void *stream, size_t workspace_bytes, gemm_ctx **out, char *err
             (void)cudaGetLastError();
             g->workspace = NULL;
             gemm_ctx_free(g);
-            return gemm_err(err, errlen, "cuBLAS workspace of %zu bytes: %s", workspace_bytes,
+            return err_set(err, errlen, "cuBLAS workspace of %zu bytes: %s", workspace_bytes,
                             cudaGetErrorString(ce));
         }
         g->workspace_bytes = workspace_bytes;
         st = cublasSetWorkspace(g->handle, g->workspace, workspace_bytes);
         if (st != CUBLAS_STATUS_SUCCESS) {
             gemm_ctx_free(g);
-            return gemm_err(err, errlen, "cublasSetWorkspace: %s", gemm_status_name(st));
+            return err_set(err, errlen, "cublasSetWorkspace: %s", gemm_status_name(st));
         }
     }
     *out = g;
@@ -107,7 +95,7 @@ int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, 
              size_t K, float alpha, const void *A, size_t lda, const void *B, size_t ldb,
              float beta, float *C, size_t ldc, char *err, size_t errlen) {
     if (!gemm_fits(M, N, K, lda, ldb, ldc))
-        return gemm_err(err, errlen, "product (%zu, %zu, %zu) exceeds cuBLAS's int sizes", M, N,
+        return err_set(err, errlen, "product (%zu, %zu, %zu) exceeds cuBLAS's int sizes", M, N,
                         K);
     if (M == 0 || N == 0) return 0;
     cudaDataType_t dt = type == GEMM_BF16 ? CUDA_R_16BF : type == GEMM_F16 ? CUDA_R_16F
@@ -118,7 +106,7 @@ int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, 
         (int)N, (int)M, (int)K, &alpha, B, dt, (int)ldb, A, dt, (int)lda, &beta, C, CUDA_R_32F,
         (int)ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS)
-        return gemm_err(err, errlen, "cublasGemmEx (%zu, %zu, %zu): %s", M, N, K,
+        return err_set(err, errlen, "cublasGemmEx (%zu, %zu, %zu): %s", M, N, K,
                         gemm_status_name(st));
     return 0;
 }
@@ -129,11 +117,11 @@ int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool tra
                              float beta, float *C, size_t ldc, size_t stride_c, size_t batch,
                              char *err, size_t errlen) {
     if (!gemm_fits(M, N, K, lda, ldb, ldc) || !gemm_fits(batch, 0, 0, 0, 0, 0))
-        return gemm_err(err, errlen,
+        return err_set(err, errlen,
                         "batched product (%zu, %zu, %zu) x %zu exceeds cuBLAS's int sizes", M, N,
                         K, batch);
     if ((stride_a | stride_b | stride_c) > (size_t)LLONG_MAX)
-        return gemm_err(err, errlen, "batched product: a stride exceeds cuBLAS's long long");
+        return err_set(err, errlen, "batched product: a stride exceeds cuBLAS's long long");
     if (M == 0 || N == 0 || batch == 0) return 0;
     cudaDataType_t dt = type == GEMM_BF16 ? CUDA_R_16BF : type == GEMM_F16 ? CUDA_R_16F
                                                                             : CUDA_R_32F;
@@ -144,7 +132,7 @@ int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool tra
         (long long)stride_a, &beta, C, CUDA_R_32F, (int)ldc, (long long)stride_c, (int)batch,
         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (st != CUBLAS_STATUS_SUCCESS)
-        return gemm_err(err, errlen, "cublasGemmStridedBatchedEx (%zu, %zu, %zu) x %zu: %s", M,
+        return err_set(err, errlen, "cublasGemmStridedBatchedEx (%zu, %zu, %zu) x %zu: %s", M,
                         N, K, batch, gemm_status_name(st));
     return 0;
 }
@@ -163,19 +151,19 @@ __global__ void gemm_mirror_lower(double *c, int n, int ldc) {
 int gemm_dsyrk_t(gemm_ctx *g, size_t M, size_t N, double alpha, const double *A, size_t lda,
                  double beta, double *C, size_t ldc, char *err, size_t errlen) {
     if (!gemm_fits(M, N, lda, ldc, 0, 0))
-        return gemm_err(err, errlen, "Gram matrix (%zu, %zu) exceeds cuBLAS's sizes", M, N);
+        return err_set(err, errlen, "Gram matrix (%zu, %zu) exceeds cuBLAS's sizes", M, N);
     if (N == 0) return 0;
     /* Row-major A (M, N) is column-major A^T (N, M), so A^T A is that
      * matrix times its transpose: syrk with no transpose. */
     cublasStatus_t st = cublasDsyrk(g->handle, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, (int)N,
                                     (int)M, &alpha, A, (int)lda, &beta, C, (int)ldc);
     if (st != CUBLAS_STATUS_SUCCESS)
-        return gemm_err(err, errlen, "cublasDsyrk (%zu, %zu): %s", M, N, gemm_status_name(st));
+        return err_set(err, errlen, "cublasDsyrk (%zu, %zu): %s", M, N, gemm_status_name(st));
     dim3 grid((unsigned)((N + 255) / 256), (unsigned)(N < 65535 ? N : 65535));
     CU_LAUNCH(gemm_mirror_lower, grid, dim3(256), 0, g->stream, C, (int)N, (int)ldc);
     cudaError_t ce = cudaGetLastError();
     if (ce != cudaSuccess)
-        return gemm_err(err, errlen, "Gram matrix mirror: %s", cudaGetErrorString(ce));
+        return err_set(err, errlen, "Gram matrix mirror: %s", cudaGetErrorString(ce));
     return 0;
 }
 
@@ -183,7 +171,7 @@ int gemm_dgemm_tn(gemm_ctx *g, size_t M, size_t N1, size_t N2, double alpha, con
                   size_t lda, const double *B, size_t ldb, double beta, double *C, size_t ldc,
                   char *err, size_t errlen) {
     if (!gemm_fits(M, N1, N2, lda, ldb, ldc))
-        return gemm_err(err, errlen, "product (%zu, %zu, %zu) exceeds cuBLAS's int sizes", M,
+        return err_set(err, errlen, "product (%zu, %zu, %zu) exceeds cuBLAS's int sizes", M,
                         N1, N2);
     if (N1 == 0 || N2 == 0) return 0;
     /* Column-major C^T (N2, N1) = B^T A, B^T being B read column-major and
@@ -192,7 +180,7 @@ int gemm_dgemm_tn(gemm_ctx *g, size_t M, size_t N1, size_t N2, double alpha, con
                                     (int)M, &alpha, B, (int)ldb, A, (int)lda, &beta, C,
                                     (int)ldc);
     if (st != CUBLAS_STATUS_SUCCESS)
-        return gemm_err(err, errlen, "cublasDgemm (%zu, %zu, %zu): %s", M, N1, N2,
+        return err_set(err, errlen, "cublasDgemm (%zu, %zu, %zu): %s", M, N1, N2,
                         gemm_status_name(st));
     return 0;
 }
