@@ -1,20 +1,28 @@
 /* bench_gpu.c - strata's CUDA engine at LLaMA scale, for bench/gpu/run.sh.
  *
- *   bench_gpu train   --shape 1b|7b [--batch 4] [--seq 1024] [--rank 8]
+ *   bench_gpu train   --shape 1b|7b|tiny [--batch 4] [--seq 1024] [--rank 8]
  *                     [--warmup 1] [--steps 3] [--precision bf16]
- *   bench_gpu predict --shape 1b|7b [--batch 8] [--seq 512] [--warmup 1] [--steps 3]
+ *   bench_gpu predict --shape 1b|7b|tiny [--batch 8] [--seq 512] [--warmup 1] [--steps 3]
  *   bench_gpu cka     [--rows 8000] [--dim 4096]
  *
  * Models have random weights drawn on the host with a fixed seed (uniform
- * with std 0.02, norms one; nothing is downloaded), copied to GPU 0 with
- * llama_model_to_backend and registered so bf16 products read one bf16 copy,
- * as a train or predict job does.
+ * with std 0.02, norms one; nothing is downloaded), placed on GPU 0 with
+ * llama_model_to_backend_frozen as predict jobs and LoRA's base model are:
+ * in bf16/fp16 the projections and the head exist on the device only in
+ * that precision (cuda_backend_upload_frozen), the embedding and norms stay
+ * fp32; in fp32 the whole model is uploaded in fp32.
  *
  * train: LoRA r (default 8, alpha 16) on q_proj and v_proj, one optimizer
  * step = llama_lora_loss_and_grad over batch x seq random tokens (every
- * position scored) + download of the adapter's gradients + AdamW on the
- * host's fp32 master copy + upload, as train jobs do today. Reports tokens/s
- * and MFU = flops / (seconds * 989e12), 989 TFLOP/s being H100/H200 SXM's
+ * position scored) + the device optimizer of train jobs (train.c's
+ * train_step_gpu): cuk_sumsq over the adapter's gradients, one 16-byte
+ * download of their sum of squares and inf/NaN flag, clip coefficient and
+ * adamw_begin_step's scalars on the host, cuk_adamw on the fp32 adapter and
+ * moments, which stay on the device; both kernels on the backend's stream.
+ * A step whose gradients are not finite is skipped, as an fp16 job's would
+ * be (the bench does no loss scaling), and counted in "skipped_steps".
+ * Reports tokens/s and MFU = flops / (seconds * 989e12), 989 TFLOP/s being
+ * H100/H200 SXM's
  * dense bf16 peak, with per token
  *   2 N (forward products) + 2 N (backward: activation gradients; the
  *   frozen weights get no weight gradient) + 6 N_lora (the adapter's
@@ -41,6 +49,7 @@
 #include "worker/engine/cka.h"
 #include "worker/engine/cuda/cka_gpu.h"
 #include "worker/engine/cuda/cuda.h"
+#include "worker/engine/cuda/kernels.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/model.h"
 #include "worker/engine/model_backend.h"
@@ -54,6 +63,12 @@
 
 #define BENCH_PEAK_FLOPS 989e12
 #define BENCH_FILL_THREADS 16
+/* What one optimizer step downloads: the gradients' sum of squares (a
+ * double) and inf/NaN flag (an int), padded to 16 bytes, as train.c's
+ * TRAIN_GPU_NORM_BYTES. */
+#define BENCH_NORM_BYTES 16
+#define BENCH_LR 1e-4
+#define BENCH_MAX_GRAD_NORM 1.0
 
 typedef struct {
     const char *mode;
@@ -63,7 +78,8 @@ typedef struct {
     cuda_precision precision;
 } bench_args;
 
-/* The two model shapes: TinyLlama-1.1B's and Llama-2-7B's. */
+/* The model shapes: TinyLlama-1.1B's and Llama-2-7B's (and "tiny", for
+ * the emulator). */
 static int bench_config(const char *shape, llama_config *c, char *err, size_t errlen) {
     memset(c, 0, sizeof *c);
     c->vocab_size = 32000;
@@ -77,8 +93,14 @@ static int bench_config(const char *shape, llama_config *c, char *err, size_t er
     } else if (strcmp(shape, "7b") == 0) {
         c->hidden_size = 4096, c->intermediate_size = 11008, c->num_hidden_layers = 32;
         c->num_attention_heads = 32, c->num_key_value_heads = 32;
+    } else if (strcmp(shape, "tiny") == 0) {
+        /* not a benchmark: a shape the CUDA emulator runs in seconds, to
+         * prove this program's steps before GPU time is spent */
+        c->vocab_size = 512;
+        c->hidden_size = 64, c->intermediate_size = 176, c->num_hidden_layers = 2;
+        c->num_attention_heads = 4, c->num_key_value_heads = 2;
     } else {
-        return err_set(err, errlen, "unknown shape %s (1b, 7b)", shape);
+        return err_set(err, errlen, "unknown shape %s (1b, 7b, tiny)", shape);
     }
     return 0;
 }
@@ -133,8 +155,11 @@ static void bench_ones(float *p, size_t n) {
     for (size_t i = 0; i < n; i++) p[i] = 1.0f;
 }
 
-/* A random model of shape on the GPU (dev), weights registered. The host
- * copy is freed once uploaded. 0, or -1 with err. */
+/* A random model of shape on the GPU (dev), placed as a frozen model
+ * (llama_model_to_backend_frozen: nothing to register; in bf16/fp16 the
+ * projections and head only in that precision). The host copy is freed
+ * once uploaded. 0, or -1 with err ("out of GPU memory" when it does not
+ * fit); release dev with llama_model_free_backend. */
 static int bench_model(const backend *gpu, const char *shape, llama_model *dev, char *err,
                        size_t errlen) {
     llama_config cfg;
@@ -149,13 +174,12 @@ static int bench_model(const backend *gpu, const char *shape, llama_model *dev, 
     bench_ones(host.w.final_norm, C);
     fprintf(stderr, "bench_gpu: %s: %zu params drawn in %.1f s\n", shape, host.nparams,
             util_now_seconds() - t0);
-    int rc = llama_model_to_backend(gpu, &host, dev, err, errlen);
+    t0 = util_now_seconds();
+    int rc = llama_model_to_backend_frozen(gpu, &host, dev, err, errlen);
     llama_free(&host);
     if (rc != 0) return -1;
-    if (cuda_backend_register_weights(dev->params, dev->nparams, err, errlen) != 0) {
-        llama_model_free_backend(gpu, dev);
-        return -1;
-    }
+    fprintf(stderr, "bench_gpu: %s: placed in %.1f s (%s)\n", shape, util_now_seconds() - t0,
+            cuda_backend_low_precision() ? "frozen: projections low-precision only" : "fp32");
     return 0;
 }
 
@@ -175,6 +199,50 @@ static void bench_memory_note(char *out, size_t len) {
 
 /* ---- train ------------------------------------------------------------------ */
 
+/* The adapter's device optimizer state: fp32 moments and the norm's
+ * scratch (a double and an int, BENCH_NORM_BYTES). */
+typedef struct {
+    float *m, *v;
+    float *norm;
+} bench_opt_dev;
+
+/* One optimizer step on the device, as train.c's train_step_gpu does for a
+ * LoRA job (no loss scaling): the sum of squares of the n gradients in
+ * dgrads and their inf/NaN flag reduced by cuk_sumsq and downloaded
+ * (BENCH_NORM_BYTES), then, unless a gradient is not finite (*skipped set,
+ * nothing changed), one cuk_adamw over params with the clip coefficient
+ * and adamw_begin_step's scalars; both kernels on the backend's stream.
+ * *norm gets the pre-clip norm. Returns 0, or -1 with err (a refused
+ * launch, a device failure). */
+static int bench_opt_step(const backend *gpu, adamw *opt, bench_opt_dev *d, float *params,
+                          const float *dgrads, size_t n, double *norm, bool *skipped, char *err,
+                          size_t errlen) {
+    double *d_sum = (double *)(void *)d->norm;
+    int *d_flag = (int *)(void *)(d->norm + 2);
+    *skipped = false;
+    gpu->zero(d->norm, BENCH_NORM_BYTES / sizeof(float));
+    if (cuk_sumsq(d_sum, d_flag, dgrads, n, cuda_backend_stream(), err, errlen) != 0)
+        return -1;
+    unsigned char host[BENCH_NORM_BYTES];
+    gpu->download(host, d->norm, sizeof host);
+    if (cuda_backend_sync(err, errlen) != 0) return -1;
+    double sumsq;
+    int flag;
+    memcpy(&sumsq, host, sizeof sumsq);
+    memcpy(&flag, host + 2 * sizeof(float), sizeof flag);
+    *norm = sqrt(sumsq);
+    if (flag != 0 || !isfinite(*norm)) {
+        *skipped = true;
+        return 0;
+    }
+    float coef = adamw_clip_coef(*norm, BENCH_MAX_GRAD_NORM);
+    adamw_scalars sc = adamw_begin_step(opt, BENCH_LR);
+    return cuk_adamw(params, dgrads, d->m, d->v, n, coef, adamw_range_decay(opt, 0, &sc),
+                     sc.beta1, sc.one_minus_beta1, sc.beta2, sc.one_minus_beta2,
+                     sc.neg_step_size, sc.bias_correction2_sqrt, sc.eps, cuda_backend_stream(),
+                     err, errlen);
+}
+
 static int bench_train(const bench_args *a, char *err, size_t errlen) {
     int rc = -1;
     const backend *gpu = cuda_backend_open(0, a->precision, err, errlen);
@@ -183,8 +251,9 @@ static int bench_train(const bench_args *a, char *err, size_t errlen) {
     memset(&dev, 0, sizeof dev);
     llama_state s;
     memset(&s, 0, sizeof s);
-    float *lora_host = NULL, *grads_host = NULL, *dlora = NULL, *dgrads = NULL;
-    int *tokens = NULL;
+    float *lora_host = NULL, *dlora = NULL, *dgrads = NULL;
+    bench_opt_dev od = {NULL, NULL, NULL};
+    int *tokens = NULL, *lengths = NULL;
     adamw *opt = NULL;
     if (bench_model(gpu, a->shape, &dev, err, errlen) != 0) goto out;
     const llama_config *cfg = &dev.cfg;
@@ -193,11 +262,9 @@ static int bench_train(const bench_args *a, char *err, size_t errlen) {
     size_t np = llama_lora_count(cfg, a->rank, target);
     size_t N = (size_t)a->batch * (size_t)a->seq;
     lora_host = calloc(np, sizeof(float));
-    grads_host = malloc(np * sizeof(float));
     tokens = malloc(N * sizeof(int));
-    int *lengths = calloc((size_t)a->batch, sizeof(int));
-    if (!lora_host || !grads_host || !tokens || !lengths) {
-        free(lengths);
+    lengths = calloc((size_t)a->batch, sizeof(int));
+    if (!lora_host || !tokens || !lengths) {
         err_set(err, errlen, "out of memory");
         goto out;
     }
@@ -206,7 +273,7 @@ static int bench_train(const bench_args *a, char *err, size_t errlen) {
     llama_lora lo_host, lo;
     float scaling = 16.0f / (float)a->rank;
     if (llama_lora_bind(&lo_host, cfg, a->rank, scaling, target, lora_host, err, errlen) != 0)
-        goto out_lengths;
+        goto out;
     /* PEFT's init: A random, B zero. */
     for (int p = 0; p < LLAMA_NPROJ; p++) {
         if (!target[p]) continue;
@@ -215,40 +282,46 @@ static int bench_train(const bench_args *a, char *err, size_t errlen) {
         bench_fill(lo_host.a[p], (size_t)cfg->num_hidden_layers * (size_t)a->rank * in_d,
                    100 + (uint64_t)p);
     }
-    dlora = gpu->alloc(np * sizeof(float), err, errlen);
-    dgrads = dlora ? gpu->alloc(np * sizeof(float), err, errlen) : NULL;
-    if (!dgrads) goto out_lengths;
-    gpu->upload(dlora, lora_host, np * sizeof(float));
-    if (llama_lora_bind(&lo, cfg, a->rank, scaling, target, dlora, err, errlen) != 0)
-        goto out_lengths;
+    size_t bytes = np * sizeof(float);
+    dlora = gpu->alloc(bytes, err, errlen);
+    dgrads = dlora ? gpu->alloc(bytes, err, errlen) : NULL;
+    od.m = dgrads ? gpu->alloc(bytes, err, errlen) : NULL;
+    od.v = od.m ? gpu->alloc(bytes, err, errlen) : NULL;
+    od.norm = od.v ? gpu->alloc(BENCH_NORM_BYTES, err, errlen) : NULL;
+    if (!od.norm) goto out;
+    gpu->upload(dlora, lora_host, bytes);
+    gpu->zero(od.m, np);
+    gpu->zero(od.v, np);
+    if (llama_lora_bind(&lo, cfg, a->rank, scaling, target, dlora, err, errlen) != 0) goto out;
     adamw_range range = {0, np, true};
     adamw_config acfg = adamw_default_config();
-    if (adamw_new(&acfg, &range, 1, &opt, err, errlen) != 0) goto out_lengths;
-    if (llama_state_init_train(&s, gpu, cfg, a->batch, a->seq, err, errlen) != 0)
-        goto out_lengths;
+    if (adamw_new(&acfg, &range, 1, &opt, err, errlen) != 0) goto out;
+    if (llama_state_init_train(&s, gpu, cfg, a->batch, a->seq, err, errlen) != 0) goto out;
     double t_start = 0.0, loss_first = NAN, loss_last = NAN;
+    int skipped_steps = 0;
     for (int step = 0; step < a->warmup + a->steps; step++) {
         if (step == a->warmup) {
-            if (cuda_backend_sync(err, errlen) != 0) goto out_lengths;
+            if (cuda_backend_sync(err, errlen) != 0) goto out;
             t_start = util_now_seconds();
         }
         double t_step = util_now_seconds();
         gpu->zero(dgrads, np);
-        double loss_sum = 0.0;
+        double loss_sum = 0.0, norm = 0.0;
         long counted = 0;
+        bool skipped = false;
         if (llama_lora_loss_and_grad(gpu, &dev, &lo, &s, tokens, tokens, lengths, a->batch,
                                      a->seq, 1.0 / (double)(N - (size_t)a->batch), dgrads,
                                      &loss_sum, &counted, err, errlen) != 0)
-            goto out_lengths;
-        gpu->download(grads_host, dgrads, np * sizeof(float));
-        adamw_clip_grad_norm(opt, grads_host, 1.0);
-        adamw_step(opt, lora_host, grads_host, 1e-4);
-        gpu->upload(dlora, lora_host, np * sizeof(float));
-        if (cuda_backend_sync(err, errlen) != 0) goto out_lengths;
+            goto out;
+        if (bench_opt_step(gpu, opt, &od, dlora, dgrads, np, &norm, &skipped, err, errlen) != 0)
+            goto out;
+        if (cuda_backend_sync(err, errlen) != 0) goto out;
+        if (skipped && step >= a->warmup) skipped_steps++;
         double loss = loss_sum / (double)(counted ? counted : 1);
         if (step == 0) loss_first = loss;
         loss_last = loss;
-        fprintf(stderr, "bench_gpu: train %s step %d: loss %.4f, %.3f s\n", a->shape, step, loss,
+        fprintf(stderr, "bench_gpu: train %s step %d: loss %.4f, grad norm %.4g%s, %.3f s\n",
+                a->shape, step, loss, norm, skipped ? " (not finite: skipped)" : "",
                 util_now_seconds() - t_step);
     }
     double seconds = (util_now_seconds() - t_start) / a->steps;
@@ -262,25 +335,27 @@ static int bench_train(const bench_args *a, char *err, size_t errlen) {
            "\"seq\": %d, \"rank\": %d, \"precision\": \"%s\", \"steps\": %d, "
            "\"seconds_per_step\": %.6f, \"tokens_per_s\": %.1f, \"mfu\": %.4f, "
            "\"flops_per_token\": %.6g, \"params_matmul\": %.0f, \"params_lora\": %.0f, "
-           "\"loss_first\": %.6f, \"loss_last\": %.6f, \"gpu_memory_used_gib\": %s}\n",
+           "\"loss_first\": %.6f, \"loss_last\": %.6f, \"optimizer\": \"device\", "
+           "\"optimizer_bytes_per_step\": %d, \"skipped_steps\": %d, "
+           "\"gpu_memory_used_gib\": %s}\n",
            a->shape, a->batch, a->seq, a->rank, cuda_precision_name(a->precision), a->steps,
            seconds, tokens_per_step / seconds,
            flops_per_token * tokens_per_step / seconds / BENCH_PEAK_FLOPS, flops_per_token, nmm,
-           nlora, loss_first, loss_last, mem);
+           nlora, loss_first, loss_last, BENCH_NORM_BYTES, skipped_steps, mem);
     fflush(stdout);
     rc = 0;
-out_lengths:
-    free(lengths);
 out:
     adamw_free(opt);
     llama_state_free(&s);
     if (dlora) gpu->free_buf(dlora);
     if (dgrads) gpu->free_buf(dgrads);
-    if (dev.params) cuda_backend_forget_weights(dev.params);
+    if (od.m) gpu->free_buf(od.m);
+    if (od.v) gpu->free_buf(od.v);
+    if (od.norm) gpu->free_buf(od.norm);
     llama_model_free_backend(gpu, &dev);
     free(lora_host);
-    free(grads_host);
     free(tokens);
+    free(lengths);
     cuda_backend_close();
     return rc;
 }
@@ -360,7 +435,6 @@ static int bench_predict(const bench_args *a, char *err, size_t errlen) {
     rc = 0;
 out:
     llama_state_free(&s);
-    if (dev.params) cuda_backend_forget_weights(dev.params);
     llama_model_free_backend(gpu, &dev);
     free(tokens);
     free(lengths);

@@ -6,7 +6,8 @@ model in bf16/fp16 (model_backend.h: embedding and norms in fp32, the seven
 projections and an untied head only in bf16 via cuda_backend_upload_frozen,
 a tied head's bf16 copy registered), the CUDA backend's low-precision
 scratch as large as the biggest product's converted operands, 32 MiB of
-cuBLAS workspace, and the LoRA buffers (parameters, gradients and AdamW's
+cuBLAS workspace, the tensor-core attention's workspace (attn_ws below),
+and the LoRA buffers (parameters, gradients and AdamW's
 two moments, all fp32 on the device). For comparison each table also states
 the total of the placement before frozen weights (the whole model in fp32
 plus a registered bf16 copy of all of it).
@@ -50,6 +51,46 @@ def model_items(c):
     return items
 
 
+# worker/engine/cuda/attn_gemm.h's constants of the same names.
+ATTN_GEMM_MIN_T = 64
+ATTN_GEMM_SP_CAP = 512 << 20
+ATTN_GEMM_ALIGN = 256
+ATTN_GEMM_GRID_X_MAX = 2147483647
+
+
+def attn_ws(c, B, T, backward):
+    """Bytes of the tensor-core attention's workspace, as attn_gemm_plan_make
+    (worker/engine/cuda/attn_gemm_plan.c) lays it out: 16-bit copies of q, k,
+    v (and dout in the backward), then fp32 S and 16-bit P of (T, ld), ld = T
+    rounded up to 8, for as many kv heads as fit ATTN_GEMM_SP_CAP; every
+    region 256-byte aligned. The backend (backend.cu cb_attn_gemm) reserves
+    it in bf16/fp16 for T >= ATTN_GEMM_MIN_T and grows it, never shrinks it,
+    freeing the old buffer first: its peak is the largest plan, the
+    backward's in training. 0 where the flash kernels run instead."""
+    if T < ATTN_GEMM_MIN_T:
+        return 0
+    HS = c["C"] // c["NH"]
+    ld = (T + 7) // 8 * 8
+    per_head = T * ld * (4 + 2)
+    if per_head > ATTN_GEMM_SP_CAP:
+        return 0
+    chunk = min(ATTN_GEMM_SP_CAP // per_head, c["NKV"])
+    chunk = min(chunk, ATTN_GEMM_GRID_X_MAX // T)  # rows of a softmax launch
+    nq = B * T * c["NH"] * HS
+    nkv = B * T * c["NKV"] * HS
+
+    def align(off):
+        return (off + ATTN_GEMM_ALIGN - 1) // ATTN_GEMM_ALIGN * ATTN_GEMM_ALIGN
+
+    off = align(2 * nq)               # q
+    off = align(off + 2 * nkv)        # k
+    off = align(off + 2 * nkv)        # v
+    if backward:
+        off = align(off + 2 * nq)     # dout
+    off = align(off + 4 * chunk * T * ld)  # S (fp32)
+    return align(off + 2 * chunk * T * ld)  # P (16-bit)
+
+
 def plan(c, B, T, train, r=8, targets=("q", "v")):
     """[(item, bytes)] for the current engine."""
     C, FF, L, V = c["C"], c["FF"], c["L"], c["V"]
@@ -76,7 +117,10 @@ def plan(c, B, T, train, r=8, targets=("q", "v")):
         scratch = 2 * N * V
     else:
         scratch = 2 * N * max(C, FF)  # the widest activation operand of a product
+    ws_what = ("16-bit q, k, v, dout; S, P" if train else "16-bit q, k, v; S, P")
     items += [("low-precision operand scratch", scratch), ("cuBLAS workspace", 32 << 20),
+              ("tensor-core attention workspace (attn_gemm_plan: %s)" % ws_what,
+               attn_ws(c, B, T, train)),
               ("CUDA context (approximate)", CONTEXT)]
     return items
 
