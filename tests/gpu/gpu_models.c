@@ -16,6 +16,15 @@
  *                        over the model's ~15 products along a path the
  *                        errors add in quadrature, ~1e-2 for bf16 at worst,
  *                        and the bound leaves margin on top.
+ *   fwd ... frozen       the same forward with the model placed as predict
+ *                        jobs and LoRA's base model are
+ *                        (llama_model_to_backend_frozen: projections only in
+ *                        bf16/fp16, converted on the device): every hidden
+ *                        state and the logits equal to the registered-copy
+ *                        forward's bit for bit (both round the same fp32
+ *                        weights to nearest even, and matmul reads either
+ *                        copy the same way: tolerance 0), and within the
+ *                        same 5e-2 / 1e-2 of the float64 reference.
  *   train ...            train jobs through runner_run on the reference chat
  *                        model, GPU (ctx.gpu 0) vs CPU (ctx.gpu -1): step 1's
  *                        loss within 1e-5 (the same batch on the same
@@ -24,7 +33,11 @@
  *                        sqrt(v), so parameters whose gradients are near
  *                        zero turn rounding-level differences into
  *                        lr-sized steps; their effect on the loss stays
- *                        small) and 3e-2 in bf16.
+ *                        small) and 3e-2 in bf16 (LoRA bf16: the frozen
+ *                        base model). Every GPU train job must log the
+ *                        device optimizer (train.c): "a step moves 16 bytes
+ *                        to the host" and, at the end, steps x 16 bytes
+ *                        moved between host and GPU (tolerance 0 bytes).
  *   predict / cka jobs   predict jobs (last_token and mean pools) on GPU vs
  *                        CPU: hidden states within 1e-5 in fp32 (5e-2 bf16);
  *                        CKA jobs between the two pools: the same CPU-made
@@ -114,7 +127,8 @@ static int gt_batch_load(gt_batch *b, json_t *j, char *err, size_t errlen) {
     for (int i = 0; i < b->B; i++) {
         b->lengths[i] = (int)json_integer_value(json_array_get(lens, (size_t)i));
         json_t *row = json_array_get(ids, (size_t)i), *lrow = json_array_get(labels, (size_t)i);
-        if (json_array_size(row) != (size_t)b->T || (labels && json_array_size(lrow) != (size_t)b->T)) {
+        if (json_array_size(row) != (size_t)b->T ||
+            (labels && json_array_size(lrow) != (size_t)b->T)) {
             gt_batch_free(b);
             return err_set(err, errlen, "batch row %d is not T = %d long", i, b->T);
         }
@@ -169,12 +183,20 @@ static int gt_collect_hook(void *user, int layer, const float *x, int B, int T, 
     return 0;
 }
 
-/* Runs reference model name's batch on be (weights copied there; in a
- * low-precision mode registered so products read their copy) and returns
- * the worst relative error over its hidden states and logits, or NAN with
- * err. */
-static double gt_reference_forward_err(const backend *be, bool register_weights, const char *name,
-                                       char *err, size_t errlen) {
+/* How gt_reference_forward_err places the model on the backend. */
+typedef enum {
+    GT_PLACE_PLAIN,      /* llama_model_to_backend */
+    GT_PLACE_REGISTERED, /* llama_model_to_backend + a registered low-precision copy */
+    GT_PLACE_FROZEN      /* llama_model_to_backend_frozen (predict, LoRA's base) */
+} gt_place;
+
+/* Runs reference model name's batch on be with the model placed as place
+ * and returns the worst relative error over its hidden states and logits,
+ * or NAN with err. When keep is not NULL, *keep gets every compared output
+ * (hidden states 0..L, then the logits, packed; *nkeep floats; malloc'd,
+ * the caller frees; NULL on failure) for bitwise comparison of two runs. */
+static double gt_reference_forward_err(const backend *be, gt_place place, const char *name,
+                                       float **keep, size_t *nkeep, char *err, size_t errlen) {
     char dir[PATH_MAX], path[PATH_MAX + 64];
     gt_reference_dir(dir, sizeof dir, name);
     double worst = NAN;
@@ -186,9 +208,11 @@ static double gt_reference_forward_err(const backend *be, bool register_weights,
     gt_collect col = {0};
     llama_state s;
     memset(&s, 0, sizeof s);
-    float *logits = NULL, *packed = NULL;
+    float *logits = NULL, *packed = NULL, *kept = NULL;
+    size_t nkept = 0;
     int offsets[GT_MAX_B];
     bool registered = false;
+    if (keep) *keep = NULL, *nkeep = 0;
     if (llama_load_hf(dir, &host, err, errlen) != 0) goto out;
     snprintf(path, sizeof path, "%s/expected.json", dir);
     json_error_t jerr;
@@ -217,12 +241,15 @@ static double gt_reference_forward_err(const backend *be, bool register_weights,
     }
     logits = malloc((size_t)bt.B * (size_t)bt.T * (size_t)V * sizeof *logits);
     packed = malloc(n_tokens * (size_t)V * sizeof *packed);
-    if (!logits || !packed) {
+    if (keep) kept = malloc(n_tokens * ((size_t)(L + 1) * (size_t)C + (size_t)V) * sizeof *kept);
+    if (!logits || !packed || (keep && !kept)) {
         err_set(err, errlen, "out of memory");
         goto out;
     }
-    if (llama_model_to_backend(be, &host, &dev, err, errlen) != 0) goto out;
-    if (register_weights) {
+    if ((place == GT_PLACE_FROZEN ? llama_model_to_backend_frozen(be, &host, &dev, err, errlen)
+                                  : llama_model_to_backend(be, &host, &dev, err, errlen)) != 0)
+        goto out;
+    if (place == GT_PLACE_REGISTERED) {
         if (cuda_backend_register_weights(dev.params, dev.nparams, err, errlen) != 0) goto out;
         registered = true;
     }
@@ -256,6 +283,15 @@ static double gt_reference_forward_err(const backend *be, bool register_weights,
         double e = gt_rel_err(got, want, n_tokens * cols);
         if (!(e <= worst)) worst = e;
         free(want);
+        if (kept) {
+            memcpy(kept + nkept, got, n_tokens * cols * sizeof *kept);
+            nkept += n_tokens * cols;
+        }
+    }
+    if (keep) {
+        *keep = kept;
+        *nkeep = nkept;
+        kept = NULL;
     }
 out:
     llama_state_free(&s);
@@ -267,6 +303,7 @@ out:
     for (int l = 0; l <= GT_MAX_LAYERS; l++) free(col.hidden[l]);
     free(logits);
     free(packed);
+    free(kept);
     return worst;
 }
 
@@ -277,22 +314,77 @@ void gt_check_reference_forward(const backend *gpu) {
         snprintf(check, sizeof check, "ref forward %s fp32", names[i]);
         if (!gt_wanted(check)) continue;
         double t0 = util_now_seconds();
-        double e = gt_reference_forward_err(gpu, false, names[i], err, sizeof err);
+        double e = gt_reference_forward_err(gpu, GT_PLACE_PLAIN, names[i], NULL, NULL, err,
+                                            sizeof err);
         gt_record(check, e, REF_TOL, util_now_seconds() - t0, isnan(e) ? err : "hidden + logits");
     }
 }
 
+/* 0 when a and b (n floats each) are equal bit for bit; otherwise the
+ * largest |a - b|, or +inf when the differing bits compare equal or are
+ * not numbers (-0 vs 0, NaN), so that any difference fails a 0 bound. */
+static double gt_bitwise_err(const float *a, const float *b, size_t n) {
+    if (memcmp(a, b, n * sizeof *a) == 0) return 0.0;
+    double worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= worst)) worst = d;
+    }
+    return worst > 0.0 ? worst : INFINITY;
+}
+
+/* gqa's forward in bf16 and fp16: registered weight copies vs the float64
+ * reference, then the frozen placement vs the reference and vs the
+ * registered run bit for bit. */
 void gt_check_forward_precision(int device) {
     static const cuda_precision precs[] = {CUDA_BF16, CUDA_FP16};
     for (size_t i = 0; i < 2; i++) {
-        char check[48], err[ERR_LEN] = "";
-        snprintf(check, sizeof check, "fwd %s gqa vs float64 ref", cuda_precision_name(precs[i]));
-        if (!gt_wanted(check)) continue;
+        const char *pname = cuda_precision_name(precs[i]);
+        double tol = precs[i] == CUDA_BF16 ? FWD_BF16_TOL : FWD_FP16_TOL;
+        char check[64], check_frozen[64], check_bits[64], err[ERR_LEN] = "", note[160];
+        snprintf(check, sizeof check, "fwd %s gqa vs float64 ref", pname);
+        snprintf(check_frozen, sizeof check_frozen, "fwd %s gqa frozen vs float64 ref", pname);
+        snprintf(check_bits, sizeof check_bits, "fwd %s gqa frozen == registered", pname);
+        bool want_frozen = gt_wanted(check_frozen) || gt_wanted(check_bits);
+        if (!gt_wanted(check) && !want_frozen) continue;
         double t0 = util_now_seconds(), e = NAN;
+        float *reg = NULL, *frz = NULL;
+        size_t nreg = 0, nfrz = 0;
         const backend *gpu = cuda_backend_open(device, precs[i], err, sizeof err);
-        if (gpu) e = gt_reference_forward_err(gpu, true, "gqa", err, sizeof err);
-        gt_record(check, e, precs[i] == CUDA_BF16 ? FWD_BF16_TOL : FWD_FP16_TOL,
-                  util_now_seconds() - t0, isnan(e) ? err : "registered weights");
+        if (gpu)
+            e = gt_reference_forward_err(gpu, GT_PLACE_REGISTERED, "gqa", &reg, &nreg, err,
+                                         sizeof err);
+        if (gt_wanted(check))
+            gt_record(check, e, tol, util_now_seconds() - t0,
+                      isnan(e) ? err : "registered weights");
+        if (!want_frozen) {
+            free(reg);
+            continue;
+        }
+        t0 = util_now_seconds();
+        double ef = NAN;
+        if (gpu && reg)
+            ef = gt_reference_forward_err(gpu, GT_PLACE_FROZEN, "gqa", &frz, &nfrz, err,
+                                          sizeof err);
+        double seconds = util_now_seconds() - t0;
+        if (gt_wanted(check_frozen))
+            gt_record(check_frozen, ef, tol, seconds,
+                      isnan(ef) ? err : "llama_model_to_backend_frozen");
+        if (gt_wanted(check_bits)) {
+            double eb = NAN;
+            if (frz && nfrz == nreg) {
+                eb = gt_bitwise_err(frz, reg, nreg);
+                snprintf(note, sizeof note, "%zu floats (hidden states + logits)%s", nreg,
+                         eb == 0.0 ? " bit for bit" : "");
+            } else if (frz) {
+                snprintf(note, sizeof note, "%zu floats vs %zu", nfrz, nreg);
+            } else {
+                snprintf(note, sizeof note, "%s", err);
+            }
+            gt_record(check_bits, eb, 0.0, seconds, note);
+        }
+        free(reg);
+        free(frz);
     }
     char err[ERR_LEN];
     if (!cuda_backend_open(device, CUDA_FP32, err, sizeof err))
@@ -576,6 +668,9 @@ typedef struct {
     char out[PATH_MAX];
     bool ran_on_gpu; /* a "running on GPU" log line */
     char device_line[256];
+    bool opt_per_step;        /* "a step moves 16 bytes to the host" logged */
+    long long opt_steps;      /* from "optimizer: N steps moved M bytes ..." (-1: none) */
+    long long opt_bytes;
 } gt_job;
 
 static const char *gt_ref_path(json_t *ref, char *err, size_t errlen) {
@@ -659,6 +754,13 @@ static void gt_log(runner_ctx *ctx, const char *line) {
         snprintf(job->device_line, sizeof job->device_line, "%s", line);
         if (strstr(line, "running on GPU")) job->ran_on_gpu = true;
     }
+    if (strstr(line, "optimizer: AdamW on GPU") &&
+        strstr(line, "on the device); a step moves 16 bytes to the host"))
+        job->opt_per_step = true;
+    long long steps = 0, bytes = 0;
+    if (sscanf(line, "optimizer: %lld steps moved %lld bytes between host and GPU", &steps,
+               &bytes) == 2)
+        job->opt_steps = steps, job->opt_bytes = bytes;
     if (gt_cfg.verbose) fprintf(stderr, "  job: %s\n", line);
 }
 
@@ -668,6 +770,7 @@ static void gt_log(runner_ctx *ctx, const char *line) {
 static json_t *gt_run_job(const char *kind, const char *spec_text, int gpu, const char *tag,
                           gt_job *job, char *err, size_t errlen) {
     memset(job, 0, sizeof *job);
+    job->opt_steps = -1;
     snprintf(job->work, sizeof job->work, "%.3000s/%s-work", gt_cfg.tmp, tag);
     snprintf(job->out, sizeof job->out, "%.3000s/%s", gt_cfg.tmp, tag);
     if (mkdir(job->work, 0700) != 0 || mkdir(job->out, 0700) != 0) {
@@ -729,8 +832,33 @@ static void gt_chat_paths(char *model, size_t mlen, char *dataset, size_t dlen) 
     snprintf(dataset, dlen, "%s/predict/dataset.json", env && *env ? env : "tests/fixtures");
 }
 
-/* A train job on the GPU and the CPU; rows for step 1 (fp32 only) and the
- * whole curve. */
+/* A row "CHECK optimizer" for a GPU train job: its log must say the
+ * optimizer ran on the device moving 16 bytes a step, and its final count
+ * must be 16 x the result's steps. The error is the byte count's distance
+ * from that (+inf when a line is missing); the tolerance 0. */
+static void gt_device_optimizer_row(const char *check, const gt_job *job, json_t *result) {
+    char row[96], note[200];
+    snprintf(row, sizeof row, "%s optimizer", check);
+    long long steps = json_integer_value(json_object_get(result, "steps"));
+    double e;
+    if (!job->opt_per_step) {
+        e = INFINITY;
+        snprintf(note, sizeof note, "no 'a step moves 16 bytes to the host' log line");
+    } else if (job->opt_steps < 0) {
+        e = INFINITY;
+        snprintf(note, sizeof note, "no 'optimizer: N steps moved M bytes' log line");
+    } else {
+        e = fabs((double)job->opt_bytes - 16.0 * (double)steps);
+        if (job->opt_steps != steps) e = INFINITY;
+        snprintf(note, sizeof note,
+                 "device AdamW: %lld steps moved %lld bytes (result: %lld steps)",
+                 job->opt_steps, job->opt_bytes, steps);
+    }
+    gt_record(row, e, 0.0, 0.0, note);
+}
+
+/* A train job on the GPU and the CPU; rows for step 1 (fp32 only), the
+ * whole curve and the GPU job's device optimizer. */
 static void gt_train_pair(const char *method, const char *precision, const char *check) {
     if (!gt_wanted(check)) return;
     double t0 = util_now_seconds();
@@ -769,6 +897,7 @@ static void gt_train_pair(const char *method, const char *precision, const char 
                  json_number_value(json_array_get(lc, json_array_size(lc) - 1)));
         gt_record(check, gt_series_err(lg, lc, 0), fp32 ? TRAIN_FP32_TOL : TRAIN_BF16_TOL,
                   seconds, note);
+        gt_device_optimizer_row(check, &jg, rg);
     }
     json_decref(rg);
     json_decref(rc);
@@ -778,6 +907,7 @@ void gt_check_train_jobs(void) {
     gt_train_pair("full", "fp32", "train full fp32 8 steps");
     gt_train_pair("lora", "fp32", "train lora fp32 8 steps");
     gt_train_pair("full", "bf16", "train full bf16 8 steps");
+    gt_train_pair("lora", "bf16", "train lora bf16 8 steps");
 }
 
 /* Worst relative error between the hidden_states_{l}.npy files of two
@@ -986,7 +1116,8 @@ void gt_check_cka_gpu(void) {
                     snprintf(err, sizeof err, "rows used %zu/%zu, dropped %zu/%zu", rg.n, rc.n,
                              rg.dropped_rows, rc.dropped_rows);
                 }
-                snprintf(note, sizeof note, "N %zu Dx %zu Dy %zu cka %.9f gpu %.3fs cpu %.3fs", rc.n,
+                snprintf(note, sizeof note,
+                         "N %zu Dx %zu Dy %zu cka %.9f gpu %.3fs cpu %.3fs", rc.n,
                          DX, DY, rc.cka, tg, tc);
             }
             if (okg == 0 && call.used != precs[pi] && !isnan(e)) {

@@ -526,7 +526,8 @@ static void gt_op_embedding_ce(const backend *gpu, const gt_shape *s, gt_rng *rn
     float *gtab = gt_put(&d, table, V * C * 4), *gout = gt_put(&d, NULL, N * C * 4);
     float *gdout = gt_put(&d, dout, N * C * 4), *gdtab = gt_put(&d, dtable, V * C * 4);
     float *glog = gt_put(&d, logits, N * V * 4);
-    int *gtok = gt_put(&d, tokens, N * sizeof *tokens), *gtgt = gt_put(&d, targets, N * sizeof *targets);
+    int *gtok = gt_put(&d, tokens, N * sizeof *tokens);
+    int *gtgt = gt_put(&d, targets, N * sizeof *targets);
     double *gloss = gt_put(&d, NULL, N * sizeof *row_loss);
     if (gtab && gout && gdout && gdtab && glog && gtok && gtgt && gloss) {
         cpu->embedding(out, tokens, table, N, C);
@@ -648,12 +649,14 @@ static void gt_op_matmul(const backend *gpu, const gt_shape *s, gt_rng *rng, cud
         if (!d.failed) {
             gpu->matmul(gout, gx, gw, N, IN, OUT, false);
             float *a = gt_download(gpu, gout, N * OUT);
-            for (int r = 0; r < 2; r++) gt_errs_add(&e[r], "out", gt_rel_err(a, ref_out[r], N * OUT));
+            for (int r = 0; r < 2; r++)
+                gt_errs_add(&e[r], "out", gt_rel_err(a, ref_out[r], N * OUT));
             free(a);
             gpu->upload(gout, out0, N * OUT * 4);
             gpu->matmul(gout, gx, gw, N, IN, OUT, true);
             a = gt_download(gpu, gout, N * OUT);
-            for (int r = 0; r < 2; r++) gt_errs_add(&e[r], "+=", gt_rel_err(a, ref_acc[r], N * OUT));
+            for (int r = 0; r < 2; r++)
+                gt_errs_add(&e[r], "+=", gt_rel_err(a, ref_acc[r], N * OUT));
             free(a);
             gpu->matmul_backward(gdx, gdw, gdy, gx, gw, N, IN, OUT, true);
             float *a1 = gt_download(gpu, gdx, N * IN), *a2 = gt_download(gpu, gdw, OUT * IN);
