@@ -950,7 +950,9 @@ static void agent_job_log(agent_job *job, const char *line) {
     pthread_mutex_unlock(&job->lock);
 }
 
-static void agent_job_logf(agent_job *job, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* agent_job_log with a printf format (lines past 1 KiB are cut). */
+static void agent_job_logf(agent_job *job, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
 static void agent_job_logf(agent_job *job, const char *fmt, ...) {
     char line[1024];
     va_list ap;

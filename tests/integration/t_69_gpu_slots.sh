@@ -72,10 +72,12 @@ EOF
 api_json POST /api/v1/models '{"name": "chat", "path": "'"$TD/data/chat"'"}'
 expect_status "register the model" 201
 model=$(jbody .id)
-api_json POST /api/v1/datasets '{"name": "prompts", "format": "alpaca", "path": "'"$TD/data/prompts.json"'"}'
+api_json POST /api/v1/datasets \
+    '{"name": "prompts", "format": "alpaca", "path": "'"$TD/data/prompts.json"'"}'
 expect_status "register the dataset" 201
 dataset=$(jbody .id)
-api_json POST /api/v1/datasets '{"name": "long", "format": "alpaca", "path": "'"$TD/data/long.json"'"}'
+api_json POST /api/v1/datasets \
+    '{"name": "long", "format": "alpaca", "path": "'"$TD/data/long.json"'"}'
 expect_status "register the longer dataset" 201
 long=$(jbody .id)
 
@@ -98,11 +100,17 @@ for ((i = 0; i < 100; i++)); do
     sleep 0.1
 done
 expect_eq "the worker registers 2 GPUs" 2 "$n"
+# gpu_field FIELD : that field of each GPU the worker "two" registered, as JSON.
+gpu_field() {
+    sql "$IT_DB" "SELECT jsonb_path_query_array(gpus, '\$[*].$1')::text FROM workers
+                  WHERE name = 'two'"
+}
 expect_eq "each with its name" '["strata CUDA emulator", "strata CUDA emulator"]' \
-    "$(sql "$IT_DB" "SELECT jsonb_path_query_array(gpus, '\$[*].name')::text FROM workers WHERE name = 'two'")"
-expect_eq "and its index" '[0, 1]' \
-    "$(sql "$IT_DB" "SELECT jsonb_path_query_array(gpus, '\$[*].index')::text FROM workers WHERE name = 'two'")"
-expect_eq "one startup line about its GPUs" 1 "$(grep -cE 'GPU 0: strata CUDA emulator.*; GPU 1: ' "$log2")"
+    "$(gpu_field name)"
+expect_eq "and its index" '[0, 1]' "$(gpu_field index)"
+expect_eq "and its memory" '[8.0, 8.0]' "$(gpu_field memory_gb)"
+expect_eq "one startup line about its GPUs" 1 \
+    "$(grep -cE 'GPU 0: strata CUDA emulator.*; GPU 1: ' "$log2")"
 
 # ---- three gpus:1 jobs: two at once on different GPUs, the third after
 predict 1
@@ -121,12 +129,13 @@ for j in "$j1" "$j2" "$j3"; do
     E[$j]=$END
     job_log "$j"
     G[$j]=$(grep -oE 'running on GPU [0-9]+' <<<"$LOG" | grep -oE '[0-9]+$')
-    expect_match "job $j ran on an emulated GPU in fp32" 'running on GPU [01] \(strata CUDA emulator\) in fp32' "$LOG"
+    expect_match "job $j ran on an emulated GPU in fp32" \
+        'running on GPU [01] \(strata CUDA emulator\) in fp32' "$LOG"
 done
 # order by start
 order=$(for j in "$j1" "$j2" "$j3"; do echo "${S[$j]} $j"; done | sort -n | awk '{print $2}')
 read -r a b c <<<"$(echo $order)"
-it_log "starts: $a ${S[$a]} .. ${E[$a]} GPU ${G[$a]}; $b ${S[$b]} .. ${E[$b]} GPU ${G[$b]}; $c ${S[$c]} .. ${E[$c]} GPU ${G[$c]}"
+for j in "$a" "$b" "$c"; do it_log "job $j: ${S[$j]} .. ${E[$j]} on GPU ${G[$j]}"; done
 expect_true "the first two ran at the same time" before "${S[$b]}" "${E[$a]}"
 expect_ne "on different GPUs" "${G[$a]}" "${G[$b]}"
 first_end=${E[$a]}
@@ -170,7 +179,8 @@ expect_match "the gpus:2 job waited for the GPU the gpus:0 job held" \
 expect_match "then reserved both" 'reserved GPUs (0,1|1,0); the engine runs on GPU [01]' "$LOG"
 stop_worker two
 expect_eq "the 2-GPU worker exits 0 on SIGTERM" 0 "$EXIT_CODE"
-expect_eq "it said it runs a job per GPU" 1 "$(grep -c 'running up to 2 jobs at once, one per GPU' "$log2")"
+expect_eq "it said it runs a job per GPU" 1 \
+    "$(grep -c 'running up to 2 jobs at once, one per GPU' "$log2")"
 
 # ---- no GPU: one job at a time on the CPU, as before
 start_emu_worker none 0
@@ -191,8 +201,10 @@ else
 fi
 job_log "$c1"
 expect_match "it ran on the CPU" 'running on the CPU' "$LOG"
-expect_eq "registered with no GPUs" "[]" "$(sql "$IT_DB" "SELECT gpus::text FROM workers WHERE name = 'none'")"
-expect_true "it says it has no GPU" grep -qE 'no GPU: .+; jobs run on the CPU' "$TD/logs/worker-none.log"
+expect_eq "registered with no GPUs" "[]" \
+    "$(sql "$IT_DB" "SELECT gpus::text FROM workers WHERE name = 'none'")"
+expect_true "it says it has no GPU" \
+    grep -qE 'no GPU: .+; jobs run on the CPU' "$TD/logs/worker-none.log"
 stop_worker none
 expect_eq "the CPU worker exits 0 on SIGTERM" 0 "$EXIT_CODE"
 
