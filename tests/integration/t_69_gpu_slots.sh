@@ -4,8 +4,10 @@
 # registers two GPUs and runs two gpus:1 predict jobs at once, one on GPU 0
 # and one on GPU 1, while a third waits for a GPU to come free; a gpus:2 job
 # reserves both GPUs and runs alone (a gpus:0 job submitted meanwhile starts
-# only after it). The same binary with no GPU (STRATA_EMU_DEVICES=0) runs
-# one job at a time on the CPU, as before.
+# only after it), and a gpus:2 job handed out while a gpus:0 job holds a
+# GPU waits for it. The same binary with no GPU (STRATA_EMU_DEVICES=0) runs
+# one job at a time on the CPU, as before. With a job on each GPU, a SIGTERM
+# lets both finish; a second one hands both back to the queue.
 source "$(dirname "$0")/lib.sh"
 
 EMU=${IT_BUILD:-$IT_REPO/build}/strata-worker-emu
@@ -207,5 +209,42 @@ expect_true "it says it has no GPU" \
     grep -qE 'no GPU: .+; jobs run on the CPU' "$TD/logs/worker-none.log"
 stop_worker none
 expect_eq "the CPU worker exits 0 on SIGTERM" 0 "$EXIT_CODE"
+
+# ---- shutdown with a job on each GPU: the first SIGTERM lets both finish
+start_emu_worker again 2
+predict 1 0 "$long"
+f1=$JOB_ID
+predict 1 0 "$long"
+f2=$JOB_ID
+wait_for_state "$f1" running 30
+wait_for_state "$f2" running 30
+stop_worker again
+expect_eq "SIGTERM: the worker exits 0" 0 "$EXIT_CODE"
+for j in "$f1" "$f2"; do
+    TOKEN=$ADMIN job_get "$j"
+    expect_eq "SIGTERM: job $j finished first" succeeded "$(jbody .state)"
+done
+
+# ---- a second SIGTERM cancels both and hands them back
+start_emu_worker last 2
+predict 1 0 "$long"
+r1=$JOB_ID
+predict 1 0 "$long"
+r2=$JOB_ID
+wait_for_state "$r1" running 30
+wait_for_state "$r2" running 30
+kill -TERM "${WPID[last]}"
+# Two signals sent at once may arrive as one: the second goes once the first
+# has been seen by both jobs.
+for ((i = 0; i < 100; i++)); do
+    (($(grep -c 'shutdown requested: finishing job' "$TD/logs/worker-last.log") == 2)) && break
+    sleep 0.1
+done
+stop_worker last
+expect_eq "second SIGTERM: the worker exits 0" 0 "$EXIT_CODE"
+for j in "$r1" "$r2"; do
+    TOKEN=$ADMIN job_get "$j"
+    expect_eq "second SIGTERM: job $j handed back" "queued 0" "$(jbody '"\(.state) \(.attempt)"')"
+done
 
 it_done
