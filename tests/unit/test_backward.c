@@ -115,19 +115,6 @@ static float *grad_of(const llama_model *m, float *grads, const char *name, size
     return grads + (p - m->params);
 }
 
-/* max |got - want| / max |want| over n values (fails on non-finite got). */
-static double rel_err(const float *got, const float *want, size_t n, const char *what) {
-    double scale = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, got[i]);
-        if (fabs(want[i]) > scale) scale = fabs(want[i]);
-        double d = fabs((double)got[i] - want[i]);
-        if (d > worst) worst = d;
-    }
-    assert_true(scale > 0.0);
-    return worst / scale;
-}
-
 /* Runs llama_loss_and_grad over bt with scale 1/n_counted into grads
  * (added to); returns the mean loss. */
 static double run(const llama_model *m, const tu_batch *bt, int cap_T, double scale, float *grads) {
@@ -177,7 +164,7 @@ static void check_reference(const char *name) {
         float *want_f = malloc(n * sizeof *want_f);
         assert_non_null(want_f);
         for (size_t i = 0; i < n; i++) want_f[i] = (float)ref[i];
-        double e = rel_err(g, want_f, n, tname);
+        double e = tu_rel_err_ff(g, want_f, n, tname);
         if (e > REF_REL_TOL) fail_msg("%s %s: gradient error %g relative", name, tname, e);
         if (e > worst) worst = e;
         checked++;
@@ -479,7 +466,8 @@ static void test_lora_gqa(void **state) {
                                  sizeof err) != 0)
         fail_msg("%s", err);
     assert_int_equal(counted, bt.n_counted);
-    double loss = sum / (double)counted, want = json_number_value(json_object_get(f.expected, "loss"));
+    double loss = sum / (double)counted;
+    double want = json_number_value(json_object_get(f.expected, "loss"));
     printf("lora_gqa: loss %.9g ref %.9g\n", loss, want);
     assert_true(fabs(loss - want) <= REF_REL_TOL * fabs(want));
     assert_memory_equal(before, f.model.params, f.model.nparams * sizeof *before);
@@ -509,7 +497,7 @@ static void test_lora_gqa(void **state) {
                 float *wf = malloc(cnt * sizeof *wf);
                 assert_non_null(wf);
                 for (size_t i = 0; i < cnt; i++) wf[i] = (float)ref[i];
-                double e = rel_err(g, wf, cnt, name);
+                double e = tu_rel_err_ff(g, wf, cnt, name);
                 if (e > REF_REL_TOL) fail_msg("%s: gradient error %g relative", name, e);
                 if (e > worst) worst = e;
                 checked++;

@@ -29,26 +29,11 @@
 
 static char fixture_dir[PATH_MAX + 64];
 
+/* The fixture cases (tu_cka_cases), at least 20 of them. */
 static json_t *load_cases(void) {
-    char path[PATH_MAX + 128];
-    snprintf(path, sizeof path, "%s/expected.json", fixture_dir);
-    json_t *root = tu_load_json(path);
-    json_t *cases = json_object_get(root, "cases");
-    assert_true(json_is_array(cases));
+    json_t *cases = tu_cka_cases();
     assert_true(json_array_size(cases) >= 20);
-    json_incref(cases);
-    json_decref(root);
     return cases;
-}
-
-static cka_options case_options(json_t *c, cka_space space) {
-    cka_options opt = {0};
-    opt.kernel = strcmp(json_string_value(json_object_get(c, "kernel")), "rbf") == 0 ? CKA_RBF
-                                                                                   : CKA_LINEAR;
-    opt.debiased = json_is_true(json_object_get(c, "debiased"));
-    opt.rbf_threshold = json_number_value(json_object_get(c, "rbf_threshold"));
-    opt.space = space;
-    return opt;
 }
 
 /* Runs one case with x and y in separate buffers (joint = false) or side by
@@ -56,9 +41,8 @@ static cka_options case_options(json_t *c, cka_space space) {
 static int run_case(json_t *c, cka_space space, bool joint, cka_result *res, char *err,
                     size_t errlen) {
     char xp[2 * PATH_MAX], yp[2 * PATH_MAX];
-    snprintf(xp, sizeof xp, "%s/%s", fixture_dir, json_string_value(json_object_get(c, "x")));
-    snprintf(yp, sizeof yp, "%s/%s", fixture_dir, json_string_value(json_object_get(c, "y")));
-    cka_options opt = case_options(c, space);
+    tu_cka_case_paths(c, xp, yp, sizeof xp);
+    cka_options opt = tu_cka_case_options(c, space);
     npy_header hx, hy;
     int rc;
     if (!joint) {
@@ -259,15 +243,6 @@ static void test_bad_options(void **state) {
 
 /* ---- the cka runner, with callbacks that map names to fixture files ---- */
 
-static int fixture_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
-                                char *err, size_t errlen) {
-    (void)ctx;
-    const char *name = json_string_value(json_object_get(ref, "path"));
-    if (!name) return err_set(err, errlen, "no path");
-    int len = snprintf(path, pathlen, "%s/%s", fixture_dir, name);
-    return len > 0 && (size_t)len < pathlen ? 0 : err_set(err, errlen, "path too long");
-}
-
 /* {"job": 1}: layers 1, 2 of tall_f64_x (layer 2 is wide_f64_x to tell them
  * apart); {"job": 2}: layers 2, 3 of the y side. */
 static int fixture_resolve_layers(runner_ctx *ctx, json_t *ref, runner_layer_file **files,
@@ -297,24 +272,12 @@ static void count_progress(runner_ctx *ctx, int64_t step, int64_t total, const c
     progress_calls++;
 }
 
-static double fixture_value(const char *name) {
-    json_t *cases = load_cases();
-    size_t i;
-    json_t *c;
-    double v = NAN;
-    json_array_foreach(cases, i, c) if (strcmp(json_string_value(json_object_get(c, "name")),
-                                               name) == 0) v =
-        json_number_value(json_object_get(c, "cka"));
-    json_decref(cases);
-    return v;
-}
-
 static int run_spec(const char *text, json_t **result, bool *retryable, char *err,
                     size_t errlen) {
     json_error_t jerr;
     json_t *spec = json_loads(text, 0, &jerr);
     assert_non_null(spec);
-    runner_ctx ctx = {.resolve_file = fixture_resolve_file,
+    runner_ctx ctx = {.resolve_file = tu_cka_resolve_file,
                       .resolve_layers = fixture_resolve_layers,
                       .progress = count_progress};
     bool cancelled = false;
@@ -342,7 +305,7 @@ static void test_runner_single(void **state) {
     assert_int_equal(json_array_size(layers), 1);
     json_t *l0 = json_array_get(layers, 0);
     assert_true(json_is_null(json_object_get(l0, "layer")));
-    double want = fixture_value("nan_rows_debiased");
+    double want = tu_cka_fixture_value("nan_rows_debiased");
     assert_true(fabs(json_real_value(json_object_get(l0, "cka")) - want) <= CKA_REL_TOL * want);
     assert_int_equal(json_integer_value(json_object_get(l0, "n")), 47);
     assert_int_equal(json_integer_value(json_object_get(l0, "dropped_rows")), 3);
@@ -363,7 +326,7 @@ static void test_runner_layers(void **state) {
     assert_int_equal(json_array_size(layers), 1);
     json_t *l0 = json_array_get(layers, 0);
     assert_int_equal(json_integer_value(json_object_get(l0, "layer")), 2);
-    double want = fixture_value("wide_f64");
+    double want = tu_cka_fixture_value("wide_f64");
     assert_true(fabs(json_real_value(json_object_get(l0, "cka")) - want) <= CKA_REL_TOL * want);
     json_decref(result);
 

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tests/unit/testutil.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/cuda/kernels.h"
 
@@ -39,6 +40,8 @@ static float rnd(uint64_t *s, float amp) {
     return amp * ((float)(x >> 40) / (float)(1u << 24) * 2.0f - 1.0f);
 }
 
+/* Not tu_rand_floats: another generator (xorshift64*, 24-bit floats) whose
+ * inputs the tolerance was measured on. */
 static float *rnd_array(size_t n, uint64_t *s, float amp) {
     float *a = malloc(n * sizeof *a);
     assert_non_null(a);
@@ -46,32 +49,13 @@ static float *rnd_array(size_t n, uint64_t *s, float amp) {
     return a;
 }
 
-static float *dup_array(const float *src, size_t n) {
-    float *a = malloc(n * sizeof *a);
-    assert_non_null(a);
-    memcpy(a, src, n * sizeof *a);
-    return a;
-}
-
-/* max |got - want| / max |want| over n floats; fails on a non-finite got
- * value. An all-zero want (dq when every row has a single live key, so the
- * softmax is constant: exactly zero on the CPU, rounding-level on the GPU,
- * whose D = dO.O is summed in another order than dP) is compared
- * absolutely, against the inputs' scale of 1. */
-static double rel_err(const float *got, const float *want, size_t n, const char *what) {
-    double worst = 0.0, scale = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] is %g", what, i, (double)got[i]);
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (d > worst) worst = d;
-        if (fabs((double)want[i]) > scale) scale = fabs((double)want[i]);
-    }
-    return scale == 0.0 ? worst : worst / scale;
-}
-
+/* Relative to max |want|, except that an all-zero want (dq when every row
+ * has a single live key, so the softmax is constant: exactly zero on the
+ * CPU, rounding-level on the GPU, whose D = dO.O is summed in another order
+ * than dP) is compared absolutely, against the inputs' scale of 1. */
 static void expect_close(const float *got, const float *want, size_t n, const char *what,
                          const char *shape) {
-    double e = rel_err(got, want, n, what);
+    double e = tu_rel_or_abs_err_ff(got, want, n, what);
     if (e > ATTN_REL_TOL) fail_msg("%s (%s): relative error %.3g > %g", what, shape, e, ATTN_REL_TOL);
 }
 
@@ -113,8 +97,10 @@ static void run_case(const attn_case *c, uint64_t seed) {
         float *dk0 = pass ? rnd_array(nkv, &s, 1.0f) : calloc(nkv, sizeof(float));
         float *dv0 = pass ? rnd_array(nkv, &s, 1.0f) : calloc(nkv, sizeof(float));
         assert_true(dq0 && dk0 && dv0);
-        float *dq_w = dup_array(dq0, nq), *dk_w = dup_array(dk0, nkv), *dv_w = dup_array(dv0, nkv);
-        float *dq_g = dup_array(dq0, nq), *dk_g = dup_array(dk0, nkv), *dv_g = dup_array(dv0, nkv);
+        float *dq_w = tu_dup_floats(dq0, nq), *dk_w = tu_dup_floats(dk0, nkv);
+        float *dv_w = tu_dup_floats(dv0, nkv);
+        float *dq_g = tu_dup_floats(dq0, nq), *dk_g = tu_dup_floats(dk0, nkv);
+        float *dv_g = tu_dup_floats(dv0, nkv);
         cpu->attention_backward(dq_w, dk_w, dv_w, dout, q, k, v, c->lengths, c->B, c->T, c->NH,
                                 c->NKV, c->HS, scratch);
         for (size_t i = 0; i < 2 * T * T; i++) scratch[i] = NAN;

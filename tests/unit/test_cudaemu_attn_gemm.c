@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "tests/cuda_emu/half_bits.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/cuda/attn_gemm.h"
 #include "worker/engine/cuda/cuda.h"
@@ -45,30 +46,8 @@
 #define ERR_LEN 256
 #define REF_MAX_T 128 /* the rounded reference keeps a row of scores on the stack */
 
-/* splitmix64 in [-1, 1): the same numbers every run. */
+/* splitmix64 (tu_rand_uniform) from this seed: the same numbers every run. */
 static uint64_t rng_state = 0xa77e6e33ULL;
-static float rnd(void) {
-    rng_state += 0x9E3779B97F4A7C15ULL;
-    uint64_t z = rng_state;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (float)((double)(z >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
-
-static float *rand_floats(size_t n, float amp) {
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    assert_non_null(x);
-    for (size_t i = 0; i < n; i++) x[i] = amp * rnd();
-    return x;
-}
-
-static float *dup_floats(const float *x, size_t n) {
-    float *y = malloc((n ? n : 1) * sizeof *y);
-    assert_non_null(y);
-    memcpy(y, x, n * sizeof *y);
-    return y;
-}
 
 /* x rounded to the 16-bit format of type and widened back (exact). */
 static float round16(gemm_type type, float x) {
@@ -76,23 +55,11 @@ static float round16(gemm_type type, float x) {
                             : half_bits_bf16_to_f32(half_bits_bf16_from_f32(x));
 }
 
-/* max |got - want| / max |want|, failing on a non-finite got. */
-static double rel_err(const float *got, const float *want, size_t n, const char *what) {
-    double worst = 0.0, scale = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] is %g", what, i, (double)got[i]);
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (d > worst) worst = d;
-        if (fabs((double)want[i]) > scale) scale = fabs((double)want[i]);
-    }
-    return scale == 0.0 ? worst : worst / scale;
-}
-
 static double worst_seen[3]; /* rounded, bf16, fp16: printed at the end */
 
 static void expect_close(const float *got, const float *want, size_t n, double tol,
                          const char *what, const char *shape, double *worst) {
-    double e = rel_err(got, want, n, what);
+    double e = tu_rel_or_abs_err_ff(got, want, n, what);
     if (e > *worst) *worst = e;
     if (e > tol) fail_msg("%s (%s): relative error %.3g > %g", what, shape, e, tol);
 }
@@ -179,8 +146,9 @@ static void check_batched(gemm_type type, bool ta, bool tb, size_t M, size_t N, 
     size_t lda = ac + 3, ldb = bc + 1, ldc = N + 2;
     size_t sa = ar * lda + 5, sb = shared_b ? 0 : br * ldb + 2, sc = M * ldc + 7;
     size_t na = sa * batch, nb = shared_b ? br * ldb : sb * batch, ncl = sc * batch;
-    float *fa = rand_floats(na, 1.0f), *fb = rand_floats(nb, 1.0f), *c = rand_floats(ncl, 1.0f);
-    float *c0 = dup_floats(c, ncl);
+    float *fa = tu_rand_floats(&rng_state, na, 1.0f), *fb = tu_rand_floats(&rng_state, nb, 1.0f);
+    float *c = tu_rand_floats(&rng_state, ncl, 1.0f);
+    float *c0 = tu_dup_floats(c, ncl);
     uint16_t *ha = malloc(na * sizeof *ha), *hb = malloc(nb * sizeof *hb);
     assert_true(ha && hb);
     for (size_t i = 0; i < na; i++) {
@@ -343,8 +311,9 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     size_t T = (size_t)c->T;
     size_t nq = (size_t)c->B * T * (size_t)c->NH * (size_t)c->HS;
     size_t nkv = (size_t)c->B * T * (size_t)c->NKV * (size_t)c->HS;
-    float *q = rand_floats(nq, 1.5f), *k = rand_floats(nkv, 1.5f), *v = rand_floats(nkv, 1.0f);
-    float *dout = rand_floats(nq, 1.0f);
+    float *q = tu_rand_floats(&rng_state, nq, 1.5f), *k = tu_rand_floats(&rng_state, nkv, 1.5f);
+    float *v = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dout = tu_rand_floats(&rng_state, nq, 1.0f);
     float *scratch = malloc(2 * T * T * sizeof *scratch);
     assert_non_null(scratch);
     int *len = malloc(sizeof c->lengths);
@@ -361,8 +330,8 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     double *w_round = &worst_seen[0], *w_lp = &worst_seen[type == GEMM_F16 ? 2 : 1];
     double lp_tol = type == GEMM_F16 ? FP16_TOL : BF16_TOL;
 
-    float *got = rand_floats(nq, 1.0f), *ref = rand_floats(nq, 1.0f);
-    float *cpu_out = rand_floats(nq, 1.0f);
+    float *got = tu_rand_floats(&rng_state, nq, 1.0f), *ref = tu_rand_floats(&rng_state, nq, 1.0f);
+    float *cpu_out = tu_rand_floats(&rng_state, nq, 1.0f);
     if (attn_gemm_forward(&plan, &ws, g, type, got, q, k, v, len, NULL, err, sizeof err) != 0)
         fail_msg("attn_gemm_forward (%s): %s", shape, err);
     ref_rounded(type, c, q, k, v, NULL, ref, NULL, NULL, NULL);
@@ -370,11 +339,14 @@ static void run_case(const attn_case *c, gemm_type type, size_t sp_cap) {
     expect_close(got, ref, nq, ROUNDED_TOL, "out vs rounded", shape, w_round);
     expect_close(got, cpu_out, nq, lp_tol, "out vs fp32", shape, w_lp);
 
-    float *dq0 = rand_floats(nq, 1.0f), *dk0 = rand_floats(nkv, 1.0f);
-    float *dv0 = rand_floats(nkv, 1.0f);
-    float *dq = dup_floats(dq0, nq), *dk = dup_floats(dk0, nkv), *dv = dup_floats(dv0, nkv);
-    float *rq = dup_floats(dq0, nq), *rk = dup_floats(dk0, nkv), *rv = dup_floats(dv0, nkv);
-    float *cq = dup_floats(dq0, nq), *ck = dup_floats(dk0, nkv), *cv = dup_floats(dv0, nkv);
+    float *dq0 = tu_rand_floats(&rng_state, nq, 1.0f), *dk0 = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dv0 = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dq = tu_dup_floats(dq0, nq), *dk = tu_dup_floats(dk0, nkv);
+    float *dv = tu_dup_floats(dv0, nkv);
+    float *rq = tu_dup_floats(dq0, nq), *rk = tu_dup_floats(dk0, nkv);
+    float *rv = tu_dup_floats(dv0, nkv);
+    float *cq = tu_dup_floats(dq0, nq), *ck = tu_dup_floats(dk0, nkv);
+    float *cv = tu_dup_floats(dv0, nkv);
     if (attn_gemm_backward(&plan, &ws, g, type, dq, dk, dv, dout, q, k, v, len, NULL, err,
                            sizeof err) != 0)
         fail_msg("attn_gemm_backward (%s): %s", shape, err);
@@ -545,8 +517,9 @@ static void check_dispatch(cuda_precision prec, const attn_case *c, bool want_ge
     size_t T = (size_t)c->T;
     size_t nq = (size_t)c->B * T * (size_t)c->NH * (size_t)c->HS;
     size_t nkv = (size_t)c->B * T * (size_t)c->NKV * (size_t)c->HS;
-    float *q = rand_floats(nq, 1.5f), *k = rand_floats(nkv, 1.5f), *v = rand_floats(nkv, 1.0f);
-    float *dout = rand_floats(nq, 1.0f);
+    float *q = tu_rand_floats(&rng_state, nq, 1.5f), *k = tu_rand_floats(&rng_state, nkv, 1.5f);
+    float *v = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dout = tu_rand_floats(&rng_state, nq, 1.0f);
     float *got[4], *gemm_r[4], *flash_r[4];
     size_t ns[4] = {nq, nq, nkv, nkv};
     for (int i = 0; i < 4; i++) {

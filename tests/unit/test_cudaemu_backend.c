@@ -41,6 +41,7 @@
 #include <inttypes.h>
 
 #include "common/util.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/cuda/cuda.h"
 #include "worker/engine/forward.h"
@@ -59,31 +60,8 @@
 
 /* --- helpers ---------------------------------------------------------- */
 
+/* splitmix64 (tu_rand_uniform) from this seed, so runs repeat exactly. */
 static uint64_t rng_state = 0x5eed1234abcdULL;
-
-/* Uniform in [-1, 1), from splitmix64 so runs repeat exactly. */
-static float rnd(void) {
-    rng_state += 0x9E3779B97F4A7C15ULL;
-    uint64_t z = rng_state;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z ^= z >> 31;
-    return (float)((double)(z >> 11) * 0x1p-53 * 2.0 - 1.0);
-}
-
-static float *rand_floats(size_t n, float amp) {
-    float *x = malloc((n ? n : 1) * sizeof *x);
-    assert_non_null(x);
-    for (size_t i = 0; i < n; i++) x[i] = amp * rnd();
-    return x;
-}
-
-static float *dup_floats(const float *x, size_t n) {
-    float *y = malloc((n ? n : 1) * sizeof *y);
-    assert_non_null(y);
-    memcpy(y, x, n * sizeof *y);
-    return y;
-}
 
 static const backend *open_cuda(cuda_precision p) {
     char err[ERR_LEN] = "";
@@ -122,25 +100,11 @@ static float *host_floats(const backend *be, const float *dev, size_t n) {
     return h;
 }
 
-/* max |got - want| / max |want|; fails on non-finite values. */
-static double rel_err(const float *got, const float *want, size_t n, const char *what) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i]) || !isfinite(want[i]))
-            fail_msg("%s[%zu]: got %g, want %g", what, i, (double)got[i], (double)want[i]);
-        double d = fabs((double)got[i] - (double)want[i]);
-        if (d > num) num = d;
-        if (fabs((double)want[i]) > den) den = fabs((double)want[i]);
-    }
-    if (den == 0.0) return num;
-    return num / den;
-}
-
 /* Asserts dev (n floats on the device) is within tol of want (host). */
 static void expect_close(const backend *be, const float *dev, const float *want, size_t n,
                          double tol, const char *what) {
     float *got = host_floats(be, dev, n);
-    double e = rel_err(got, want, n, what);
+    double e = tu_rel_or_abs_err_ff(got, want, n, what);
     if (!(e <= tol)) fail_msg("%s: relative error %.3g over %.3g", what, e, tol);
     free(got);
 }
@@ -159,7 +123,7 @@ static float round_bf16(float f) {
 static float round_fp16(float f) { return (float)(_Float16)f; }
 
 static float *rounded(const float *x, size_t n, cuda_precision p) {
-    float *y = dup_floats(x, n);
+    float *y = tu_dup_floats(x, n);
     for (size_t i = 0; i < n; i++) y[i] = p == CUDA_FP16 ? round_fp16(x[i]) : round_bf16(x[i]);
     return y;
 }
@@ -170,10 +134,10 @@ static void test_ops_elementwise(void **state) {
     (void)state;
     const backend *cpu = backend_cpu(), *be = open_cuda(CUDA_FP32);
     size_t n = 1000;
-    float *x = rand_floats(n, 2.0f), *y = rand_floats(n, 2.0f);
+    float *x = tu_rand_floats(&rng_state, n, 2.0f), *y = tu_rand_floats(&rng_state, n, 2.0f);
     float *dx = dev_floats(be, x, n), *dy = dev_floats(be, y, n), *dz = dev_floats(be, NULL, n);
 
-    float *w = dup_floats(x, n);
+    float *w = tu_dup_floats(x, n);
     cpu->scale(w, n, -0.75f);
     be->scale(dx, n, -0.75f);
     expect_close(be, dx, w, n, FP32_TOL, "scale");
@@ -191,14 +155,15 @@ static void test_ops_elementwise(void **state) {
     free(z);
 
     /* swiglu and its backward (dgate aliasing dout, as forward.c calls it). */
-    float *gate = rand_floats(n, 4.0f), *up = rand_floats(n, 2.0f), *dout = rand_floats(n, 1.0f);
+    float *gate = tu_rand_floats(&rng_state, n, 4.0f), *up = tu_rand_floats(&rng_state, n, 2.0f);
+    float *dout = tu_rand_floats(&rng_state, n, 1.0f);
     float *g_dev = dev_floats(be, gate, n), *u_dev = dev_floats(be, up, n);
-    float *sw = dup_floats(gate, n);
+    float *sw = tu_dup_floats(gate, n);
     cpu->swiglu(sw, up, n);
     be->swiglu(g_dev, u_dev, n);
     expect_close(be, g_dev, sw, n, FP32_TOL, "swiglu");
     be->upload(g_dev, gate, n * sizeof(float));
-    float *dg = dup_floats(dout, n), *du = malloc(n * sizeof *du);
+    float *dg = tu_dup_floats(dout, n), *du = malloc(n * sizeof *du);
     assert_non_null(du);
     cpu->swiglu_backward(dg, du, dg, gate, up, n);
     float *dg_dev = dev_floats(be, dout, n), *du_dev = dev_floats(be, NULL, n);
@@ -208,7 +173,7 @@ static void test_ops_elementwise(void **state) {
 
     /* dropout: a fresh output, then accumulating into one. */
     uint64_t key = 0x1234567887654321ULL, thr = (uint64_t)(0.3 * 0x1p53);
-    float *dr = rand_floats(n, 1.0f), *dr_dev = dev_floats(be, NULL, n);
+    float *dr = tu_rand_floats(&rng_state, n, 1.0f), *dr_dev = dev_floats(be, NULL, n);
     cpu->dropout(dr, x, n, key, thr, 1.0f / 0.7f, false);
     be->upload(dx, x, n * sizeof(float));
     be->dropout(dr_dev, dx, n, key, thr, 1.0f / 0.7f, false);
@@ -234,13 +199,14 @@ static void test_ops_matmul_fp32(void **state) {
     (void)state;
     const backend *cpu = backend_cpu(), *be = open_cuda(CUDA_FP32);
     size_t N = 13, in = 40, out = 24;
-    float *x = rand_floats(N * in, 1.0f), *w = rand_floats(out * in, 0.5f);
-    float *y = rand_floats(N * out, 1.0f);
+    float *x = tu_rand_floats(&rng_state, N * in, 1.0f);
+    float *w = tu_rand_floats(&rng_state, out * in, 0.5f);
+    float *y = tu_rand_floats(&rng_state, N * out, 1.0f);
     float *x_d = dev_floats(be, x, N * in), *w_d = dev_floats(be, w, out * in);
     float *y_d = dev_floats(be, y, N * out);
 
     for (int acc = 0; acc < 2; acc++) {
-        float *want = dup_floats(y, N * out);
+        float *want = tu_dup_floats(y, N * out);
         cpu->matmul(want, x, w, N, in, out, acc);
         be->upload(y_d, y, N * out * sizeof(float));
         be->matmul(y_d, x_d, w_d, N, in, out, acc);
@@ -248,12 +214,13 @@ static void test_ops_matmul_fp32(void **state) {
         free(want);
     }
 
-    float *dy = rand_floats(N * out, 1.0f), *dx0 = rand_floats(N * in, 1.0f);
-    float *dw0 = rand_floats(out * in, 1.0f);
+    float *dy = tu_rand_floats(&rng_state, N * out, 1.0f);
+    float *dx0 = tu_rand_floats(&rng_state, N * in, 1.0f);
+    float *dw0 = tu_rand_floats(&rng_state, out * in, 1.0f);
     float *dy_d = dev_floats(be, dy, N * out);
     float *dx_d = dev_floats(be, NULL, N * in), *dw_d = dev_floats(be, NULL, out * in);
     for (int acc = 0; acc < 2; acc++) {
-        float *dx = dup_floats(dx0, N * in), *dw = dup_floats(dw0, out * in);
+        float *dx = tu_dup_floats(dx0, N * in), *dw = tu_dup_floats(dw0, out * in);
         cpu->matmul_backward(dx, dw, dy, x, w, N, in, out, acc);
         be->upload(dx_d, dx0, N * in * sizeof(float));
         be->upload(dw_d, dw0, out * in * sizeof(float));
@@ -263,7 +230,7 @@ static void test_ops_matmul_fp32(void **state) {
         free(dx), free(dw);
     }
     /* dx only and dw only. */
-    float *dx = dup_floats(dx0, N * in), *dw = dup_floats(dw0, out * in);
+    float *dx = tu_dup_floats(dx0, N * in), *dw = tu_dup_floats(dw0, out * in);
     cpu->matmul_backward(NULL, dw, dy, x, w, N, in, out, false);
     cpu->matmul_backward(dx, NULL, dy, x, w, N, in, out, false);
     be->upload(dx_d, dx0, N * in * sizeof(float));
@@ -286,8 +253,8 @@ static void test_ops_rows(void **state) {
     float eps = 1e-6f;
 
     /* rmsnorm, in place and not; backward with and without dweight. */
-    float *x = rand_floats(N * C, 3.0f), *wt = rand_floats(C, 1.0f);
-    float *dout = rand_floats(N * C, 1.0f);
+    float *x = tu_rand_floats(&rng_state, N * C, 3.0f), *wt = tu_rand_floats(&rng_state, C, 1.0f);
+    float *dout = tu_rand_floats(&rng_state, N * C, 1.0f);
     float *x_d = dev_floats(be, x, N * C), *wt_d = dev_floats(be, wt, C);
     float *o_d = dev_floats(be, NULL, N * C);
     float *want = malloc(N * C * sizeof *want);
@@ -299,10 +266,10 @@ static void test_ops_rows(void **state) {
     be->rmsnorm(o_d, o_d, wt_d, N, C, eps);
     expect_close(be, o_d, want, N * C, FP32_TOL, "rmsnorm in place");
 
-    float *dx = rand_floats(N * C, 1.0f), *dwt = rand_floats(C, 1.0f);
+    float *dx = tu_rand_floats(&rng_state, N * C, 1.0f), *dwt = tu_rand_floats(&rng_state, C, 1.0f);
     float *dx_d = dev_floats(be, dx, N * C), *dwt_d = dev_floats(be, dwt, C);
     float *dout_d = dev_floats(be, dout, N * C);
-    float *dx_w = dup_floats(dx, N * C), *dwt_w = dup_floats(dwt, C);
+    float *dx_w = tu_dup_floats(dx, N * C), *dwt_w = tu_dup_floats(dwt, C);
     cpu->rmsnorm_backward(dx_w, dwt_w, dout, x, wt, N, C, eps);
     be->rmsnorm_backward(dx_d, dwt_d, dout_d, x_d, wt_d, N, C, eps);
     expect_close(be, dx_d, dx_w, N * C, FP32_TOL, "rmsnorm_backward dx");
@@ -313,7 +280,8 @@ static void test_ops_rows(void **state) {
 
     /* embedding and its backward, tokens repeated. */
     int tokens[11] = {3, 0, 36, 3, 17, 17, 17, 5, 36, 1, 3};
-    float *table = rand_floats(V * C, 1.0f), *dtable = rand_floats(V * C, 1.0f);
+    float *table = tu_rand_floats(&rng_state, V * C, 1.0f);
+    float *dtable = tu_rand_floats(&rng_state, V * C, 1.0f);
     int *tok_d = dev_from(be, tokens, sizeof tokens);
     float *table_d = dev_floats(be, table, V * C), *dtable_d = dev_floats(be, dtable, V * C);
     cpu->embedding(want, tokens, table, N, C);
@@ -325,7 +293,7 @@ static void test_ops_rows(void **state) {
 
     /* cross-entropy: some rows unscored. */
     int targets[11] = {4, -1, 36, 0, 12, -1, 7, 7, 20, 35, 1};
-    float *logits = rand_floats(N * V, 6.0f);
+    float *logits = tu_rand_floats(&rng_state, N * V, 6.0f);
     float *lg_d = dev_floats(be, logits, N * V);
     int *tg_d = dev_from(be, targets, sizeof targets);
     double *rl_d = dev_from(be, NULL, N * sizeof(double));
@@ -363,9 +331,9 @@ static void test_ops_rope(void **state) {
     be->rope_table(cs_d, npos, HS, theta);
     expect_close(be, cs_d, cs, ncs, 0.0, "rope_table");
 
-    float *x = rand_floats(N * width, 1.0f), *x_d = dev_floats(be, x, N * width);
+    float *x = tu_rand_floats(&rng_state, N * width, 1.0f), *x_d = dev_floats(be, x, N * width);
     int *pos_d = dev_from(be, pos, sizeof pos);
-    float *want = dup_floats(x, N * width);
+    float *want = tu_dup_floats(x, N * width);
     cpu->rope_cached(want, pos, N, nheads, HS, cs);
     be->rope_cached(x_d, pos_d, N, nheads, HS, cs_d);
     expect_close(be, x_d, want, N * width, FP32_TOL, "rope_cached");
@@ -390,8 +358,9 @@ static void test_ops_attention(void **state) {
     int B = 3, T = 37, NH = 4, NKV = 2, HS = 8;
     int lengths[3] = {37, 5, 20};
     size_t nq = (size_t)B * T * NH * HS, nkv = (size_t)B * T * NKV * HS, tt = (size_t)T * T;
-    float *q = rand_floats(nq, 1.5f), *k = rand_floats(nkv, 1.5f), *v = rand_floats(nkv, 1.0f);
-    float *dout = rand_floats(nq, 1.0f);
+    float *q = tu_rand_floats(&rng_state, nq, 1.5f), *k = tu_rand_floats(&rng_state, nkv, 1.5f);
+    float *v = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dout = tu_rand_floats(&rng_state, nq, 1.0f);
     /* Padding rows carry no gradient in training (backend.h). */
     for (int b = 0; b < B; b++)
         for (int t = lengths[b]; t < T; t++)
@@ -409,7 +378,8 @@ static void test_ops_attention(void **state) {
     be->attention(o_d, q_d, k_d, v_d, len_d, B, T, NH, NKV, HS, s_d);
     expect_close(be, o_d, out, nq, FP32_TOL, "attention");
 
-    float *dq = rand_floats(nq, 1.0f), *dk = rand_floats(nkv, 1.0f), *dv = rand_floats(nkv, 1.0f);
+    float *dq = tu_rand_floats(&rng_state, nq, 1.0f), *dk = tu_rand_floats(&rng_state, nkv, 1.0f);
+    float *dv = tu_rand_floats(&rng_state, nkv, 1.0f);
     float *dq_d = dev_floats(be, dq, nq), *dk_d = dev_floats(be, dk, nkv),
           *dv_d = dev_floats(be, dv, nkv);
     cpu->attention_backward(dq, dk, dv, dout, q, k, v, lengths, B, T, NH, NKV, HS, scratch);
@@ -419,7 +389,7 @@ static void test_ops_attention(void **state) {
     float *dq_got = host_floats(be, dq_d, nq);
     for (int b = 0; b < B; b++) {
         size_t off = (size_t)b * T * NH * HS, n = (size_t)lengths[b] * NH * HS;
-        double e = rel_err(dq_got + off, dq + off, n, "attention_backward dq");
+        double e = tu_rel_or_abs_err_ff(dq_got + off, dq + off, n, "attention_backward dq");
         if (!(e <= FP32_TOL)) fail_msg("attention_backward dq, sequence %d: %.3g", b, e);
     }
     expect_close(be, dk_d, dk, nkv, FP32_TOL, "attention_backward dk");
@@ -440,8 +410,10 @@ static void test_ops_attention(void **state) {
 static void check_lowp(cuda_precision p, double loose) {
     const backend *cpu = backend_cpu(), *be = open_cuda(p);
     size_t N = 10, in = 64, out = 20;
-    float *x = rand_floats(N * in, 1.0f), *w = rand_floats(out * in, 0.5f);
-    float *dy = rand_floats(N * out, 1.0f), *dw0 = rand_floats(out * in, 0.1f);
+    float *x = tu_rand_floats(&rng_state, N * in, 1.0f);
+    float *w = tu_rand_floats(&rng_state, out * in, 0.5f);
+    float *dy = tu_rand_floats(&rng_state, N * out, 1.0f);
+    float *dw0 = tu_rand_floats(&rng_state, out * in, 0.1f);
     float *xr = rounded(x, N * in, p), *wr = rounded(w, out * in, p);
     float *dyr = rounded(dy, N * out, p);
     float *x_d = dev_floats(be, x, N * in), *w_d = dev_floats(be, w, out * in);
@@ -461,7 +433,7 @@ static void check_lowp(cuda_precision p, double loose) {
     snprintf(what, sizeof what, "%s matmul vs fp32", name);
     expect_close(be, y_d, full, N * out, loose, what);
 
-    float *dx_e = malloc(N * in * sizeof *dx_e), *dw_e = dup_floats(dw0, out * in);
+    float *dx_e = malloc(N * in * sizeof *dx_e), *dw_e = tu_dup_floats(dw0, out * in);
     assert_non_null(dx_e);
     cpu->matmul_backward(dx_e, dw_e, dyr, xr, wr, N, in, out, false);
     be->matmul_backward(dx_d, dw_d, dy_d, x_d, w_d, N, in, out, false);
@@ -499,7 +471,7 @@ static void check_lowp(cuda_precision p, double loose) {
     expect_close(be, y_d, part, N * rows, LOWP_EXACT_TOL, what);
 
     /* New weights: the copy is stale until registered again. */
-    float *w2 = rand_floats(out * in, 0.5f), *w2r = rounded(w2, out * in, p);
+    float *w2 = tu_rand_floats(&rng_state, out * in, 0.5f), *w2r = rounded(w2, out * in, p);
     be->upload(w_d, w2, out * in * sizeof(float));
     be->matmul(y_d, x_d, w_d, N, in, out, false);
     snprintf(what, sizeof what, "%s stale registered copy", name);
@@ -541,7 +513,8 @@ static void test_precision_switch(void **state) {
     (void)state;
     const backend *cpu = backend_cpu(), *be = open_cuda(CUDA_BF16);
     size_t N = 4, in = 32, out = 8;
-    float *x = rand_floats(N * in, 1.0f), *w = rand_floats(out * in, 1.0f);
+    float *x = tu_rand_floats(&rng_state, N * in, 1.0f);
+    float *w = tu_rand_floats(&rng_state, out * in, 1.0f);
     float *x_d = dev_floats(be, x, N * in), *w_d = dev_floats(be, w, out * in);
     float *y_d = dev_floats(be, NULL, N * out);
     char err[ERR_LEN] = "";
@@ -709,14 +682,14 @@ static void make_model(llama_model *m, bool tied) {
     };
     char err[ERR_LEN] = "";
     if (llama_alloc(m, &cfg, err, sizeof err) != 0) fail_msg("llama_alloc: %s", err);
-    for (size_t i = 0; i < m->nparams; i++) m->params[i] = 0.2f * rnd();
+    for (size_t i = 0; i < m->nparams; i++) m->params[i] = 0.2f * tu_rand_uniform(&rng_state);
     size_t C = (size_t)cfg.hidden_size, L = (size_t)cfg.num_hidden_layers;
     /* Norm weights near one, as trained models have them. */
     for (size_t i = 0; i < L * C; i++) {
-        m->w.attn_norm[i] = 1.0f + 0.1f * rnd();
-        m->w.mlp_norm[i] = 1.0f + 0.1f * rnd();
+        m->w.attn_norm[i] = 1.0f + 0.1f * tu_rand_uniform(&rng_state);
+        m->w.mlp_norm[i] = 1.0f + 0.1f * tu_rand_uniform(&rng_state);
     }
-    for (size_t i = 0; i < C; i++) m->w.final_norm[i] = 1.0f + 0.1f * rnd();
+    for (size_t i = 0; i < C; i++) m->w.final_norm[i] = 1.0f + 0.1f * tu_rand_uniform(&rng_state);
     if (tied) assert_ptr_equal(m->w.lm_head, m->w.embed);
 }
 
@@ -919,13 +892,13 @@ static void check_loss_and_grad(bool tied) {
         size_t a = (size_t)(starts[i] - host.params);
         size_t b = i + 1 < nt ? (size_t)(starts[i + 1] - host.params) : np;
         if (!tied && i + 1 == nt) b = (size_t)(host.w.lm_head - host.params);
-        double e = rel_err(g_got + a, g_cpu + a, b - a, "gradient");
+        double e = tu_rel_or_abs_err_ff(g_got + a, g_cpu + a, b - a, "gradient");
         if (!(e <= GRAD_TOL)) fail_msg("gradient of tensor %zu: %.3g", i, e);
         if (e > worst) worst = e;
     }
     if (!tied) {
         size_t a = (size_t)(host.w.lm_head - host.params);
-        double e = rel_err(g_got + a, g_cpu + a, np - a, "lm_head gradient");
+        double e = tu_rel_or_abs_err_ff(g_got + a, g_cpu + a, np - a, "lm_head gradient");
         if (!(e <= GRAD_TOL)) fail_msg("lm_head gradient: %.3g", e);
         if (e > worst) worst = e;
     }
@@ -1095,7 +1068,7 @@ static void test_frozen_key_unreadable(void **state) {
     const backend *be = open_cuda(CUDA_BF16);
     assert_true(cuda_backend_low_precision());
     size_t n = 3000;
-    float *w = rand_floats(n, 1.0f);
+    float *w = tu_rand_floats(&rng_state, n, 1.0f);
     const float *key = NULL;
     char err[ERR_LEN] = "";
     if (cuda_backend_upload_frozen(w, n, &key, err, sizeof err) != 0)

@@ -42,8 +42,6 @@
 #define F64_VS_FIXTURE_TOL 1e-9
 #define F32_VS_CPU_ABS_TOL 1e-4
 
-static char fixture_dir[PATH_MAX + 64];
-
 /* x (n, dx) and y (n, dy) side by side in one (n, dx + dy) buffer. */
 typedef struct {
     double *xy;
@@ -215,28 +213,12 @@ static void test_massive_offset_column(void **state) {
     free(xy);
 }
 
-static json_t *load_cases(void) {
-    char path[PATH_MAX + 128];
-    snprintf(path, sizeof path, "%s/expected.json", fixture_dir);
-    json_t *root = tu_load_json(path);
-    json_t *cases = json_object_get(root, "cases");
-    assert_true(json_is_array(cases));
-    json_incref(cases);
-    json_decref(root);
-    return cases;
-}
-
 /* Runs fixture case c on the emulated GPU in float64. */
 static int run_fixture(json_t *c, cka_gpu_call *call, cka_result *res, char *err,
                        size_t errlen) {
     char xp[2 * PATH_MAX], yp[2 * PATH_MAX];
-    snprintf(xp, sizeof xp, "%s/%s", fixture_dir, json_string_value(json_object_get(c, "x")));
-    snprintf(yp, sizeof yp, "%s/%s", fixture_dir, json_string_value(json_object_get(c, "y")));
-    cka_options opt = {0};
-    opt.kernel = strcmp(json_string_value(json_object_get(c, "kernel")), "rbf") == 0 ? CKA_RBF
-                                                                                   : CKA_LINEAR;
-    opt.debiased = json_is_true(json_object_get(c, "debiased"));
-    opt.rbf_threshold = json_number_value(json_object_get(c, "rbf_threshold"));
+    tu_cka_case_paths(c, xp, yp, sizeof xp);
+    cka_options opt = tu_cka_case_options(c, CKA_SPACE_AUTO);
     npy_header hx, hy;
     double *x = tu_read_npy(xp, &hx), *y = tu_read_npy(yp, &hy);
     cka_matrix mx = {x, hx.rows, hx.cols, hx.cols}, my = {y, hy.rows, hy.cols, hy.cols};
@@ -252,7 +234,7 @@ static int run_fixture(json_t *c, cka_gpu_call *call, cka_result *res, char *err
  * refused with the CPU's message and no CPU fallback; rbf declined. */
 static void test_fixtures(void **state) {
     (void)state;
-    json_t *cases = load_cases();
+    json_t *cases = tu_cka_cases();
     size_t i, values = 0, errors = 0, declined = 0;
     json_t *c;
     json_array_foreach(cases, i, c) {
@@ -358,15 +340,6 @@ static void test_cancel(void **state) {
 
 /* ---- the cka runner on a worker with a GPU ---- */
 
-static int fixture_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen,
-                                char *err, size_t errlen) {
-    (void)ctx;
-    const char *name = json_string_value(json_object_get(ref, "path"));
-    if (!name) return err_set(err, errlen, "no path");
-    int len = snprintf(path, pathlen, "%s/%s", fixture_dir, name);
-    return len > 0 && (size_t)len < pathlen ? 0 : err_set(err, errlen, "path too long");
-}
-
 static char job_log[8192];
 
 static void capture_log(runner_ctx *ctx, const char *line) {
@@ -375,27 +348,13 @@ static void capture_log(runner_ctx *ctx, const char *line) {
     snprintf(job_log + used, sizeof job_log - used, "%s\n", line);
 }
 
-static double fixture_value(const char *name) {
-    json_t *cases = load_cases();
-    size_t i;
-    json_t *c;
-    double v = NAN;
-    json_array_foreach(cases, i, c) {
-        if (strcmp(json_string_value(json_object_get(c, "name")), name) == 0)
-            v = json_number_value(json_object_get(c, "cka"));
-    }
-    json_decref(cases);
-    assert_false(isnan(v));
-    return v;
-}
-
 /* Runs the cka job spec on gpu; returns the single layer's entry (a new
  * reference) with job_log holding the job's log. */
 static json_t *run_cka_job(const char *spec_text, int gpu) {
     json_error_t jerr;
     json_t *spec = json_loads(spec_text, 0, &jerr), *result = NULL;
     assert_non_null(spec);
-    runner_ctx ctx = {.resolve_file = fixture_resolve_file, .log = capture_log, .gpu = gpu};
+    runner_ctx ctx = {.resolve_file = tu_cka_resolve_file, .log = capture_log, .gpu = gpu};
     bool retryable = false, cancelled = false;
     char err[ERR_LEN] = "";
     job_log[0] = '\0';
@@ -410,7 +369,8 @@ static json_t *run_cka_job(const char *spec_text, int gpu) {
 }
 
 static void check_layer(json_t *layer, const char *fixture, json_int_t n, json_int_t dropped) {
-    double want = fixture_value(fixture), got = json_real_value(json_object_get(layer, "cka"));
+    double want = tu_cka_fixture_value(fixture);
+    double got = json_real_value(json_object_get(layer, "cka"));
     if (!(fabs(got - want) <= F64_VS_FIXTURE_TOL * fabs(want)))
         fail_msg("%s: cka %.17g, expected %.17g\nlog:\n%s", fixture, got, want, job_log);
     assert_int_equal(json_integer_value(json_object_get(layer, "n")), n);
@@ -472,7 +432,6 @@ static void test_runner_fallbacks(void **state) {
 }
 
 int main(void) {
-    tu_fixture_path(fixture_dir, sizeof fixture_dir, "cka");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_random_vs_cpu),  cmocka_unit_test(test_massive_offset_column),
         cmocka_unit_test(test_fixtures),       cmocka_unit_test(test_declines),

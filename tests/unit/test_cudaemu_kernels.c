@@ -25,6 +25,7 @@
 #include <cmocka.h>
 
 #include "tests/cuda_emu/half_bits.h"
+#include "tests/unit/testutil.h"
 #include "worker/engine/adamw.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/cuda/kernels.h"
@@ -48,18 +49,14 @@ static float rng_float(float amp) {
     return (float)(u * amp);
 }
 
+/* Not tu_rand_floats: these inputs come from xorshift64*, reseeded per test
+ * (rng_seed), and are never zero, as the header promises; splitmix64 would
+ * change every input the tolerances were measured on. */
 static float *rand_floats(size_t n, float amp) {
     float *x = malloc((n ? n : 1) * sizeof *x);
     assert_non_null(x);
     for (size_t i = 0; i < n; i++) x[i] = rng_float(amp);
     return x;
-}
-
-static float *dup_floats(const float *x, size_t n) {
-    float *y = malloc((n ? n : 1) * sizeof *y);
-    assert_non_null(y);
-    if (n) memcpy(y, x, n * sizeof *y);
-    return y;
 }
 
 static void expect_exact(const float *got, const float *want, size_t n, const char *what) {
@@ -106,7 +103,7 @@ static void test_scale_residual(void **state) {
     float *x = rand_floats(n + 1, 3.0f), *y = rand_floats(n + 1, 3.0f);
     /* x: aligned (four at a time); x + 1: one at a time. */
     for (int off = 0; off < 2; off++) {
-        float *want = dup_floats(x + off, n), *got = dup_floats(x + off, n);
+        float *want = tu_dup_floats(x + off, n), *got = tu_dup_floats(x + off, n);
         cpu()->scale(want, n, 0.37f);
         assert_int_equal(cuk_scale(got, n, 0.37f, NULL, err, sizeof err), 0);
         expect_exact(got, want, n, "scale");
@@ -131,7 +128,7 @@ static void test_swiglu(void **state) {
     float *gate = rand_floats(n + 1, 6.0f), *up = rand_floats(n + 1, 2.0f);
     float *dout = rand_floats(n + 1, 1.0f);
     for (int off = 0; off < 2; off++) {
-        float *want = dup_floats(gate + off, n), *got = dup_floats(gate + off, n);
+        float *want = tu_dup_floats(gate + off, n), *got = tu_dup_floats(gate + off, n);
         cpu()->swiglu(want, up + off, n);
         assert_int_equal(cuk_swiglu(got, up + off, n, NULL, err, sizeof err), 0);
         expect_close(got, want, n, 1e-5, "swiglu");
@@ -146,7 +143,7 @@ static void test_swiglu(void **state) {
         expect_close(dg_g, dg_w, n, 1e-5, "swiglu_backward dgate");
         expect_close(du_g, du_w, n, 1e-5, "swiglu_backward dup");
         /* dgate may be dout */
-        float *inplace = dup_floats(dout + off, n);
+        float *inplace = tu_dup_floats(dout + off, n);
         assert_int_equal(cuk_swiglu_backward(inplace, du_g, inplace, gate + off, up + off, n,
                                              NULL, err, sizeof err),
                          0);
@@ -178,7 +175,7 @@ static void test_rmsnorm(void **state) {
         assert_int_equal(cuk_rmsnorm(got, x, w, N, C, 1e-5f, NULL, err, sizeof err), 0);
         expect_close(got, want, N * C, 2e-6, "rmsnorm");
         /* out may be x */
-        float *inplace = dup_floats(x, N * C);
+        float *inplace = tu_dup_floats(x, N * C);
         assert_int_equal(cuk_rmsnorm(inplace, inplace, w, N, C, 1e-5f, NULL, err, sizeof err),
                          0);
         expect_exact(inplace, got, N * C, "rmsnorm in place");
@@ -202,8 +199,8 @@ static void test_rmsnorm_backward(void **state) {
         float *x = rand_floats(N * C, 2.0f), *w = rand_floats(C, 1.5f);
         float *dout = rand_floats(N * C, 1.0f);
         float *dx0 = rand_floats(N * C, 0.5f), *dw0 = rand_floats(C, 0.5f);
-        float *dx_w = dup_floats(dx0, N * C), *dw_w = dup_floats(dw0, C);
-        float *dx_g = dup_floats(dx0, N * C), *dw_g = dup_floats(dw0, C);
+        float *dx_w = tu_dup_floats(dx0, N * C), *dw_w = tu_dup_floats(dw0, C);
+        float *dx_g = tu_dup_floats(dx0, N * C), *dw_g = tu_dup_floats(dw0, C);
         cpu()->rmsnorm_backward(dx_w, dw_w, dout, x, w, N, C, 1e-5f);
         assert_int_equal(
             cuk_rmsnorm_backward(dx_g, dw_g, dout, x, w, N, C, 1e-5f, NULL, err, sizeof err), 0);
@@ -211,7 +208,7 @@ static void test_rmsnorm_backward(void **state) {
         expect_normwise(dx_g, dx_w, N * C, 1e-6, "rmsnorm_backward dx");
         expect_normwise(dw_g, dw_w, C, 1e-5, "rmsnorm_backward dweight");
         /* dweight NULL leaves it alone; dx NULL computes dweight only */
-        float *dx_only = dup_floats(dx0, N * C), *dw_only = dup_floats(dw0, C);
+        float *dx_only = tu_dup_floats(dx0, N * C), *dw_only = tu_dup_floats(dw0, C);
         assert_int_equal(cuk_rmsnorm_backward(dx_only, NULL, dout, x, w, N, C, 1e-5f, NULL, err,
                                               sizeof err),
                          0);
@@ -248,7 +245,7 @@ static void test_rope(void **state) {
     pos[3] = npos - 1;
     size_t len = N * (size_t)nheads * (size_t)HS;
     float *x = rand_floats(len, 2.0f);
-    float *want = dup_floats(x, len), *got = dup_floats(x, len);
+    float *want = tu_dup_floats(x, len), *got = tu_dup_floats(x, len);
     cpu()->rope_cached(want, pos, N, nheads, HS, cs);
     assert_int_equal(cuk_rope_cached(got, pos, N, nheads, HS, cs, false, NULL, err, sizeof err),
                      0);
@@ -260,7 +257,7 @@ static void test_rope(void **state) {
     /* the inverse undoes the rotation to rounding */
     expect_close(got, x, len, 1e-5, "rope round trip");
     /* an odd head size is refused and nothing runs */
-    float *before = dup_floats(got, len);
+    float *before = tu_dup_floats(got, len);
     assert_int_equal(cuk_rope_cached(got, pos, N, nheads, 9, cs, false, NULL, err, sizeof err),
                      -1);
     assert_non_null(strstr(err, "HS = 9"));
@@ -292,7 +289,7 @@ static void test_embedding(void **state) {
         expect_exact(got, want, N * C, "embedding");
 
         float *dout = rand_floats(N * C, 1.0f), *d0 = rand_floats(V * C, 0.5f);
-        float *dw = dup_floats(d0, V * C), *dg = dup_floats(d0, V * C);
+        float *dw = tu_dup_floats(d0, V * C), *dg = tu_dup_floats(d0, V * C);
         cpu()->embedding_backward(dw, dout, tokens, N, C);
         assert_int_equal(cuk_embedding_backward(dg, dout, tokens, N, C, NULL, err, sizeof err),
                          0);
@@ -329,7 +326,7 @@ static void test_cross_entropy(void **state) {
         targets[N - 1] = (int)V - 1;
         float *logits = rand_floats(N * V, 8.0f);
         logits[targets[0]] = 12.0f; /* a confident row */
-        float *want = dup_floats(logits, N * V), *got = dup_floats(logits, N * V);
+        float *want = tu_dup_floats(logits, N * V), *got = tu_dup_floats(logits, N * V);
         double loss_w[6], loss_g[6];
         for (size_t n = 0; n < N; n++) loss_g[n] = 123.0;
         float scale = 1.0f / 5.0f;
@@ -396,7 +393,7 @@ static void test_dropout(void **state) {
 
         float *x = rand_floats(n, 2.0f), *base = rand_floats(n, 1.0f);
         float scale = (float)(1.0 / (1.0 - ps[k]));
-        float *want = dup_floats(base, n), *got = dup_floats(base, n);
+        float *want = tu_dup_floats(base, n), *got = tu_dup_floats(base, n);
         cpu()->dropout(want, x, n, key, threshold, scale, true);
         assert_int_equal(cuk_dropout(got, x, n, key, threshold, scale, true, NULL, err, sizeof err),
                          0);
@@ -506,7 +503,7 @@ static void test_adamw(void **state) {
     adamw_range range = {0, n, true};
     adamw *opt = NULL;
     assert_int_equal(adamw_new(&cfg, &range, 1, &opt, err, sizeof err), 0);
-    float *p_w = rand_floats(n, 1.0f), *p_g = dup_floats(p_w, n), *p0 = dup_floats(p_w, n);
+    float *p_w = rand_floats(n, 1.0f), *p_g = tu_dup_floats(p_w, n), *p0 = tu_dup_floats(p_w, n);
     float *m = calloc(n, sizeof(float)), *v = calloc(n, sizeof(float));
     assert_true(m && v);
     const double lrs[] = {1e-3, 3e-4};
@@ -516,7 +513,7 @@ static void test_adamw(void **state) {
         float grad_scale = t == 2 ? 0.5f : 1.0f;
         /* adamw.c sees the gradient already scaled (clipping scales in
          * place), the kernel scales it itself: the same float product. */
-        float *scaled = dup_floats(grad, n);
+        float *scaled = tu_dup_floats(grad, n);
         for (size_t i = 0; i < n; i++) scaled[i] *= grad_scale;
         adamw_step(opt, p_w, scaled, lr);
         double bc1 = 1.0 - pow(cfg.beta1, t), bc2 = 1.0 - pow(cfg.beta2, t);

@@ -105,22 +105,7 @@ static int test_resolve_checkpoint(runner_ctx *ctx, char *dir, size_t dirlen, in
 static int run_job(tu_run *run, const char *kind, const char *spec_text, int gpu,
                    bool gpu_required, json_t **result, bool *retryable, char *err,
                    size_t errlen) {
-    char text[4 * PATH_MAX];
-    size_t used = 0;
-    for (const char *p = spec_text; *p && used + PATH_MAX < sizeof text; p++) {
-        if (p[0] == '%' && (p[1] == 'M' || p[1] == 'D')) {
-            int n = snprintf(text + used, sizeof text - used, "%s",
-                             p[1] == 'M' ? model_dir : dataset_path);
-            used += (size_t)n;
-            p++;
-        } else {
-            text[used++] = *p == '\'' ? '"' : *p;
-        }
-    }
-    text[used] = '\0';
-    json_error_t jerr;
-    json_t *spec = json_loads(text, 0, &jerr);
-    if (!spec) fail_msg("bad test spec %s: %s", text, jerr.text);
+    json_t *spec = tu_spec_load(spec_text, model_dir, dataset_path);
     atomic_int cancel;
     atomic_init(&cancel, 0);
     runner_ctx ctx = tu_run_ctx(run, &cancel);
@@ -147,18 +132,6 @@ static json_t *run_ok(tu_run *run, const char *kind, const char *spec_text, int 
     return result;
 }
 
-/* max |got - want| / max |want| over n doubles (want not all zero). */
-static double rel_diff(const double *got, const double *want, size_t n, const char *what) {
-    double worst = 0, scale = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] is %g", what, i, got[i]);
-        scale = fmax(scale, fabs(want[i]));
-        worst = fmax(worst, fabs(got[i] - want[i]));
-    }
-    if (!(scale > 0)) fail_msg("%s: the CPU's values are all zero", what);
-    return worst / scale;
-}
-
 /* Compares the number arrays result[key] of two runs; returns the relative
  * difference. */
 static double series_diff(json_t *gpu, json_t *cpu, const char *key) {
@@ -172,7 +145,7 @@ static double series_diff(json_t *gpu, json_t *cpu, const char *key) {
         x[i] = json_number_value(json_array_get(a, i));
         y[i] = json_number_value(json_array_get(b, i));
     }
-    double d = rel_diff(x, y, n, key);
+    double d = tu_rel_err(x, y, n, key);
     free(x);
     free(y);
     return d;
@@ -190,7 +163,7 @@ static double hidden_diff(const tu_run *gpu, const tu_run *cpu, int L) {
         assert_int_equal(ha.rows, hb.rows);
         assert_int_equal(ha.cols, hb.cols);
         snprintf(what, sizeof what, "layer %d", l);
-        worst = fmax(worst, rel_diff(x, y, ha.rows * ha.cols, what));
+        worst = fmax(worst, tu_rel_err(x, y, ha.rows * ha.cols, what));
         free(x);
         free(y);
     }
@@ -228,7 +201,7 @@ static double tensors_diff(const tu_run *gpu, const tu_run *cpu, const char *nam
         if (all_zero)
             for (size_t k = 0; k < ta->count; k++) assert_true(dx[k] == 0);
         else
-            worst = fmax(worst, rel_diff(dx, dy, tb->count, tb->name));
+            worst = fmax(worst, tu_rel_err(dx, dy, tb->count, tb->name));
         free(x);
         free(y);
         free(dx);
@@ -471,7 +444,7 @@ static void optimizer_files_close(const char *a, const char *b, double tol) {
             x[i] = fa;
             y[i] = fb;
         }
-        double d = rel_diff(x, y, T, which ? "exp_avg_sq" : "exp_avg");
+        double d = tu_rel_err(x, y, T, which ? "exp_avg_sq" : "exp_avg");
         printf("  checkpoint %s: %s %.3g relative\n", strrchr(a, '/') + 1,
                which ? "exp_avg_sq" : "exp_avg", d);
         assert_true(d <= tol);

@@ -107,19 +107,6 @@ static float *ref_read(const char *model, const char *name, size_t rows, size_t 
     return f;
 }
 
-/* max |got - want| / max |want| over n values; fails on non-finite got. */
-static double rel_err(const float *got, const float *want, size_t n, const char *what) {
-    double scale = 0.0, worst = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, got[i]);
-        if (fabs(want[i]) > scale) scale = fabs(want[i]);
-        double d = fabs((double)got[i] - want[i]);
-        if (d > worst) worst = d;
-    }
-    assert_true(scale > 0.0);
-    return worst / scale;
-}
-
 /* The hook's collector: hidden[l] packs each example's real positions,
  * row offsets[b] + t, as the reference files do. */
 typedef struct {
@@ -184,7 +171,7 @@ static void reference_case(const char *name, const backend *be) {
         char file[64];
         snprintf(file, sizeof file, "hidden_%d.npy", l);
         float *want = ref_read(name, file, (size_t)rc.n_tokens, (size_t)rc.C);
-        double e = rel_err(col.hidden[l], want, (size_t)rc.n_tokens * (size_t)rc.C, file);
+        double e = tu_rel_err_ff(col.hidden[l], want, (size_t)rc.n_tokens * (size_t)rc.C, file);
         if (e > REF_REL_TOL) fail_msg("%s %s: relative error %g > %g", name, file, e, REF_REL_TOL);
         print_message("%s %s: relative error %.2g\n", name, file, e);
         free(want);
@@ -198,7 +185,7 @@ static void reference_case(const char *name, const backend *be) {
                    logits + ((size_t)b * (size_t)rc.T + (size_t)t) * (size_t)rc.V,
                    (size_t)rc.V * sizeof *packed);
     float *want = ref_read(name, "logits.npy", (size_t)rc.n_tokens, (size_t)rc.V);
-    double e = rel_err(packed, want, (size_t)rc.n_tokens * (size_t)rc.V, "logits");
+    double e = tu_rel_err_ff(packed, want, (size_t)rc.n_tokens * (size_t)rc.V, "logits");
     if (e > REF_REL_TOL) fail_msg("%s logits: relative error %g > %g", name, e, REF_REL_TOL);
     print_message("%s logits: relative error %.2g\n", name, e);
     free(want);
@@ -303,8 +290,8 @@ static void test_batch_invariance(void **state) {
         for (int l = 0; l <= rc.L; l++) {
             const float *in5 = batch.hidden[l] + (size_t)rc.offsets[src] * (size_t)rc.C;
             const float *in8 = big.hidden[l] + (size_t)offsets8[b] * (size_t)rc.C;
-            double e5 = rel_err(in5, one.hidden[l], n, "batch 5");
-            double e8 = rel_err(in8, one.hidden[l], n, "batch 8");
+            double e5 = tu_rel_err_ff(in5, one.hidden[l], n, "batch 5");
+            double e8 = tu_rel_err_ff(in8, one.hidden[l], n, "batch 8");
             if (e5 > BATCH_REL_TOL || e8 > BATCH_REL_TOL)
                 fail_msg("example %d layer %d: batch differs from alone by %g / %g", src, l, e5,
                          e8);
@@ -312,10 +299,10 @@ static void test_batch_invariance(void **state) {
         }
         for (int t = 0; t < len; t++) {
             const float *alone = logits1 + (size_t)t * V;
-            double e5 = rel_err(logits5 + ((size_t)src * (size_t)rc.T + (size_t)t) * V, alone, V,
-                                "logits 5");
-            double e8 = rel_err(logits8 + ((size_t)b * (size_t)T16 + (size_t)t) * V, alone, V,
-                                "logits 8");
+            double e5 = tu_rel_err_ff(logits5 + ((size_t)src * (size_t)rc.T + (size_t)t) * V,
+                                      alone, V, "logits 5");
+            double e8 = tu_rel_err_ff(logits8 + ((size_t)b * (size_t)T16 + (size_t)t) * V, alone,
+                                      V, "logits 8");
             if (e5 > BATCH_REL_TOL || e8 > BATCH_REL_TOL)
                 fail_msg("example %d position %d logits differ by %g / %g", src, t, e5, e8);
             worst = fmax(worst, fmax(e5, e8));

@@ -55,42 +55,15 @@ static int setup(void **state) {
     return 0;
 }
 
-/* resolve_file for {"path": p} (the init tokenizer, a task map). */
-static int resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
-                        size_t errlen) {
-    (void)ctx;
-    const char *p = json_string_value(json_object_get(ref, "path"));
-    struct stat st;
-    if (!p) return err_set(err, errlen, "the test resolves {\"path\"} only");
-    if (stat(p, &st) != 0) return err_set(err, errlen, "%s: %s", p, strerror(errno));
-    snprintf(path, pathlen, "%s", p);
-    return 0;
-}
-
 /* Runs spec_text (with %M for the model dir and %D for the dataset) as a
  * train job. Returns runner_run's status; *result on success. */
 static int run_train(tu_run *run, const char *spec_text, json_t **result, char *err,
                      size_t errlen) {
-    char text[8192];
-    size_t used = 0;
-    for (const char *p = spec_text; *p && used + PATH_MAX < sizeof text; p++) {
-        if (p[0] == '%' && (p[1] == 'M' || p[1] == 'D')) {
-            int n = snprintf(text + used, sizeof text - used, "%s",
-                             p[1] == 'M' ? model_dir : dataset_path);
-            used += (size_t)n;
-            p++;
-        } else {
-            text[used++] = *p == '\'' ? '"' : *p;
-        }
-    }
-    text[used] = '\0';
-    json_error_t jerr;
-    json_t *spec = json_loads(text, 0, &jerr);
-    if (!spec) fail_msg("bad test spec %s: %s", text, jerr.text);
+    json_t *spec = tu_spec_load(spec_text, model_dir, dataset_path);
     atomic_int cancel;
     atomic_init(&cancel, 0);
     runner_ctx ctx = tu_run_ctx(run, &cancel);
-    ctx.resolve_file = resolve_file;
+    ctx.resolve_file = tu_resolve_path; /* the init tokenizer, a task map */
     bool retryable = false, cancelled = false;
     int rc = runner_run("train", spec, &ctx, result, &retryable, &cancelled, err, errlen);
     assert_false(cancelled);

@@ -104,6 +104,51 @@ double tu_rel_err_f(const float *got, const double *want, size_t n, const char *
     return worst / scale;
 }
 
+double tu_rel_err_ff(const float *got, const float *want, size_t n, const char *what) {
+    double scale = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) fail_msg("%s[%zu] = %g is not finite", what, i, (double)got[i]);
+        scale = fmax(scale, fabs((double)want[i]));
+        worst = fmax(worst, fabs((double)got[i] - (double)want[i]));
+    }
+    if (!(scale > 0.0)) fail_msg("%s: every reference value is zero", what);
+    return worst / scale;
+}
+
+double tu_rel_or_abs_err_ff(const float *got, const float *want, size_t n, const char *what) {
+    double scale = 0.0, worst = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i]) || !isfinite(want[i]))
+            fail_msg("%s[%zu]: got %g, want %g", what, i, (double)got[i], (double)want[i]);
+        scale = fmax(scale, fabs((double)want[i]));
+        worst = fmax(worst, fabs((double)got[i] - (double)want[i]));
+    }
+    return scale == 0.0 ? worst : worst / scale;
+}
+
+float tu_rand_uniform(uint64_t *state) {
+    *state += 0x9E3779B97F4A7C15ULL;
+    uint64_t z = *state;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (float)((double)(z >> 11) * 0x1p-53 * 2.0 - 1.0);
+}
+
+float *tu_rand_floats(uint64_t *state, size_t n, float amp) {
+    float *x = malloc((n ? n : 1) * sizeof *x);
+    assert_non_null(x);
+    for (size_t i = 0; i < n; i++) x[i] = amp * tu_rand_uniform(state);
+    return x;
+}
+
+float *tu_dup_floats(const float *x, size_t n) {
+    float *y = malloc((n ? n : 1) * sizeof *y);
+    assert_non_null(y);
+    if (n) memcpy(y, x, n * sizeof *y);
+    return y;
+}
+
 void tu_run_begin(tu_run *run, const char *tag) {
     memset(run, 0, sizeof *run);
     char name[64];
@@ -118,9 +163,8 @@ void tu_run_end(tu_run *run) {
     tu_rmtree(run->out);
 }
 
-/* resolve_model / resolve_adapter: {"path": p} where p exists, copied out. */
-static int tu_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
-                           size_t errlen) {
+int tu_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                    size_t errlen) {
     (void)ctx;
     const char *p = json_string_value(json_object_get(ref, "path"));
     struct stat st;
@@ -203,4 +247,87 @@ void tu_batch_free(tu_batch *bt) {
     free(bt->tokens);
     free(bt->labels);
     free(bt->lengths);
+}
+
+json_t *tu_spec_load(const char *tmpl, const char *model_dir, const char *dataset_path) {
+    char text[4 * PATH_MAX];
+    size_t used = 0;
+    for (const char *p = tmpl; *p; p++) {
+        if (p[0] == '%' && (p[1] == 'M' || p[1] == 'D')) {
+            int n = snprintf(text + used, sizeof text - used, "%s",
+                             p[1] == 'M' ? model_dir : dataset_path);
+            if (n < 0 || (size_t)n >= sizeof text - used) fail_msg("test spec too long: %s", tmpl);
+            used += (size_t)n;
+            p++;
+        } else {
+            if (used + 1 >= sizeof text) fail_msg("test spec too long: %s", tmpl);
+            text[used++] = *p == '\'' ? '"' : *p;
+        }
+    }
+    text[used] = '\0';
+    json_error_t jerr;
+    json_t *spec = json_loads(text, 0, &jerr);
+    if (!spec) fail_msg("bad test spec %s: %s", text, jerr.text);
+    return spec;
+}
+
+/* path = tests/fixtures/cka/name (or under $STRATA_FIXTURES); -1 when it
+ * does not fit. */
+static int tu_cka_path(char *path, size_t pathlen, const char *name) {
+    char dir[PATH_MAX];
+    tu_fixture_path(dir, sizeof dir, "cka");
+    int len = snprintf(path, pathlen, "%s/%s", dir, name);
+    return len > 0 && (size_t)len < pathlen ? 0 : -1;
+}
+
+json_t *tu_cka_cases(void) {
+    char path[PATH_MAX];
+    if (tu_cka_path(path, sizeof path, "expected.json") != 0) fail_msg("cka fixture path too long");
+    json_t *root = tu_load_json(path);
+    json_t *cases = json_object_get(root, "cases");
+    if (!json_is_array(cases)) fail_msg("%s: \"cases\" is not an array", path);
+    json_incref(cases);
+    json_decref(root);
+    return cases;
+}
+
+void tu_cka_case_paths(json_t *c, char *xp, char *yp, size_t len) {
+    const char *x = json_string_value(json_object_get(c, "x"));
+    const char *y = json_string_value(json_object_get(c, "y"));
+    if (!x || !y) fail_msg("cka fixture case without \"x\" or \"y\"");
+    if (tu_cka_path(xp, len, x) != 0 || tu_cka_path(yp, len, y) != 0)
+        fail_msg("cka fixture path too long: %s, %s", x, y);
+}
+
+cka_options tu_cka_case_options(json_t *c, cka_space space) {
+    const char *kernel = json_string_value(json_object_get(c, "kernel"));
+    cka_options opt = {0};
+    opt.kernel = kernel && strcmp(kernel, "rbf") == 0 ? CKA_RBF : CKA_LINEAR;
+    opt.debiased = json_is_true(json_object_get(c, "debiased"));
+    opt.rbf_threshold = json_number_value(json_object_get(c, "rbf_threshold"));
+    opt.space = space;
+    return opt;
+}
+
+double tu_cka_fixture_value(const char *name) {
+    json_t *cases = tu_cka_cases();
+    size_t i;
+    json_t *c;
+    double v = NAN;
+    json_array_foreach(cases, i, c) {
+        const char *cname = json_string_value(json_object_get(c, "name"));
+        if (cname && strcmp(cname, name) == 0) v = json_number_value(json_object_get(c, "cka"));
+    }
+    json_decref(cases);
+    if (isnan(v)) fail_msg("no cka fixture case %s", name);
+    return v;
+}
+
+int tu_cka_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                        size_t errlen) {
+    (void)ctx;
+    const char *name = json_string_value(json_object_get(ref, "path"));
+    if (!name) return err_set(err, errlen, "no path");
+    if (tu_cka_path(path, pathlen, name) != 0) return err_set(err, errlen, "path too long");
+    return 0;
 }

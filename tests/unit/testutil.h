@@ -1,7 +1,8 @@
 /* testutil - what several unit tests share: where the fixtures are, per-test
  * temporary directories, loading JSON and .npy fixtures, relative-error
- * comparisons, and a scratch/output directory pair with runner callbacks for
- * tests that run a job through runner_run.
+ * comparisons, reproducible random floats, a scratch/output directory pair
+ * with runner callbacks for tests that run a job through runner_run, job
+ * specs written as templates, and the CKA fixture cases.
  *
  * Every tu_ function that can fail fails the running cmocka test (fail_msg)
  * with a message naming the path or value, except tu_mkdtemp and tu_rmtree,
@@ -13,8 +14,10 @@
 #include <limits.h>
 #include <stdatomic.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "common/npy.h"
+#include "worker/engine/cka.h"
 #include "worker/runner.h"
 
 /* out = $STRATA_FIXTURES/rel when that is set, else tests/fixtures/rel found
@@ -52,6 +55,29 @@ double tu_rel_err(const double *got, const double *want, size_t n, const char *w
 /* tu_rel_err for float32 results against float64 references. */
 double tu_rel_err_f(const float *got, const double *want, size_t n, const char *what);
 
+/* tu_rel_err for float32 results against float32 references. */
+double tu_rel_err_ff(const float *got, const float *want, size_t n, const char *what);
+
+/* max |got - want| / max |want| over n floats, or max |got - want| when
+ * every want is zero (for outputs that may legitimately be all zero, judged
+ * then on the inputs' scale of about 1). Fails the test, naming what[i], on
+ * a non-finite got or want value. */
+double tu_rel_or_abs_err_ff(const float *got, const float *want, size_t n, const char *what);
+
+/* The next splitmix64 draw from *state (advanced), as a float uniform in
+ * [-1, 1): the same sequence for the same seed on every run. (The double
+ * below 1 is rounded to float, so 1.0f itself can come out.) */
+float tu_rand_uniform(uint64_t *state);
+
+/* n floats amp * tu_rand_uniform(state), drawn in order, in a malloc'd
+ * array (at least one element) the caller frees; fails the test when out of
+ * memory. */
+float *tu_rand_floats(uint64_t *state, size_t n, float amp);
+
+/* A malloc'd copy of x's n floats (at least one element) the caller frees;
+ * fails the test when out of memory. */
+float *tu_dup_floats(const float *x, size_t n);
+
 /* A job run in a test: scratch (work) and output (out) directories of its
  * own; artifacts counts what the job added. */
 typedef struct {
@@ -72,6 +98,18 @@ void tu_run_end(tu_run *run);
  * into run->out; cancel as given, no progress callback, user = run, on the
  * CPU (gpu -1). */
 runner_ctx tu_run_ctx(tu_run *run, atomic_int *cancel);
+
+/* A runner_ctx resolve_file (or resolve_model / resolve_adapter) for
+ * references {"path": p} where p exists: copies p into path. 0, or -1 with
+ * err when there is no "path" or it does not exist. */
+int tu_resolve_path(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                    size_t errlen);
+
+/* Parses a job spec written as a template: each ' becomes ", %M becomes
+ * model_dir and %D dataset_path (so specs read as C strings without
+ * escapes). Fails the test when the result is too long or not JSON. Caller
+ * owns the returned reference. */
+json_t *tu_spec_load(const char *tmpl, const char *model_dir, const char *dataset_path);
 
 /* Sends stdout to /dev/null (flushing what is buffered) and returns the
  * descriptor tu_stdout_on needs to restore it; fails the test if it cannot.
@@ -95,5 +133,25 @@ typedef struct {
  * tu_batch_free. */
 void tu_batch_load(tu_batch *bt, json_t *j);
 void tu_batch_free(tu_batch *bt);
+
+/* The "cases" array of the CKA fixtures (tests/fixtures/cka/expected.json;
+ * fails the test when it is not an array). Caller owns the reference. */
+json_t *tu_cka_cases(void);
+
+/* Fixture case c's x and y .npy paths into xp and yp (len bytes each);
+ * fails the test when they do not fit. */
+void tu_cka_case_paths(json_t *c, char *xp, char *yp, size_t len);
+
+/* Fixture case c's kernel, debiasing and rbf threshold, in space space. */
+cka_options tu_cka_case_options(json_t *c, cka_space space);
+
+/* The expected "cka" of the fixture case named name; fails the test when
+ * there is no such case. */
+double tu_cka_fixture_value(const char *name);
+
+/* A runner_ctx resolve_file for {"path": name}: the CKA fixture file name.
+ * 0, or -1 with err when there is no "path" or the path does not fit. */
+int tu_cka_resolve_file(runner_ctx *ctx, json_t *ref, char *path, size_t pathlen, char *err,
+                        size_t errlen);
 
 #endif
