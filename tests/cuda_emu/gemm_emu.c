@@ -17,7 +17,44 @@
 
 struct gemm_ctx {
     size_t workspace_bytes; /* accepted as cublasLt's would be; unused */
+    gemm_path path;         /* recorded and counted; the maths is the same */
+    gemm_stats stats;
 };
+
+int gemm_path_parse(const char *s, gemm_path *out, char *err, size_t errlen)
+{
+    if (s == NULL || *s == '\0' || strcmp(s, "auto") == 0)
+        *out = GEMM_PATH_AUTO;
+    else if (strcmp(s, "ex") == 0)
+        *out = GEMM_PATH_EX;
+    else if (strcmp(s, "lt") == 0)
+        *out = GEMM_PATH_LT;
+    else {
+        snprintf(err, errlen, "gemm path '%.32s': expected ex, lt or auto", s);
+        return -1;
+    }
+    return 0;
+}
+
+const char *gemm_path_name(gemm_path p)
+{
+    return p == GEMM_PATH_EX ? "ex" : p == GEMM_PATH_LT ? "lt" : "auto";
+}
+
+void gemm_set_path(gemm_ctx *g, gemm_path p)
+{
+    g->path = p;
+}
+
+gemm_path gemm_get_path(const gemm_ctx *g)
+{
+    return g->path;
+}
+
+void gemm_get_stats(const gemm_ctx *g, gemm_stats *out)
+{
+    *out = g->stats;
+}
 
 int gemm_ctx_new(void *stream, size_t workspace_bytes, gemm_ctx **out, char *err, size_t errlen)
 {
@@ -27,12 +64,16 @@ int gemm_ctx_new(void *stream, size_t workspace_bytes, gemm_ctx **out, char *err
         return -1;
     }
     *out = NULL;
+    gemm_path path;
+    if (gemm_path_parse(getenv("STRATA_GEMM"), &path, err, errlen) != 0)
+        return -1;
     gemm_ctx *g = calloc(1, sizeof *g);
     if (g == NULL) {
         snprintf(err, errlen, "gemm_ctx_new: out of memory");
         return -1;
     }
     g->workspace_bytes = workspace_bytes;
+    g->path = path;
     *out = g;
     return 0;
 }
@@ -86,9 +127,11 @@ static void gemm_zero_f64(double *C, size_t rows, size_t cols, size_t ldc)
         memset(C + r * ldc, 0, cols * sizeof *C);
 }
 
-int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, size_t N,
-             size_t K, float alpha, const void *A, size_t lda, const void *B, size_t ldb,
-             float beta, float *C, size_t ldc, char *err, size_t errlen)
+/* One product, as gemm_run computes it, without counting it. */
+static int gemm_product(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M,
+                        size_t N, size_t K, float alpha, const void *A, size_t lda,
+                        const void *B, size_t ldb, float beta, float *C, size_t ldc, char *err,
+                        size_t errlen)
 {
     int rc = -1;
     float *wa = NULL, *wb = NULL;
@@ -157,7 +200,26 @@ out:
     return rc;
 }
 
-/* gemm_run per product, in batch order (as the stream would run them);
+int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, size_t N,
+             size_t K, float alpha, const void *A, size_t lda, const void *B, size_t ldb,
+             float beta, float *C, size_t ldc, char *err, size_t errlen)
+{
+    if (gemm_product(g, type, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc,
+                     err, errlen) != 0)
+        return -1;
+    /* Counted as gemm.cu counts: the path it would take (Lt for 16-bit
+     * products with K > 0 unless EX is asked for), empty products not. */
+    if (M > 0 && N > 0) {
+        if (type != GEMM_F32 && K > 0 && g->path != GEMM_PATH_EX)
+            g->stats.lt_products++;
+        else
+            g->stats.ex_products++;
+    }
+    return 0;
+}
+
+/* gemm_product per product, in batch order (as the stream would run
+ * them; not counted: gemm.cu's batched products stay with cuBLAS's Ex);
  * the offsets are in elements of each operand's type. */
 int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M,
                              size_t N, size_t K, float alpha, const void *A, size_t lda,
@@ -172,8 +234,8 @@ int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool tra
     for (size_t i = 0; i < batch; i++) {
         const char *a = (const char *)A + i * stride_a * esize;
         const char *b = (const char *)B + i * stride_b * esize;
-        if (gemm_run(g, type, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta,
-                     C + i * stride_c, ldc, err, errlen) != 0)
+        if (gemm_product(g, type, trans_a, trans_b, M, N, K, alpha, a, lda, b, ldb, beta,
+                         C + i * stride_c, ldc, err, errlen) != 0)
             return -1;
     }
     return 0;

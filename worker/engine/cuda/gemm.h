@@ -46,6 +46,36 @@ int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool tra
                              float beta, float *C, size_t ldc, size_t stride_c, size_t batch,
                              char *err, size_t errlen);
 
+/* Which cuBLAS entry point runs the bf16/fp16 products of gemm_run:
+ * cublasGemmEx (EX) or cublasLtMatmul with the heuristic's best algorithm,
+ * cached per shape in the context (LT; cublasGemmEx when the heuristic
+ * offers none). AUTO is LT for bf16/fp16 and EX for fp32, a choice made
+ * before any GPU measured the two (bench_gpu gemm does): revisit it with
+ * the numbers. fp32 products, the batched and the float64 ones always run
+ * as before. A context starts with STRATA_GEMM (ex, lt or auto; unset or
+ * empty: auto), read once by gemm_ctx_new, which fails on another value. */
+typedef enum { GEMM_PATH_AUTO = 0, GEMM_PATH_EX, GEMM_PATH_LT } gemm_path;
+
+/* "ex", "lt" or "auto" into *out: 0, or -1 with err naming the value. */
+int gemm_path_parse(const char *s, gemm_path *out, char *err, size_t errlen);
+const char *gemm_path_name(gemm_path p);
+
+/* The path of g's later products (tests and the bench switch it). */
+void gemm_set_path(gemm_ctx *g, gemm_path p);
+gemm_path gemm_get_path(const gemm_ctx *g);
+
+/* What gemm_run did on a context since it was made: products run by
+ * cublasGemmEx (fallbacks included) and by cublasLtMatmul, products that
+ * chose LT but fell back for want of a heuristic algorithm, heuristic
+ * queries (cache misses) and cached shapes now held. The emulator counts
+ * the path chosen only (lt_products when LT was chosen, no queries). */
+typedef struct {
+    unsigned long long ex_products, lt_products, lt_fallbacks, lt_queries;
+    unsigned cached_shapes;
+} gemm_stats;
+
+void gemm_get_stats(const gemm_ctx *g, gemm_stats *out);
+
 /* Float64 products for CKA: C (N, N) = alpha * A^T A + beta * C (A (M, N)
  * row-major; both triangles of C are written), and C (N1, N2) =
  * alpha * A^T B + beta * C. */
