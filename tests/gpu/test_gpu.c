@@ -32,6 +32,13 @@
  *                 T >= 64), so each low-precision mode also checks it
  *                 against the fp32 CPU attention (ATTN_BF16_TOL and
  *                 ATTN_FP16_TOL below).
+ *   gemm lt vs ex gemm.h's two paths for bf16/fp16 products (cublasGemmEx
+ *                 and cublasLt, gemm_set_path) on transposes, beta 0/1,
+ *                 padded strides and an operand off 256-byte alignment:
+ *                 each against the other and a float64 product of the same
+ *                 rounded operands, MATMUL_ROUNDED_TOL; the path counts of
+ *                 gemm_get_stats must add up (Lt's shape cache hit on a
+ *                 repeat, at least one product on Lt itself).
  *   ref ...       tests/reference/ PyTorch fixtures (forward hidden states
  *                 and logits; loss and gradients of full and LoRA training)
  *                 through llama_forward / llama_loss_and_grad on the GPU in
@@ -47,6 +54,8 @@
 #include "common/util.h"
 #include "worker/engine/backend.h"
 #include "worker/engine/cuda/cuda.h"
+#include "worker/engine/cuda/gemm.h"
+#include "tests/cuda_emu/half_bits.h"
 
 #include <errno.h>
 #include <ftw.h>
@@ -695,6 +704,153 @@ static void gt_op_matmul(const backend *gpu, const gt_shape *s, gt_rng *rng, cud
         free(ref_out[r]), free(ref_acc[r]), free(ref_dx[r]), free(ref_dw[r]), free(ref_dxd[r]);
 }
 
+/* ---- gemm.h's two paths (cublasGemmEx and cublasLt) ---------------------- */
+
+/* One product of the gemm path check: C (M, N) = alpha op(A) op(B) + beta C
+ * with row strides padded by pad elements; offset shifts A's start by that
+ * many elements (an operand that is not 256-byte aligned, which Lt's
+ * heuristic must be told). */
+typedef struct {
+    bool ta, tb;
+    size_t M, N, K, pad, offset;
+    float alpha, beta;
+} gt_gemm_case;
+
+/* Runs every case through GEMM_PATH_EX and then GEMM_PATH_LT (twice: the
+ * second round must hit the shape cache) on a context of the backend's
+ * stream, in type (bf16 or fp16), and compares both with each other and
+ * with a float64 product of the same rounded operands, within
+ * MATMUL_ROUNDED_TOL (only the summation differs). The counts must add up:
+ * every Ex-path product run by Ex, every Lt-path product by Lt or counted
+ * as a fallback, at least one by Lt itself (the emulator runs none of
+ * cuBLAS; it records the path). One row. */
+static void gt_gemm_paths(const backend *gpu, cuda_precision prec) {
+    char check[48];
+    snprintf(check, sizeof check, "gemm lt vs ex %s", cuda_precision_name(prec));
+    if (!gt_wanted(check)) return;
+    double t0 = util_now_seconds();
+    static const gt_gemm_case full[] = {
+        {false, true, 256, 384, 512, 0, 0, 1.0f, 0.0f},
+        {false, false, 256, 512, 384, 0, 0, 1.0f, 1.0f},
+        {true, false, 384, 512, 256, 0, 0, 0.5f, 1.0f},
+        {true, true, 128, 64, 1024, 8, 0, 1.0f, 0.0f},
+        {false, true, 37, 53, 29, 3, 1, 0.75f, 1.0f},
+        {true, false, 61, 17, 70, 1, 3, 1.0f, 0.0f},
+    };
+    static const gt_gemm_case small[] = {
+        {false, true, 32, 48, 64, 0, 0, 1.0f, 0.0f},
+        {true, false, 48, 32, 16, 0, 0, 0.5f, 1.0f},
+        {false, true, 7, 9, 13, 3, 1, 0.75f, 1.0f},
+        {true, true, 5, 11, 6, 1, 3, 1.0f, 0.0f},
+    };
+    const gt_gemm_case *cs = gt_cfg.small ? small : full;
+    size_t ncases = gt_cfg.small ? sizeof small / sizeof small[0] : sizeof full / sizeof full[0];
+    gemm_type type = prec == CUDA_FP16 ? GEMM_F16 : GEMM_BF16;
+    char err[ERR_LEN] = "";
+    gemm_ctx *g = NULL;
+    if (gemm_ctx_new(cuda_backend_stream(), (size_t)32 << 20, &g, err, sizeof err) != 0) {
+        gt_record(check, NAN, MATMUL_ROUNDED_TOL, util_now_seconds() - t0, err);
+        return;
+    }
+    gt_rng rng = {0x6e44a7u + (uint64_t)prec};
+    gt_errs e = {0};
+    gt_dev d = {.be = gpu};
+    double worst_pair = 0.0;
+    /* per path run: stats before Ex, before Lt, after Lt */
+    gemm_stats st[3];
+    unsigned long long ran = 0, ex_n = 0, ex_lt = 0, lt_n = 0, fb_n = 0, q_n = 0;
+    for (size_t c = 0; c < ncases && !d.failed; c++) {
+        const gt_gemm_case *k = &cs[c];
+        size_t a_rows = k->ta ? k->K : k->M, a_cols = k->ta ? k->M : k->K;
+        size_t b_rows = k->tb ? k->N : k->K, b_cols = k->tb ? k->K : k->N;
+        size_t lda = a_cols + k->pad, ldb = b_cols + k->pad, ldc = k->N + k->pad;
+        size_t na = k->offset + a_rows * lda, nb = b_rows * ldb, nc = k->M * ldc;
+        uint16_t *ha = calloc(na, sizeof *ha), *hb = calloc(nb, sizeof *hb);
+        float *fa = gt_host(na), *fb = gt_host(nb), *c0 = gt_host(nc), *ref = gt_host(nc);
+        if (!ha || !hb) abort();
+        for (size_t i = 0; i < na; i++) { /* the value each 16-bit operand holds */
+            float v = gt_uniform(&rng, -1.0f, 1.0f);
+            ha[i] = type == GEMM_BF16 ? half_bits_bf16_from_f32(v) : half_bits_f16_from_f32(v);
+            fa[i] = type == GEMM_BF16 ? half_bits_bf16_to_f32(ha[i]) : half_bits_f16_to_f32(ha[i]);
+        }
+        for (size_t i = 0; i < nb; i++) {
+            float v = gt_uniform(&rng, -1.0f, 1.0f);
+            hb[i] = type == GEMM_BF16 ? half_bits_bf16_from_f32(v) : half_bits_f16_from_f32(v);
+            fb[i] = type == GEMM_BF16 ? half_bits_bf16_to_f32(hb[i]) : half_bits_f16_to_f32(hb[i]);
+        }
+        gt_fill(&rng, c0, nc, -1.0f, 1.0f);
+        /* float64 reference; padding columns of C keep their values */
+        memcpy(ref, c0, nc * sizeof *ref);
+        const float *A = fa + k->offset;
+        for (size_t i = 0; i < k->M; i++)
+            for (size_t j = 0; j < k->N; j++) {
+                double acc = 0.0;
+                for (size_t t = 0; t < k->K; t++)
+                    acc += (double)(k->ta ? A[t * lda + i] : A[i * lda + t]) *
+                           (double)(k->tb ? fb[j * ldb + t] : fb[t * ldb + j]);
+                ref[i * ldc + j] = (float)((double)k->alpha * acc +
+                                           (k->beta == 0.0f ? 0.0 : (double)k->beta *
+                                                                        c0[i * ldc + j]));
+            }
+        uint16_t *da = gt_put(&d, ha, na * sizeof *ha), *db = gt_put(&d, hb, nb * sizeof *hb);
+        float *dc = gt_put(&d, NULL, nc * sizeof(float));
+        float *got[2] = {NULL, NULL};
+        for (int path = 0; path < 2 && dc && da && db; path++) {
+            gemm_set_path(g, path == 0 ? GEMM_PATH_EX : GEMM_PATH_LT);
+            gemm_get_stats(g, &st[path]);
+            for (int round = 0; round < 1 + path; round++) {
+                gpu->upload(dc, c0, nc * sizeof(float));
+                if (gemm_run(g, type, k->ta, k->tb, k->M, k->N, k->K, k->alpha, da + k->offset,
+                             lda, db, ldb, k->beta, dc, ldc, d.err, sizeof d.err) != 0) {
+                    d.failed = true;
+                    break;
+                }
+            }
+            if (d.failed || !gt_dev_ok(&d)) break;
+            got[path] = gt_download(gpu, dc, nc);
+        }
+        if (got[0] && got[1]) {
+            gemm_get_stats(g, &st[2]);
+            ex_n += st[1].ex_products - st[0].ex_products;
+            ex_lt += st[1].lt_products - st[0].lt_products;
+            lt_n += st[2].lt_products - st[1].lt_products;
+            fb_n += st[2].lt_fallbacks - st[1].lt_fallbacks;
+            q_n += st[2].lt_queries - st[1].lt_queries;
+            char what[48];
+            snprintf(what, sizeof what, "%s%s %zux%zux%zu", k->ta ? "T" : "N", k->tb ? "T" : "N",
+                     k->M, k->N, k->K);
+            double ex = gt_rel_err(got[0], ref, nc), lt = gt_rel_err(got[1], ref, nc);
+            double pair = gt_rel_err(got[1], got[0], nc);
+            gt_errs_add(&e, what, fmax(ex, fmax(lt, pair)));
+            worst_pair = fmax(worst_pair, pair);
+            ran++;
+        }
+        free(got[0]), free(got[1]), free(ha), free(hb), free(fa), free(fb), free(c0), free(ref);
+        gt_dev_free(&d);
+    }
+    char note[160];
+    snprintf(note, sizeof note, "ex %llu, lt %llu, fallback %llu, queries %llu for %llu shapes; "
+             "lt-ex %.2g; %.80s", ex_n, lt_n, fb_n, q_n, ran, worst_pair, e.note);
+    double worst = e.worst;
+    /* Ex ran each case once and Lt none of them; Lt each twice (the
+     * second a cache hit: at most one heuristic query per shape); at least
+     * one product on Lt itself. */
+    bool counts_ok = ex_n == ran && ex_lt == 0 && lt_n + fb_n == 2 * ran && q_n <= ran &&
+                     lt_n > 0;
+    if (!d.failed && !counts_ok) {
+        worst = INFINITY;
+        snprintf(note, sizeof note, "path counts wrong: ex %llu (lt %llu), lt %llu, fallback "
+                 "%llu, queries %llu for %llu shapes (want ex %llu, lt + fallback %llu)",
+                 ex_n, ex_lt, lt_n, fb_n, q_n, ran, ran, 2 * ran);
+    }
+    if (d.failed)
+        gt_record(check, NAN, MATMUL_ROUNDED_TOL, util_now_seconds() - t0, d.err);
+    else
+        gt_record(check, worst, MATMUL_ROUNDED_TOL, util_now_seconds() - t0, note);
+    gt_dev_free(&d);
+    gemm_ctx_free(g);
+}
+
 /* Every op check, in every precision the backend has. */
 static void gt_check_ops(int device) {
     static const gt_shape full = {4, 128, 512, 1376, 8, 2, 64, 8192};
@@ -730,6 +886,7 @@ static void gt_check_ops(int device) {
         } else {
             gt_op_matmul(gpu, s, &rng, precs[i], true);
             gt_op_matmul(gpu, s, &rng, precs[i], false);
+            gt_gemm_paths(gpu, precs[i]);
             /* Long enough for the tensor-core attention (T >= 64). */
             bool bf = precs[i] == CUDA_BF16;
             double tol = bf ? ATTN_BF16_TOL : ATTN_FP16_TOL;
