@@ -4,6 +4,7 @@
  *                     [--warmup 1] [--steps 3] [--precision bf16]
  *   bench_gpu predict --shape 1b|7b|tiny [--batch 8] [--seq 512] [--warmup 1] [--steps 3]
  *   bench_gpu cka     [--rows 8000] [--dim 4096]
+ *   bench_gpu gemm    [--shape 7b|tiny] [--tokens 4096] [--precision bf16|fp16]
  *
  * Models have random weights drawn on the host with a fixed seed (uniform
  * with std 0.02, norms one; nothing is downloaded), placed on GPU 0 with
@@ -42,6 +43,20 @@
  * GPU (cka_gpu_compute_with, float64 products, transfers included) and on
  * the CPU (cka_compute, feature space), with both values.
  *
+ * gemm: the matrix products of a 7B LoRA step over --tokens tokens (4096:
+ * batch 4 x 1024), each through gemm.h's two paths (gemm_set_path: EX,
+ * cublasGemmEx; LT, cublasLtMatmul with the cached heuristic algorithm),
+ * for every linear layer shape (q/k/v/o 4096 x 4096, gate/up 11008 x 4096,
+ * down 4096 x 11008, lm_head 32000 x 4096; W (out, in)): the forward
+ * y = x W^T and the backward's dx = dy W and dW = dy^T x, bf16 (or fp16)
+ * operands, fp32 output and accumulation, as the backend calls gemm_run.
+ * Each is timed over enough repetitions for 0.2 s after two warm-up runs
+ * (the first Lt run asks the heuristic); reports TFLOP/s of both, their
+ * ratio lt / ex, whether Lt found an algorithm (else it ran Ex) and the
+ * largest |lt - ex| over max |ex|. This is the measurement STRATA_GEMM's
+ * default (auto = lt) waits on; peer.py gemm times torch.matmul on the same
+ * shapes.
+ *
  * Prints one JSON object per measurement on stdout; progress on stderr. */
 #include "common/util.h"
 #include "worker/engine/adamw.h"
@@ -49,10 +64,12 @@
 #include "worker/engine/cka.h"
 #include "worker/engine/cuda/cka_gpu.h"
 #include "worker/engine/cuda/cuda.h"
+#include "worker/engine/cuda/gemm.h"
 #include "worker/engine/cuda/kernels.h"
 #include "worker/engine/forward.h"
 #include "worker/engine/model.h"
 #include "worker/engine/model_backend.h"
+#include "tests/cuda_emu/half_bits.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -75,6 +92,7 @@ typedef struct {
     const char *shape;
     int batch, seq, rank, warmup, steps;
     size_t rows, dim;
+    size_t tokens;
     cuda_precision precision;
 } bench_args;
 
@@ -500,6 +518,198 @@ out:
     return rc;
 }
 
+/* ---- gemm --------------------------------------------------------------------- */
+
+/* gemm.h's workspace for the bench's context, as the backend's. */
+#define BENCH_GEMM_WORKSPACE ((size_t)32 << 20)
+/* Each product is repeated for at least this long per path. */
+#define BENCH_GEMM_SECONDS 0.2
+
+/* One linear layer of the model: W (out, in). */
+typedef struct {
+    const char *name;
+    size_t out, in;
+} bench_linear;
+
+/* One product: C (M, N) = op(A) op(B), row-major, as gemm_run takes it. */
+typedef struct {
+    char name[40];
+    bool ta, tb;
+    size_t M, N, K, lda, ldb, ldc;
+    const uint16_t *A, *B;
+    float *C;
+} bench_gemm_op;
+
+/* n random 16-bit operands (uniform, std 0.02) of type into dev, through
+ * host. 0, or -1 with err. */
+static int bench_gemm_fill(const backend *gpu, gemm_type type, uint16_t *dev, size_t n,
+                           uint64_t seed, char *err, size_t errlen) {
+    float *f = malloc(n * sizeof *f);
+    uint16_t *h = malloc(n * sizeof *h);
+    if (!f || !h) {
+        free(f);
+        free(h);
+        return err_set(err, errlen, "out of host memory for %zu operands", n);
+    }
+    bench_fill(f, n, seed);
+    for (size_t i = 0; i < n; i++)
+        h[i] = type == GEMM_BF16 ? half_bits_bf16_from_f32(f[i]) : half_bits_f16_from_f32(f[i]);
+    gpu->upload(dev, h, n * sizeof *h);
+    free(f);
+    free(h);
+    return 0;
+}
+
+/* Seconds per product of op on path: two warm-up runs, one timed run to
+ * size the repetitions, then enough of them for BENCH_GEMM_SECONDS (3 to
+ * 1000). *reps gets their count. 0, or -1 with err. */
+static int bench_gemm_time(gemm_ctx *g, gemm_type type, gemm_path path, const bench_gemm_op *op,
+                           double *seconds, int *reps, char *err, size_t errlen) {
+    gemm_set_path(g, path);
+    int n = 1;
+    for (int pass = 0; pass < 3; pass++) {
+        int count = pass == 0 ? 2 : pass == 1 ? 1 : n;
+        if (cuda_backend_sync(err, errlen) != 0) return -1;
+        double t0 = util_now_seconds();
+        for (int i = 0; i < count; i++)
+            if (gemm_run(g, type, op->ta, op->tb, op->M, op->N, op->K, 1.0f, op->A, op->lda,
+                         op->B, op->ldb, 0.0f, op->C, op->ldc, err, errlen) != 0)
+                return -1;
+        if (cuda_backend_sync(err, errlen) != 0) return -1;
+        double t = util_now_seconds() - t0;
+        if (pass == 1) {
+            double want = t > 0.0 ? BENCH_GEMM_SECONDS / t : 1000.0;
+            n = want < 3.0 ? 3 : want > 1000.0 ? 1000 : (int)want;
+        } else if (pass == 2) {
+            *seconds = t / n;
+            *reps = n;
+        }
+    }
+    return 0;
+}
+
+/* max |a - b| / max |b| over n values (+inf for a value not finite). */
+static double bench_rel_diff(const float *a, const float *b, size_t n) {
+    double worst = 0.0, scale = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(a[i]) || !isfinite(b[i])) return INFINITY;
+        scale = fmax(scale, fabs((double)b[i]));
+        worst = fmax(worst, fabs((double)a[i] - (double)b[i]));
+    }
+    return scale > 0.0 ? worst / scale : worst;
+}
+
+/* One product through both paths: times, the Lt algorithm's presence and
+ * the two results' difference; one JSON line. 0, or -1 with err. */
+static int bench_gemm_op_run(const backend *gpu, gemm_ctx *g, gemm_type type,
+                             const bench_gemm_op *op, const char *prec, char *err,
+                             size_t errlen) {
+    double t_ex = 0.0, t_lt = 0.0;
+    int r_ex = 0, r_lt = 0;
+    gemm_stats s0, s1;
+    size_t nc = op->M * op->ldc;
+    float *c_ex = malloc(nc * sizeof *c_ex), *c_lt = malloc(nc * sizeof *c_lt);
+    int rc = -1;
+    if (!c_ex || !c_lt) {
+        err_set(err, errlen, "out of host memory for a %zu x %zu product", op->M, op->N);
+        goto out;
+    }
+    if (bench_gemm_time(g, type, GEMM_PATH_EX, op, &t_ex, &r_ex, err, errlen) != 0) goto out;
+    gpu->download(c_ex, op->C, nc * sizeof *c_ex);
+    gemm_get_stats(g, &s0);
+    if (bench_gemm_time(g, type, GEMM_PATH_LT, op, &t_lt, &r_lt, err, errlen) != 0) goto out;
+    gemm_get_stats(g, &s1);
+    gpu->download(c_lt, op->C, nc * sizeof *c_lt);
+    if (cuda_backend_sync(err, errlen) != 0) goto out;
+    double flops = 2.0 * (double)op->M * (double)op->N * (double)op->K;
+    bool lt_algo = s1.lt_fallbacks == s0.lt_fallbacks && s1.lt_products > s0.lt_products;
+    double diff = bench_rel_diff(c_lt, c_ex, nc);
+    char diff_s[32] = "null"; /* JSON has no infinity */
+    if (isfinite(diff)) snprintf(diff_s, sizeof diff_s, "%.3g", diff);
+    fprintf(stderr, "bench_gpu: gemm %-16s %5zu x %5zu x %5zu: ex %.1f TFLOP/s, lt %.1f%s\n",
+            op->name, op->M, op->N, op->K, flops / t_ex * 1e-12, flops / t_lt * 1e-12,
+            lt_algo ? "" : " (no Lt algorithm: ran Ex)");
+    printf("{\"bench\": \"gemm\", \"impl\": \"strata\", \"product\": \"%s\", \"M\": %zu, "
+           "\"N\": %zu, \"K\": %zu, \"trans_a\": %s, \"trans_b\": %s, \"precision\": \"%s\", "
+           "\"ex_seconds\": %.9f, \"lt_seconds\": %.9f, \"ex_tflops\": %.3f, "
+           "\"lt_tflops\": %.3f, \"lt_over_ex\": %.4f, \"lt_algo\": %s, "
+           "\"lt_vs_ex_rel_diff\": %s, \"ex_reps\": %d, \"lt_reps\": %d}\n",
+           op->name, op->M, op->N, op->K, op->ta ? "true" : "false", op->tb ? "true" : "false",
+           prec, t_ex, t_lt, flops / t_ex * 1e-12, flops / t_lt * 1e-12, t_ex / t_lt,
+           lt_algo ? "true" : "false", diff_s, r_ex, r_lt);
+    fflush(stdout);
+    rc = 0;
+out:
+    free(c_ex);
+    free(c_lt);
+    return rc;
+}
+
+static int bench_gemm(const bench_args *a, char *err, size_t errlen) {
+    static const bench_linear full[] = {
+        {"q/k/v/o", 4096, 4096}, {"gate/up", 11008, 4096}, {"down", 4096, 11008},
+        {"lm_head", 32000, 4096}};
+    static const bench_linear tiny[] = {
+        {"q/k/v/o", 64, 64}, {"gate/up", 176, 64}, {"down", 64, 176}, {"lm_head", 512, 64}};
+    bool is_tiny = strcmp(a->shape, "tiny") == 0;
+    if (!is_tiny && strcmp(a->shape, "7b") != 0)
+        return err_set(err, errlen, "gemm: shape %s (7b or tiny)", a->shape);
+    if (a->precision == CUDA_FP32)
+        return err_set(err, errlen, "gemm: the Lt path is for bf16/fp16 products");
+    const bench_linear *lin = is_tiny ? tiny : full;
+    size_t T = a->tokens ? a->tokens : is_tiny ? 64 : 4096;
+    gemm_type type = a->precision == CUDA_FP16 ? GEMM_F16 : GEMM_BF16;
+    const char *prec = cuda_precision_name(a->precision);
+    const backend *gpu = cuda_backend_open(0, a->precision, err, errlen);
+    if (!gpu) return -1;
+    gemm_ctx *g = NULL;
+    int rc = -1;
+    if (gemm_ctx_new(cuda_backend_stream(), BENCH_GEMM_WORKSPACE, &g, err, errlen) != 0)
+        goto out;
+    fprintf(stderr, "bench_gpu: gemm: %zu tokens, %s, STRATA_GEMM default %s\n", T, prec,
+            gemm_path_name(gemm_get_path(g)));
+    for (int l = 0; l < 4; l++) {
+        size_t out = lin[l].out, in = lin[l].in;
+        size_t nc = T * out > out * in ? T * out : out * in;
+        nc = nc > T * in ? nc : T * in;
+        uint16_t *x = gpu->alloc(T * in * 2, err, errlen);
+        uint16_t *w = x ? gpu->alloc(out * in * 2, err, errlen) : NULL;
+        uint16_t *dy = w ? gpu->alloc(T * out * 2, err, errlen) : NULL;
+        float *c = dy ? gpu->alloc(nc * sizeof(float), err, errlen) : NULL;
+        int lrc = -1;
+        if (c && bench_gemm_fill(gpu, type, x, T * in, 31 + (uint64_t)l, err, errlen) == 0 &&
+            bench_gemm_fill(gpu, type, w, out * in, 41 + (uint64_t)l, err, errlen) == 0 &&
+            bench_gemm_fill(gpu, type, dy, T * out, 51 + (uint64_t)l, err, errlen) == 0) {
+            bench_gemm_op ops[3] = {
+                {"", false, true, T, out, in, in, in, out, x, w, c},
+                {"", false, false, T, in, out, out, in, in, dy, w, c},
+                {"", true, false, out, in, T, out, in, in, dy, x, c},
+            };
+            static const char *what[3] = {"fwd", "dx", "dw"};
+            lrc = 0;
+            for (int k = 0; k < 3 && lrc == 0; k++) {
+                snprintf(ops[k].name, sizeof ops[k].name, "%s %s", lin[l].name, what[k]);
+                lrc = bench_gemm_op_run(gpu, g, type, &ops[k], prec, err, errlen);
+            }
+        }
+        if (x) gpu->free_buf(x);
+        if (w) gpu->free_buf(w);
+        if (dy) gpu->free_buf(dy);
+        if (c) gpu->free_buf(c);
+        if (lrc != 0) goto out;
+    }
+    gemm_stats st;
+    gemm_get_stats(g, &st);
+    fprintf(stderr, "bench_gpu: gemm: %llu Ex and %llu Lt products, %llu Lt fallbacks, %llu "
+            "heuristic queries, %u shapes cached\n", st.ex_products, st.lt_products,
+            st.lt_fallbacks, st.lt_queries, st.cached_shapes);
+    rc = 0;
+out:
+    gemm_ctx_free(g);
+    cuda_backend_close();
+    return rc;
+}
+
 /* ---- main ---------------------------------------------------------------------- */
 
 static int bench_int(const char *s, int64_t lo, int64_t hi, int64_t *out) {
@@ -515,7 +725,7 @@ int main(int argc, char **argv) {
     bench_args a = {.shape = "1b", .batch = 0, .seq = 0, .rank = 8, .warmup = 1, .steps = 3,
                     .rows = 8000, .dim = 4096, .precision = CUDA_BF16};
     if (argc < 2) {
-        fprintf(stderr, "usage: bench_gpu train|predict|cka [options] (see bench_gpu.c)\n");
+        fprintf(stderr, "usage: bench_gpu train|predict|cka|gemm [options] (see bench_gpu.c)\n");
         return 2;
     }
     a.mode = argv[1];
@@ -546,6 +756,8 @@ int main(int argc, char **argv) {
             a.rows = (size_t)n;
         } else if (strcmp(k, "--dim") == 0) {
             a.dim = (size_t)n;
+        } else if (strcmp(k, "--tokens") == 0) {
+            a.tokens = (size_t)n;
         } else {
             fprintf(stderr, "bench_gpu: unknown option %s\n", k);
             return 2;
@@ -569,6 +781,9 @@ int main(int argc, char **argv) {
         rc = bench_predict(&a, err, sizeof err);
     } else if (strcmp(a.mode, "cka") == 0) {
         rc = bench_cka(&a, err, sizeof err);
+    } else if (strcmp(a.mode, "gemm") == 0) {
+        if (strcmp(a.shape, "1b") == 0) a.shape = "7b"; /* the default shape */
+        rc = bench_gemm(&a, err, sizeof err);
     } else {
         fprintf(stderr, "bench_gpu: unknown mode %s\n", a.mode);
         return 2;
