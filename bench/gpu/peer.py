@@ -4,6 +4,7 @@ bench_gpu.c, on the same GPU, in plain torch (eager, bf16, SDPA attention).
     python3 peer.py train --shape 1b|7b [--batch 4] [--seq 1024] [--rank 8]
     python3 peer.py predict --shape 1b|7b [--batch 8] [--seq 512]
     python3 peer.py cka [--rows 8000] [--dim 4096]
+    python3 peer.py gemm [--tokens 4096]
 
 train: LLaMA with bf16 frozen weights (std 0.02, drawn on the device with a
 fixed seed), LoRA r on q_proj and v_proj as two extra matmuls per projection
@@ -17,6 +18,12 @@ the last token and copied to the host (what a predict job writes), and the
 forward alone.
 cka: biased linear CKA of two random float64 (rows, dim) matrices: host to
 device copy, column centring and the three Gram-free products in float64.
+gemm: torch.matmul on bench_gpu gemm's products (a 7B LoRA step's linear
+layers over 4096 tokens: forward x W^T, backward dy W and dy^T x) in bf16,
+timed as bench_gpu times them (two warm-up runs, then about 0.2 s of
+repetitions). torch writes a bf16 C where strata writes fp32, so its
+products move less output; reduced-precision bf16 reductions are turned
+off so that it accumulates in fp32 as cuBLAS does for strata.
 Prints one JSON object per measurement, as bench_gpu does.
 """
 import argparse
@@ -213,9 +220,52 @@ def bench_cka(a, dev):
               seconds=time.perf_counter() - t0, cka=value))
 
 
+GEMM_LINEARS = (("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008),
+                ("lm_head", 32000, 4096))
+
+
+def bench_gemm(a, dev):
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    g = torch.Generator(device=dev).manual_seed(31)
+    T = a.tokens
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, device=dev) * 0.0692 - 0.0346).to(torch.bfloat16)
+
+    def seconds_per(fn):
+        fn()
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        n = min(1000, max(3, int(0.2 / t) if t > 0 else 1000))
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n, n
+
+    for name, out, inp in GEMM_LINEARS:
+        x, w, dy = rand(T, inp), rand(out, inp), rand(T, out)
+        prods = (("fwd", T, out, inp, lambda: torch.matmul(x, w.t())),
+                 ("dx", T, inp, out, lambda: torch.matmul(dy, w)),
+                 ("dw", out, inp, T, lambda: torch.matmul(dy.t(), x)))
+        for what, M, N, K, fn in prods:
+            sec, n = seconds_per(fn)
+            tflops = 2.0 * M * N * K / sec * 1e-12
+            print(f"peer: gemm {name} {what} {M} x {N} x {K}: {tflops:.1f} TFLOP/s",
+                  file=sys.stderr)
+            emit(dict(bench="gemm", impl="torch", product=f"{name} {what}", M=M, N=N, K=K,
+                      precision="bf16", out_dtype="bf16", seconds=sec, tflops=tflops, reps=n))
+        del x, w, dy
+        torch.cuda.empty_cache()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train", "predict", "cka"])
+    p.add_argument("mode", choices=["train", "predict", "cka", "gemm"])
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     p.add_argument("--batch", type=int, default=0)
     p.add_argument("--seq", type=int, default=0)
@@ -224,6 +274,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=8000)
     p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=4096)
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("peer: no CUDA device for torch", file=sys.stderr)
@@ -235,6 +286,8 @@ def main():
     elif a.mode == "predict":
         a.batch, a.seq = a.batch or 8, a.seq or 512
         bench_predict(a, dev)
+    elif a.mode == "gemm":
+        bench_gemm(a, dev)
     else:
         bench_cka(a, dev)
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # bench/gpu/run.sh - strata's CUDA engine against PyTorch on the same GPU:
 # LoRA train steps (7B- and 1B-shaped LLaMA, r 8 on q,v, batch 4 x 1024),
-# predict (7B, batch 8 x 512) and CKA (8000 x 4096, twice), each measured by
+# predict (7B, batch 8 x 512), CKA (8000 x 4096, twice) and, first, the 7B
+# step's matrix products through cublasGemmEx and cublasLt, each measured by
 # bench_gpu (C) and then by peer.py (torch), results as JSON lines in
 # $BENCH_OUT/bench.jsonl and a table in $BENCH_OUT/bench.md (report.py).
 # Run from anywhere:  BUILD=build bench/gpu/run.sh   (make bench-gpu does)
@@ -43,6 +44,9 @@ step() {
     tail -n 2 "$OUT/$name.log" | sed 's/^/    /'
 }
 
+# First: the gemm paths' numbers decide STRATA_GEMM's default (gemm.h).
+step 60 gemm-strata $RUNPFX "$BIN" gemm --shape 7b --tokens 4096
+step 45 gemm-torch "$PYTHON" bench/gpu/peer.py gemm --tokens 4096
 step 150 train7b-strata $RUNPFX "$BIN" train --shape 7b --batch 4 --seq 1024 --rank 8 --warmup 1 --steps 3
 step 120 train7b-torch "$PYTHON" bench/gpu/peer.py train --shape 7b --batch 4 --seq 1024 --rank 8 --warmup 1 --steps 3
 step 90 predict7b-strata $RUNPFX "$BIN" predict --shape 7b --batch 8 --seq 512 --warmup 1 --steps 3
