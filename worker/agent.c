@@ -1038,9 +1038,13 @@ static int agent_flush_metrics(agent_job *job, client *c) {
     snprintf(url, sizeof url, "/api/v1/jobs/%lld/metrics", (long long)job->id);
     json_t *body = json_pack("{s:O}", "points", batch), *answer = NULL;
     long status = 0;
+    /* Not cut short when the job ends (see agent_flush_logs). */
+    atomic_int *abort_flag = c->abort;
+    c->abort = NULL;
     int rc = body ? client_json(c, "POST", url, body, true, CLIENT_CALL_TIMEOUT_S, &status,
                                 &answer, &transient, err, sizeof err)
                   : err_set(err, sizeof err, "out of memory");
+    c->abort = abort_flag;
     json_decref(body);
     json_decref(answer);
     if (rc == 0 && status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
@@ -1106,9 +1110,14 @@ static int agent_flush_logs(agent_job *job, client *c) {
                       .timeout_s = CLIENT_CALL_TIMEOUT_S,
                       .worker_header = true};
     client_resp resp;
+    /* A post cut short as the job ends may still have reached the server,
+     * and sending its lines again in the final flush would store them
+     * twice: let it finish (it has its own timeout) instead. */
+    atomic_int *abort_flag = c->abort;
+    c->abort = NULL;
     int rc = client_perform(c, &req, &resp, err, sizeof err);
-    /* An aborted post (the job ended mid-flush) keeps its lines for the
-     * final flush, like one that met an outage. */
+    c->abort = abort_flag;
+    /* A post that met an outage keeps its lines for the next flush. */
     transient = rc != 0 && (resp.transient || resp.aborted);
     if (rc == 0 && resp.status == 409) agent_job_stop(job, AGENT_LEASE_LOST);
     else if (rc == 0 && (resp.status < 200 || resp.status >= 300)) {

@@ -131,6 +131,7 @@ for j in "$j1" "$j2" "$j3"; do
     E[$j]=$END
     job_log "$j"
     G[$j]=$(grep -oE 'running on GPU [0-9]+' <<<"$LOG" | grep -oE '[0-9]+$')
+    [[ $(grep -c 'running on GPU' <<<"$LOG") == 1 ]] || it_log "job $j's log: $LOG"
     expect_match "job $j ran on an emulated GPU in fp32" \
         'running on GPU [01] \(strata CUDA emulator\) in fp32' "$LOG"
 done
