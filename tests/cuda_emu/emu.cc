@@ -2,7 +2,9 @@
  * that runs a launch's blocks, barriers and warp shuffles, and the cudart
  * subset (device memory, streams, device queries, errors).
  *
- * Blocks run one after another on the launching OS thread. A block's
+ * Blocks run one after another on the launching OS thread, in the order
+ * the schedule (STRATA_EMU_SCHEDULE) gives, as do the ready threads of a
+ * block at each scheduling point. A block's
  * threads are fibers (own stacks, switched by strata_emu_switch) that live in a per-OS-thread pool and are
  * reused across blocks and launches: each runs a loop "call the current
  * launch's kernel for my thread, mark myself done, yield". The scheduler
@@ -141,6 +143,11 @@ struct emu_thread {
     fiber *current = nullptr;
     const launch_desc *launch = nullptr;
     unsigned char *smem = nullptr;
+    /* The running launch's schedule, its random stream (shuffle) and the
+     * order of the current scheduling round. */
+    schedule_kind sched = SCHEDULE_FORWARD;
+    uint64_t rng = 0;
+    std::vector<unsigned> order;
 #ifdef STRATA_EMU_ASAN
     const void *sched_stack_bottom = nullptr;
     size_t sched_stack_size = 0;
@@ -363,6 +370,143 @@ bool warp_try_release(const launch_desc &d, std::vector<fiber *> &fibers, unsign
             first_warp, done);
 }
 
+/* --- schedules ---------------------------------------------------------------- */
+constexpr uint64_t k_default_seed = 0x5eed5eedu;
+
+std::once_flag g_sched_once;
+std::atomic<int> g_sched_kind{SCHEDULE_FORWARD};
+std::atomic<uint64_t> g_sched_seed{k_default_seed};
+
+/* Sets the schedule from STRATA_EMU_SCHEDULE and STRATA_EMU_SEED (decimal,
+ * or hex with 0x); unset or empty means forward and the default seed. A
+ * value it does not know aborts: a typo must not silently test forward. */
+void sched_from_env()
+{
+    schedule_kind kind = SCHEDULE_FORWARD;
+    const char *name = getenv("STRATA_EMU_SCHEDULE");
+    if (name != nullptr && *name != '\0' && !schedule_parse(name, &kind))
+        emu_die("STRATA_EMU_SCHEDULE=%s: expected forward, reverse or shuffle", name);
+    uint64_t seed = k_default_seed;
+    const char *s = getenv("STRATA_EMU_SEED");
+    if (s != nullptr && *s != '\0') {
+        char *end = nullptr;
+        errno = 0;
+        unsigned long long v = strtoull(s, &end, 0);
+        if (errno != 0 || end == s || *end != '\0' || *s == '-')
+            emu_die("STRATA_EMU_SEED=%s: expected an unsigned 64-bit integer", s);
+        seed = (uint64_t)v;
+    }
+    g_sched_seed.store(seed);
+    g_sched_kind.store(kind);
+}
+
+/* splitmix64: a full-period step and a strong finaliser, enough to draw
+ * orders that have no relation to thread or block indices. */
+uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+uint64_t rng_next(uint64_t &state)
+{
+    state += 0x9e3779b97f4a7c15ull;
+    return mix64(state);
+}
+
+/* A launch's random stream: the seed, the kernel's name and the launch's
+ * shape, so that a launch repeated with the same inputs (two runs a test
+ * compares bit for bit) gets the same orders however many launches came
+ * before it or ran on other OS threads. */
+uint64_t launch_stream(uint64_t seed, const launch_desc &d)
+{
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a over the name */
+    for (const char *p = d.name; *p != '\0'; p++)
+        h = (h ^ (unsigned char)*p) * 0x100000001b3ull;
+    const uint64_t dims[] = {d.grid.x, d.grid.y, d.grid.z, d.block.x, d.block.y, d.block.z,
+                             (uint64_t)d.smem};
+    for (uint64_t v : dims)
+        h = mix64(h ^ v);
+    return mix64(seed ^ h);
+}
+
+/* The order of a launch's blocks: position k of [0, total) -> the linear
+ * index of the block run k-th. shuffle is a keyed Feistel permutation of
+ * the smallest even-bit power of two >= total, walked until it lands inside
+ * [0, total) (still a permutation, no table even for huge grids). */
+struct block_order {
+    schedule_kind kind;
+    uint64_t total;
+    unsigned half_bits;
+    uint64_t keys[4];
+};
+
+block_order block_order_make(schedule_kind kind, uint64_t total, uint64_t &rng)
+{
+    block_order o{kind, total, 1, {0, 0, 0, 0}};
+    while (o.half_bits < 32 && (total - 1) >> (2 * o.half_bits) != 0)
+        o.half_bits++;
+    for (uint64_t &k : o.keys)
+        k = rng_next(rng);
+    return o;
+}
+
+uint64_t feistel(const block_order &o, uint64_t v)
+{
+    unsigned h = o.half_bits;
+    uint64_t mask = h >= 32 ? 0xffffffffull : (1ull << h) - 1;
+    uint64_t l = (v >> h) & mask, r = v & mask;
+    for (uint64_t key : o.keys) {
+        uint64_t f = mix64(r ^ key) & mask;
+        uint64_t nl = r;
+        r = l ^ f;
+        l = nl;
+    }
+    return (l << h) | r;
+}
+
+uint64_t block_at(const block_order &o, uint64_t k)
+{
+    switch (o.kind) {
+    case SCHEDULE_FORWARD: return k;
+    case SCHEDULE_REVERSE: return o.total - 1 - k;
+    case SCHEDULE_SHUFFLE:
+        do
+            k = feistel(o, k);
+        while (k >= o.total);
+        return k;
+    }
+    return k;
+}
+
+/* The order of one scheduling round's threads into t.order (shuffle only;
+ * forward and reverse index directly). Fisher-Yates over a fresh identity,
+ * so that each round's order is independent of the last. */
+void round_shuffle(emu_thread &t, unsigned nthreads)
+{
+    t.order.resize(nthreads);
+    for (unsigned i = 0; i < nthreads; i++)
+        t.order[i] = i;
+    for (unsigned i = nthreads; i > 1; i--) {
+        unsigned j = (unsigned)(rng_next(t.rng) % i);
+        unsigned tmp = t.order[i - 1];
+        t.order[i - 1] = t.order[j];
+        t.order[j] = tmp;
+    }
+}
+
+/* The k-th thread to resume in the current round. */
+unsigned round_at(const emu_thread &t, unsigned nthreads, unsigned k)
+{
+    switch (t.sched) {
+    case SCHEDULE_FORWARD: return k;
+    case SCHEDULE_REVERSE: return nthreads - 1 - k;
+    case SCHEDULE_SHUFFLE: return t.order[k];
+    }
+    return k;
+}
+
 /* Runs one block to completion. */
 void run_block(emu_thread &t, const launch_desc &d, unsigned nthreads)
 {
@@ -379,8 +523,10 @@ void run_block(emu_thread &t, const launch_desc &d, unsigned nthreads)
     unsigned live = nthreads;
     unsigned nwarps = (nthreads + 31) / 32;
     while (live > 0) {
-        for (unsigned i = 0; i < nthreads; i++) {
-            fiber *f = fibers[i];
+        if (t.sched == SCHEDULE_SHUFFLE)
+            round_shuffle(t, nthreads);
+        for (unsigned k = 0; k < nthreads; k++) {
+            fiber *f = fibers[round_at(t, nthreads, k)];
             if (f->state != F_READY)
                 continue;
             fiber_resume(t, f);
@@ -479,17 +625,63 @@ void launch(const launch_desc &d)
         emu_die("out of host memory for %zu bytes of shared memory", d.smem);
     t.smem = smem;
     t.launch = &d;
+    uint64_t seed = 0;
+    t.sched = schedule_get(&seed);
+    t.rng = launch_stream(seed, d);
     gridDim = d.grid;
     blockDim = d.block;
-    for (unsigned z = 0; z < d.grid.z; z++)
-        for (unsigned y = 0; y < d.grid.y; y++)
-            for (unsigned x = 0; x < d.grid.x; x++) {
-                blockIdx = uint3{x, y, z};
-                run_block(t, d, nthreads);
-            }
+    uint64_t gx = d.grid.x, gxy = gx * d.grid.y;
+    block_order order = block_order_make(t.sched, gxy * d.grid.z, t.rng);
+    for (uint64_t k = 0; k < order.total; k++) {
+        uint64_t b = block_at(order, k);
+        blockIdx = uint3{(unsigned)(b % gx), (unsigned)(b / gx % d.grid.y), (unsigned)(b / gxy)};
+        run_block(t, d, nthreads);
+    }
     t.launch = nullptr;
     t.smem = nullptr;
     free(smem);
+}
+
+schedule_kind schedule_get(uint64_t *seed)
+{
+    std::call_once(g_sched_once, sched_from_env);
+    if (seed != nullptr)
+        *seed = g_sched_seed.load();
+    return (schedule_kind)g_sched_kind.load();
+}
+
+void schedule_set(schedule_kind kind, uint64_t seed)
+{
+    std::call_once(g_sched_once, sched_from_env); /* so that it cannot run later and undo this */
+    g_sched_seed.store(seed);
+    g_sched_kind.store(kind);
+}
+
+void schedule_reload()
+{
+    std::call_once(g_sched_once, sched_from_env);
+    sched_from_env();
+}
+
+bool schedule_parse(const char *name, schedule_kind *kind)
+{
+    static const schedule_kind kinds[] = {SCHEDULE_FORWARD, SCHEDULE_REVERSE, SCHEDULE_SHUFFLE};
+    for (schedule_kind k : kinds)
+        if (strcmp(name, schedule_name(k)) == 0) {
+            *kind = k;
+            return true;
+        }
+    return false;
+}
+
+const char *schedule_name(schedule_kind kind)
+{
+    switch (kind) {
+    case SCHEDULE_FORWARD: return "forward";
+    case SCHEDULE_REVERSE: return "reverse";
+    case SCHEDULE_SHUFFLE: return "shuffle";
+    }
+    return "unknown";
 }
 
 size_t fiber_stack_bytes() { return k_stack_bytes; }

@@ -5,7 +5,8 @@
  * what it cannot.
  *
  * Model: CU_LAUNCH runs the grid synchronously on the calling OS thread,
- * one block after another (x fastest, then y, then z); a block's threads are
+ * one block after another (by default x fastest, then y, then z; see
+ * schedule_kind for the other orders); a block's threads are
  * cooperative fibers on their own stacks, so __syncthreads and warp
  * shuffles really wait for the other threads. threadIdx and friends are
  * thread-local variables that the scheduler sets to the running fiber's
@@ -275,6 +276,23 @@ struct launch_desc {
 };
 
 void launch(const launch_desc &d);
+
+/* The order in which the emulator runs blocks and, at every scheduling point
+ * (the start of a block, each barrier and warp-operation release), a block's
+ * ready threads: forward (index order, the default), reverse, or shuffle (a
+ * pseudo-random order drawn from a seed). Read once per process from
+ * STRATA_EMU_SCHEDULE and STRATA_EMU_SEED, at the first launch; an unknown
+ * value aborts. README.md: what each order catches. */
+enum schedule_kind { SCHEDULE_FORWARD, SCHEDULE_REVERSE, SCHEDULE_SHUFFLE };
+/* The schedule in force (and its seed in *seed when seed is not null). */
+schedule_kind schedule_get(uint64_t *seed);
+/* For tests: replaces the schedule for the launches that follow. */
+void schedule_set(schedule_kind kind, uint64_t seed);
+/* For tests: reads the environment again (aborting on an unknown value). */
+void schedule_reload();
+/* "forward", "reverse" or "shuffle"; false for anything else. */
+bool schedule_parse(const char *name, schedule_kind *kind);
+const char *schedule_name(schedule_kind kind);
 /* Each emulated thread's stack size (an overflow faults). */
 size_t fiber_stack_bytes();
 /* The running block's dynamic shared memory (poisoned with 0xFF bytes at the

@@ -163,6 +163,35 @@ __global__ void st_big_smem_kernel(size_t nfloats, double *sum)
     }
 }
 
+/* Deliberately racy without the barrier (selftest.h): the read of the
+ * neighbour's slot is only ordered after its write by __syncthreads. */
+__global__ void st_neighbour_kernel(const float *x, int with_barrier, float *out)
+{
+    CU_DYN_SMEM(float, s);
+    unsigned t = threadIdx.x;
+    s[t] = x[t];
+    if (with_barrier)
+        __syncthreads();
+    out[t] = s[t == 0 ? 0 : t - 1];
+}
+
+/* Tickets from per-block counters show the order in which threads ran (a
+ * valid kernel on a GPU, where the tickets are whatever the hardware
+ * does): tick[0] counts blocks, tick[1 + 2b] and tick[2 + 2b] block b's
+ * threads before and after the barrier. */
+__global__ void st_order_kernel(unsigned *tick, unsigned *block_rank, unsigned *rank0,
+                                unsigned *rank1)
+{
+    unsigned b = blockIdx.x;
+    unsigned id = b * blockDim.x + threadIdx.x;
+    unsigned r0 = atomicAdd(&tick[1 + 2 * b], 1u);
+    if (r0 == 0)
+        block_rank[b] = atomicAdd(&tick[0], 1u);
+    rank0[id] = r0;
+    __syncthreads();
+    rank1[id] = atomicAdd(&tick[2 + 2 * b], 1u);
+}
+
 __global__ void st_nop_kernel(int *p)
 {
     if (p != nullptr && threadIdx.x == 0)
@@ -365,6 +394,63 @@ out:
     cudaFree(dhb);
     return rc;
 }
+
+extern "C" int emu_st_neighbour(const float *x, unsigned nthreads, int with_barrier,
+                                float *out, char *err, size_t errlen)
+{
+    int rc = 0;
+    float *dx = nullptr, *dout = nullptr;
+    ST_CHECK(st_upload(&dx, x, nthreads));
+    ST_CHECK(st_upload(&dout, (const float *)nullptr, nthreads));
+    CU_LAUNCH(st_neighbour_kernel, 1, nthreads, nthreads * sizeof(float), 0, dx, with_barrier,
+              dout);
+    ST_CHECK(cudaGetLastError());
+    ST_CHECK(st_download(out, dout, nthreads));
+out:
+    cudaFree(dx);
+    cudaFree(dout);
+    return rc;
+}
+
+extern "C" int emu_st_order(unsigned nblocks, unsigned nthreads, unsigned *block_rank,
+                            unsigned *rank0, unsigned *rank1, char *err, size_t errlen)
+{
+    int rc = 0;
+    size_t total = (size_t)nblocks * nthreads;
+    unsigned *dtick = nullptr, *dblock = nullptr, *dr0 = nullptr, *dr1 = nullptr;
+    ST_CHECK(cudaMalloc(&dtick, (1 + 2 * (size_t)nblocks) * sizeof(unsigned)));
+    ST_CHECK(cudaMemset(dtick, 0, (1 + 2 * (size_t)nblocks) * sizeof(unsigned)));
+    ST_CHECK(st_upload(&dblock, (const unsigned *)nullptr, nblocks));
+    ST_CHECK(st_upload(&dr0, (const unsigned *)nullptr, total));
+    ST_CHECK(st_upload(&dr1, (const unsigned *)nullptr, total));
+    CU_LAUNCH(st_order_kernel, nblocks, nthreads, 0, 0, dtick, dblock, dr0, dr1);
+    ST_CHECK(cudaGetLastError());
+    ST_CHECK(st_download(block_rank, dblock, nblocks));
+    ST_CHECK(st_download(rank0, dr0, total));
+    ST_CHECK(st_download(rank1, dr1, total));
+out:
+    cudaFree(dtick);
+    cudaFree(dblock);
+    cudaFree(dr0);
+    cudaFree(dr1);
+    return rc;
+}
+
+extern "C" int emu_st_schedule_set(const char *name, uint64_t seed)
+{
+    strata_emu::schedule_kind kind;
+    if (!strata_emu::schedule_parse(name, &kind))
+        return -1;
+    strata_emu::schedule_set(kind, seed);
+    return 0;
+}
+
+extern "C" const char *emu_st_schedule_get(uint64_t *seed)
+{
+    return strata_emu::schedule_name(strata_emu::schedule_get(seed));
+}
+
+extern "C" void emu_st_schedule_reload(void) { strata_emu::schedule_reload(); }
 
 extern "C" int emu_st_partial_exit(const float *x, unsigned nthreads, unsigned live, float *sum,
                                    char *err, size_t errlen)

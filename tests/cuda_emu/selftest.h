@@ -68,6 +68,33 @@ int emu_st_partial_exit(const float *x, unsigned nthreads, unsigned live, float 
  * the result (smem_bytes / 4 ones). */
 int emu_st_big_smem(size_t smem_bytes, double *sum, char *err, size_t errlen);
 
+/* A block of nthreads threads (a multiple of 32, <= 1024): thread t
+ * writes x[t] to dynamic shared memory and then reads the slot of thread
+ * t - 1 (thread 0: its own): out[t] = x[t - 1], out[0] = x[0]. With
+ * with_barrier 0 there is no __syncthreads between the write and the
+ * read: a race a GPU may lose, which the forward schedule hides (thread
+ * t - 1 always runs first) and reverse or shuffle expose (NaN, the
+ * poison, or a wrong value in out). */
+int emu_st_neighbour(const float *x, unsigned nthreads, int with_barrier, float *out, char *err,
+                     size_t errlen);
+
+/* The schedule's orders, seen from inside a kernel: a grid of nblocks
+ * blocks of nthreads threads, where block_rank[b] is the position at
+ * which block b started (0 first) and rank0 / rank1[b * nthreads + t]
+ * the position at which thread t of block b ran its part before / after
+ * a __syncthreads, among its block's threads. */
+int emu_st_order(unsigned nblocks, unsigned nthreads, unsigned *block_rank, unsigned *rank0,
+                 unsigned *rank1, char *err, size_t errlen);
+
+/* The emulator's schedule (tests/cuda_emu/README.md): sets it by name
+ * ("forward", "reverse", "shuffle") and seed for the launches that follow
+ * (returns 0, or -1 for an unknown name); gets its name and seed; reloads
+ * it from STRATA_EMU_SCHEDULE / STRATA_EMU_SEED (aborting on a value it
+ * does not know). */
+int emu_st_schedule_set(const char *name, uint64_t seed);
+const char *emu_st_schedule_get(uint64_t *seed);
+void emu_st_schedule_reload(void);
+
 /* The cudart subset: allocation, copies and their pointer checks, memory
  * limits (STRATA_EMU_MEMORY), streams, devices, properties, errors. Returns
  * the number of failed checks and names the first in what. */

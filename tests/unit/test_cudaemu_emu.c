@@ -3,8 +3,11 @@
  * memory and __syncthreads, warp shuffles, atomics, 2-D/3-D grid indexing,
  * dynamic shared memory and its poison, threads that exit before a barrier,
  * bf16/fp16 conversions against numpy/torch (tests/fixtures/cuda_emu/), the
- * cudart subset, gemm_emu.c against naive products, and the launches and
- * kernels that must abort (in a forked child, which must die of SIGABRT). */
+ * cudart subset, gemm_emu.c against naive products, the launches and
+ * kernels that must abort (in a forked child, which must die of SIGABRT),
+ * and the schedules (STRATA_EMU_SCHEDULE): the orders they run blocks and
+ * threads in, and a racy kernel that forward passes and reverse and
+ * shuffle catch. */
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
@@ -511,6 +514,233 @@ static void test_hangs_and_undefined_warps_abort(void **state)
     expect_abort(emu_st_die_partial_warp, "only 16 lanes");
 }
 
+/* The schedule a test found, put back by schedule_restore so that the
+ * tests after it run under the one the process was started with. */
+typedef struct {
+    char name[16];
+    uint64_t seed;
+} saved_schedule;
+
+static saved_schedule schedule_save(void)
+{
+    saved_schedule s;
+    snprintf(s.name, sizeof s.name, "%s", emu_st_schedule_get(&s.seed));
+    return s;
+}
+
+static void schedule_restore(const saved_schedule *s)
+{
+    assert_int_equal(emu_st_schedule_set(s->name, s->seed), 0);
+}
+
+/* Mismatches of emu_st_neighbour's output against x[t - 1] (x[0] at 0). */
+static unsigned neighbour_mismatches(const float *x, unsigned n, int with_barrier)
+{
+    float out[256];
+    char err[256];
+    assert_true(n <= 256);
+    if (emu_st_neighbour(x, n, with_barrier, out, err, sizeof err) != 0)
+        fail_msg("emu_st_neighbour: %s", err);
+    unsigned bad = 0;
+    for (unsigned t = 0; t < n; t++)
+        if (!(out[t] == x[t == 0 ? 0 : t - 1]))
+            bad++;
+    return bad;
+}
+
+/* The point of the schedules: a shared-memory read without its barrier
+ * passes in the forward order (the writer, thread t - 1, always ran first)
+ * and fails in reverse (every reader runs before its writer: all 255 read
+ * the poison) and in shuffled orders; with the barrier, every order gives
+ * the right answer. */
+static void test_racy_kernel_caught_by_reverse_and_shuffle(void **state)
+{
+    (void)state;
+    enum { N = 256 };
+    float x[N];
+    fill(x, N, 11);
+    saved_schedule saved = schedule_save();
+    assert_int_equal(emu_st_schedule_set("forward", 0), 0);
+    assert_int_equal(neighbour_mismatches(x, N, 0), 0);
+    assert_int_equal(emu_st_schedule_set("reverse", 0), 0);
+    assert_int_equal(neighbour_mismatches(x, N, 0), N - 1);
+    for (uint64_t seed = 1; seed <= 4; seed++) {
+        assert_int_equal(emu_st_schedule_set("shuffle", seed), 0);
+        unsigned bad = neighbour_mismatches(x, N, 0);
+        /* a reader runs before its writer about half the time */
+        assert_true(bad >= N / 4 && bad <= 3 * N / 4);
+    }
+    const char *names[] = {"forward", "reverse", "shuffle", "shuffle"};
+    for (size_t k = 0; k < 4; k++) {
+        assert_int_equal(emu_st_schedule_set(names[k], 100 + k), 0);
+        assert_int_equal(neighbour_mismatches(x, N, 1), 0);
+    }
+    schedule_restore(&saved);
+}
+
+/* Ranks from emu_st_order under the current schedule. */
+typedef struct {
+    unsigned block[64];
+    unsigned r0[64 * 96];
+    unsigned r1[64 * 96];
+} order_ranks;
+
+static void order_run(order_ranks *o, unsigned nb, unsigned nt)
+{
+    char err[256];
+    assert_true(nb <= 64 && nt <= 96);
+    if (emu_st_order(nb, nt, o->block, o->r0, o->r1, err, sizeof err) != 0)
+        fail_msg("emu_st_order: %s", err);
+}
+
+static bool is_permutation(const unsigned *v, unsigned n)
+{
+    bool seen[96 * 64] = {false};
+    for (unsigned i = 0; i < n; i++) {
+        if (v[i] >= n || seen[v[i]])
+            return false;
+        seen[v[i]] = true;
+    }
+    return true;
+}
+
+/* What each schedule does to the order of blocks and of a block's threads
+ * (before and after a barrier), and that the kernels of the other tests
+ * give their exact answers in reverse and shuffled orders too (warp
+ * shuffles keep their semantics in every order). */
+static void test_schedule_orders(void **state)
+{
+    enum { NB = 40, NT = 96 };
+    static order_ranks a, b;
+    saved_schedule saved = schedule_save();
+
+    assert_int_equal(emu_st_schedule_set("forward", 0), 0);
+    order_run(&a, NB, NT);
+    for (unsigned k = 0; k < NB; k++)
+        assert_int_equal(a.block[k], k);
+    for (unsigned i = 0; i < NB * NT; i++) {
+        assert_int_equal(a.r0[i], i % NT);
+        assert_int_equal(a.r1[i], i % NT);
+    }
+
+    assert_int_equal(emu_st_schedule_set("reverse", 0), 0);
+    order_run(&a, NB, NT);
+    for (unsigned k = 0; k < NB; k++)
+        assert_int_equal(a.block[k], NB - 1 - k);
+    for (unsigned i = 0; i < NB * NT; i++) {
+        assert_int_equal(a.r0[i], NT - 1 - i % NT);
+        assert_int_equal(a.r1[i], NT - 1 - i % NT);
+    }
+
+    assert_int_equal(emu_st_schedule_set("shuffle", 7), 0);
+    order_run(&a, NB, NT);
+    assert_true(is_permutation(a.block, NB));
+    unsigned in_place = 0, rounds_differ = 0;
+    for (unsigned k = 0; k < NB; k++)
+        in_place += a.block[k] == k;
+    assert_true(in_place < NB / 4);
+    for (unsigned k = 0; k < NB; k++) {
+        assert_true(is_permutation(a.r0 + k * NT, NT));
+        assert_true(is_permutation(a.r1 + k * NT, NT));
+        rounds_differ += memcmp(a.r0 + k * NT, a.r1 + k * NT, NT * sizeof(unsigned)) != 0;
+    }
+    /* a new order at every scheduling point, not one per block */
+    assert_int_equal(rounds_differ, NB);
+    /* the same seed and launch: the same orders (runs compare bit for bit) */
+    order_run(&b, NB, NT);
+    assert_memory_equal(&a, &b, sizeof a);
+    assert_int_equal(emu_st_schedule_set("shuffle", 8), 0);
+    order_run(&b, NB, NT);
+    assert_true(memcmp(a.block, b.block, sizeof a.block) != 0);
+    assert_true(memcmp(a.r0, b.r0, sizeof a.r0) != 0);
+    /* one block, and grids whose size is no power of two */
+    const unsigned shapes[][2] = {{1, 32}, {3, 33}, {17, 64}, {64, 1}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        order_run(&b, shapes[s][0], shapes[s][1]);
+        assert_true(is_permutation(b.block, shapes[s][0]));
+    }
+
+    const char *names[] = {"reverse", "shuffle"};
+    for (size_t k = 0; k < 2; k++) {
+        assert_int_equal(emu_st_schedule_set(names[k], 3 + k), 0);
+        test_block_sum(state);
+        test_warp_shuffles(state);
+        test_grid_indices(state);
+        test_dynamic_shared_memory(state);
+        test_exited_threads_do_not_block_barriers(state);
+    }
+    schedule_restore(&saved);
+}
+
+static void die_bad_schedule(void)
+{
+    setenv("STRATA_EMU_SCHEDULE", "backwards", 1);
+    emu_st_schedule_reload();
+}
+
+static void die_bad_seed(void)
+{
+    setenv("STRATA_EMU_SCHEDULE", "shuffle", 1);
+    setenv("STRATA_EMU_SEED", "12x", 1);
+    emu_st_schedule_reload();
+}
+
+/* Sets or (value NULL) unsets an environment variable. */
+static void env_put(const char *name, const char *value)
+{
+    if (value != NULL)
+        assert_int_equal(setenv(name, value, 1), 0);
+    else
+        assert_int_equal(unsetenv(name), 0);
+}
+
+/* STRATA_EMU_SCHEDULE / STRATA_EMU_SEED: names, seeds in decimal and hex,
+ * the defaults, and values it must refuse rather than run forward. */
+static void test_schedule_environment(void **state)
+{
+    (void)state;
+    char old_sched[64] = "", old_seed[64] = "";
+    const char *v = getenv("STRATA_EMU_SCHEDULE");
+    bool had_sched = v != NULL;
+    if (had_sched)
+        snprintf(old_sched, sizeof old_sched, "%s", v);
+    v = getenv("STRATA_EMU_SEED");
+    bool had_seed = v != NULL;
+    if (had_seed)
+        snprintf(old_seed, sizeof old_seed, "%s", v);
+    saved_schedule saved = schedule_save();
+    uint64_t seed = 0;
+
+    env_put("STRATA_EMU_SCHEDULE", "reverse");
+    env_put("STRATA_EMU_SEED", "0x10");
+    emu_st_schedule_reload();
+    assert_string_equal(emu_st_schedule_get(&seed), "reverse");
+    assert_true(seed == 16);
+    env_put("STRATA_EMU_SCHEDULE", "shuffle");
+    env_put("STRATA_EMU_SEED", "18446744073709551615");
+    emu_st_schedule_reload();
+    assert_string_equal(emu_st_schedule_get(&seed), "shuffle");
+    assert_true(seed == UINT64_MAX);
+    env_put("STRATA_EMU_SCHEDULE", "");
+    env_put("STRATA_EMU_SEED", NULL);
+    emu_st_schedule_reload();
+    assert_string_equal(emu_st_schedule_get(&seed), "forward");
+    assert_true(seed == 0x5eed5eedu);
+    env_put("STRATA_EMU_SCHEDULE", NULL);
+    emu_st_schedule_reload();
+    assert_string_equal(emu_st_schedule_get(NULL), "forward");
+    assert_int_equal(emu_st_schedule_set("sideways", 1), -1);
+    expect_abort(die_bad_schedule, "STRATA_EMU_SCHEDULE=backwards: expected forward, reverse");
+    expect_abort(die_bad_seed, "STRATA_EMU_SEED=12x");
+
+    env_put("STRATA_EMU_SCHEDULE", had_sched ? old_sched : NULL);
+    env_put("STRATA_EMU_SEED", had_seed ? old_seed : NULL);
+    emu_st_schedule_reload();
+    uint64_t back = 0;
+    assert_string_equal(emu_st_schedule_get(&back), saved.name);
+    assert_true(back == saved.seed);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -527,6 +757,9 @@ int main(void)
         cmocka_unit_test(test_stack_overflow_faults),
         cmocka_unit_test(test_refused_launches_abort),
         cmocka_unit_test(test_hangs_and_undefined_warps_abort),
+        cmocka_unit_test(test_racy_kernel_caught_by_reverse_and_shuffle),
+        cmocka_unit_test(test_schedule_orders),
+        cmocka_unit_test(test_schedule_environment),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
