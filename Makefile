@@ -126,8 +126,19 @@ $(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(CUDA_LI
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $^ $(CUDA_LIBS) $(LDLIBS) -lcmocka
 
+# The emulated kernel-level tests again with the emulator's other schedules
+# (tests/cuda_emu/README.md): blocks and threads in reverse, then in a
+# seeded shuffled order (EMU_SEED; empty: the emulator's default), where a
+# missing __syncthreads or a launch-order assumption shows. test_cudaemu_train
+# (the same kernels through whole jobs, ~5 s a pass) is left out.
+EMU_SEED ?=
+EMU_SCHED_BIN := $(filter $(patsubst %,$(BUILD)/tests/test_cudaemu_%,emu kernels attention attn_gemm cka backend),$(TEST_BIN))
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
+	@set -e; for t in $(EMU_SCHED_BIN); do echo "== $$t (STRATA_EMU_SCHEDULE=reverse)"; \
+	    STRATA_EMU_SCHEDULE=reverse $$t; done
+	@set -e; for t in $(EMU_SCHED_BIN); do echo "== $$t (STRATA_EMU_SCHEDULE=shuffle)"; \
+	    STRATA_EMU_SCHEDULE=shuffle STRATA_EMU_SEED=$(EMU_SEED) $$t; done
 
 integration: all $(BUILD)/strata-worker-emu
 	BUILD=$(BUILD) SANITIZER=$(SANITIZER) tests/integration/run.sh
