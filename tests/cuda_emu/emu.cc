@@ -143,11 +143,11 @@ struct emu_thread {
     fiber *current = nullptr;
     const launch_desc *launch = nullptr;
     unsigned char *smem = nullptr;
-    /* The running launch's schedule, its random stream (shuffle) and the
-     * order of the current scheduling round. */
+    /* The running launch's schedule, its random stream (shuffle), and
+     * reverse's and shuffle's thread order (order_draw). */
     schedule_kind sched = SCHEDULE_FORWARD;
     uint64_t rng = 0;
-    std::vector<unsigned> order;
+    std::vector<unsigned> order, warp_pos, warp_seq;
 #ifdef STRATA_EMU_ASAN
     const void *sched_stack_bottom = nullptr;
     size_t sched_stack_size = 0;
@@ -480,31 +480,145 @@ uint64_t block_at(const block_order &o, uint64_t k)
     return k;
 }
 
-/* The order of one scheduling round's threads into t.order (shuffle only;
- * forward and reverse index directly). Fisher-Yates over a fresh identity,
- * so that each round's order is independent of the last. */
-void round_shuffle(emu_thread &t, unsigned nthreads)
+/* Shuffles v[0..n) in place (Fisher-Yates) from the launch's stream. */
+void shuffle_in_place(unsigned *v, unsigned n, uint64_t &rng)
 {
-    t.order.resize(nthreads);
-    for (unsigned i = 0; i < nthreads; i++)
-        t.order[i] = i;
-    for (unsigned i = nthreads; i > 1; i--) {
-        unsigned j = (unsigned)(rng_next(t.rng) % i);
-        unsigned tmp = t.order[i - 1];
-        t.order[i - 1] = t.order[j];
-        t.order[j] = tmp;
+    for (unsigned i = n; i > 1; i--) {
+        unsigned j = (unsigned)(rng_next(rng) % i);
+        unsigned tmp = v[i - 1];
+        v[i - 1] = v[j];
+        v[j] = tmp;
     }
 }
 
-/* The k-th thread to resume in the current round. */
-unsigned round_at(const emu_thread &t, unsigned nthreads, unsigned k)
+/* The priority order of a block's threads for reverse and shuffle, drawn
+ * at the block's start and after every barrier: t.order holds the warps
+ * one after another, each as its lanes' thread indices (t.warp_pos[w]:
+ * where warp w's lanes start). reverse: the last warp first, lanes from
+ * the highest; shuffle: warps and each warp's lanes in a fresh random
+ * order. */
+void order_draw(emu_thread &t, unsigned nthreads)
 {
-    switch (t.sched) {
-    case SCHEDULE_FORWARD: return k;
-    case SCHEDULE_REVERSE: return nthreads - 1 - k;
-    case SCHEDULE_SHUFFLE: return t.order[k];
+    unsigned nwarps = (nthreads + 31) / 32;
+    t.order.resize(nthreads);
+    t.warp_pos.resize(nwarps);
+    t.warp_seq.resize(nwarps);
+    for (unsigned w = 0; w < nwarps; w++)
+        t.warp_seq[w] = t.sched == SCHEDULE_REVERSE ? nwarps - 1 - w : w;
+    if (t.sched == SCHEDULE_SHUFFLE)
+        shuffle_in_place(t.warp_seq.data(), nwarps, t.rng);
+    unsigned pos = 0;
+    for (unsigned k = 0; k < nwarps; k++) {
+        unsigned w = t.warp_seq[k], first = 32 * w;
+        unsigned lanes = nthreads - first < 32 ? nthreads - first : 32;
+        t.warp_pos[w] = pos;
+        for (unsigned l = 0; l < lanes; l++)
+            t.order[pos + l] = t.sched == SCHEDULE_REVERSE ? first + lanes - 1 - l : first + l;
+        if (t.sched == SCHEDULE_SHUFFLE)
+            shuffle_in_place(&t.order[pos], lanes, t.rng);
+        pos += lanes;
     }
-    return k;
+}
+
+/* Every live thread waits at __syncthreads: lets them all go on. Aborts on
+ * a barrier in divergent code (threads at different source places) and on
+ * a deadlock (a live thread not at the barrier, waiting for a warp
+ * operation that can never complete). */
+void barrier_release(const launch_desc &d, std::vector<fiber *> &fibers, unsigned nthreads)
+{
+    const fiber *first = nullptr;
+    for (unsigned i = 0; i < nthreads; i++) {
+        fiber *f = fibers[i];
+        if (f->state == F_DONE)
+            continue;
+        if (f->state != F_WAIT_BAR)
+            report_deadlock(d, fibers, nthreads);
+        if (first == nullptr) {
+            first = f;
+        } else if (f->bar_line != first->bar_line ||
+                   (f->bar_file != first->bar_file && strcmp(f->bar_file, first->bar_file))) {
+            emu_die("kernel %s, block (%u,%u,%u): threads wait at different __syncthreads: "
+                    "thread (%u,%u,%u) at %s:%d, thread (%u,%u,%u) at %s:%d (a barrier in "
+                    "divergent code)",
+                    d.name, blockIdx.x, blockIdx.y, blockIdx.z, first->tid.x, first->tid.y,
+                    first->tid.z, first->bar_file, first->bar_line, f->tid.x, f->tid.y,
+                    f->tid.z, f->bar_file, f->bar_line);
+        }
+    }
+    for (unsigned i = 0; i < nthreads; i++)
+        if (fibers[i]->state == F_WAIT_BAR)
+            fibers[i]->state = F_READY;
+}
+
+/* forward: rounds. Each round resumes every ready thread in index order,
+ * then releases the warps whose lanes all wait in a warp operation; when
+ * none can be released, the barrier. Warps thus move in lockstep, one
+ * warp operation per round. Returns when every thread has exited. */
+void run_rounds(emu_thread &t, const launch_desc &d, unsigned nthreads)
+{
+    std::vector<fiber *> &fibers = t.pool;
+    unsigned live = nthreads;
+    unsigned nwarps = (nthreads + 31) / 32;
+    while (live > 0) {
+        for (unsigned i = 0; i < nthreads; i++) {
+            fiber *f = fibers[i];
+            if (f->state != F_READY)
+                continue;
+            fiber_resume(t, f);
+            if (f->state == F_DONE)
+                live--;
+        }
+        if (live == 0)
+            break;
+        bool released = false;
+        for (unsigned w = 0; w < nwarps; w++)
+            if (warp_try_release(d, fibers, nthreads, w))
+                released = true;
+        if (!released)
+            barrier_release(d, fibers, nthreads);
+    }
+}
+
+/* reverse and shuffle: strict priority in order_draw's order. The first
+ * ready thread in the order runs; a warp whose last lane arrives at a warp
+ * operation is released at once and, being first among the ready, runs
+ * on: a warp runs its whole barrier interval (every shuffle of it) before
+ * the next warp starts its own. So warps are as far out of step as they
+ * can be, where forward keeps them in lockstep; between them the two
+ * extremes show races across warps that either hides. */
+void run_by_warps(emu_thread &t, const launch_desc &d, unsigned nthreads)
+{
+    std::vector<fiber *> &fibers = t.pool;
+    unsigned live = nthreads;
+    order_draw(t, nthreads);
+    while (live > 0) {
+        unsigned p = 0;
+        while (p < nthreads) {
+            unsigned i = t.order[p];
+            fiber *f = fibers[i];
+            if (f->state != F_READY) {
+                p++;
+                continue;
+            }
+            fiber_resume(t, f);
+            if (f->state == F_DONE)
+                live--;
+            if (f->state == F_WAIT_BAR)
+                continue;
+            unsigned w = i / 32;
+            if (!warp_try_release(d, fibers, nthreads, w))
+                continue;
+            p = t.warp_pos[w];
+            if (t.sched == SCHEDULE_SHUFFLE) {
+                unsigned lanes = nthreads - 32 * w < 32 ? nthreads - 32 * w : 32;
+                shuffle_in_place(&t.order[p], lanes, t.rng);
+            }
+        }
+        if (live == 0)
+            break;
+        barrier_release(d, fibers, nthreads);
+        order_draw(t, nthreads);
+    }
 }
 
 /* Runs one block to completion. */
@@ -520,57 +634,10 @@ void run_block(emu_thread &t, const launch_desc &d, unsigned nthreads)
         f->tid.y = (i / d.block.x) % d.block.y;
         f->tid.z = i / (d.block.x * d.block.y);
     }
-    unsigned live = nthreads;
-    unsigned nwarps = (nthreads + 31) / 32;
-    while (live > 0) {
-        if (t.sched == SCHEDULE_SHUFFLE)
-            round_shuffle(t, nthreads);
-        for (unsigned k = 0; k < nthreads; k++) {
-            fiber *f = fibers[round_at(t, nthreads, k)];
-            if (f->state != F_READY)
-                continue;
-            fiber_resume(t, f);
-            if (f->state == F_DONE)
-                live--;
-        }
-        if (live == 0)
-            break;
-        bool released = false;
-        for (unsigned w = 0; w < nwarps; w++)
-            if (warp_try_release(d, fibers, nthreads, w))
-                released = true;
-        if (released)
-            continue;
-        /* Every live thread is at a barrier (none can be in a warp
-         * operation, or its warp would have been released or reported). */
-        const fiber *first = nullptr;
-        bool all_bar = true;
-        for (unsigned i = 0; i < nthreads; i++) {
-            fiber *f = fibers[i];
-            if (f->state == F_DONE)
-                continue;
-            if (f->state != F_WAIT_BAR) {
-                all_bar = false;
-                break;
-            }
-            if (first == nullptr) {
-                first = f;
-            } else if (f->bar_line != first->bar_line ||
-                       (f->bar_file != first->bar_file && strcmp(f->bar_file, first->bar_file))) {
-                emu_die("kernel %s, block (%u,%u,%u): threads wait at different __syncthreads: "
-                        "thread (%u,%u,%u) at %s:%d, thread (%u,%u,%u) at %s:%d (a barrier in "
-                        "divergent code)",
-                        d.name, blockIdx.x, blockIdx.y, blockIdx.z, first->tid.x, first->tid.y,
-                        first->tid.z, first->bar_file, first->bar_line, f->tid.x, f->tid.y,
-                        f->tid.z, f->bar_file, f->bar_line);
-            }
-        }
-        if (!all_bar)
-            report_deadlock(d, fibers, nthreads);
-        for (unsigned i = 0; i < nthreads; i++)
-            if (fibers[i]->state == F_WAIT_BAR)
-                fibers[i]->state = F_READY;
-    }
+    if (t.sched == SCHEDULE_FORWARD)
+        run_rounds(t, d, nthreads);
+    else
+        run_by_warps(t, d, nthreads);
 }
 
 /* The limits of a real launch (sm_80/sm_90): what the GPU would refuse is an

@@ -175,6 +175,35 @@ __global__ void st_neighbour_kernel(const float *x, int with_barrier, float *out
     out[t] = s[t == 0 ? 0 : t - 1];
 }
 
+/* The block's sum of v in every thread through part (one float per warp),
+ * without a barrier before part is written: called twice, a fast warp's
+ * second write can land before a slow warp's first read (selftest.h). */
+__device__ float st_racy_block_sum(float v, float *part, int with_barrier)
+{
+    unsigned lane = threadIdx.x % CU_WARP, warp = threadIdx.x / CU_WARP;
+    for (int m = 16; m > 0; m /= 2)
+        v += __shfl_xor_sync(CU_FULL_MASK, v, m);
+    if (with_barrier)
+        __syncthreads();
+    if (lane == 0)
+        part[warp] = v;
+    __syncthreads();
+    float t = lane < blockDim.x / CU_WARP ? part[lane] : 0.0f;
+    for (int m = 16; m > 0; m /= 2)
+        t += __shfl_xor_sync(CU_FULL_MASK, t, m);
+    return t;
+}
+
+__global__ void st_two_sums_kernel(const float *x, int with_barrier, float *sum1, float *sum2)
+{
+    __shared__ float part[32];
+    float v = x[threadIdx.x];
+    float a = st_racy_block_sum(v, part, with_barrier);
+    float b = st_racy_block_sum(2.0f * v, part, with_barrier);
+    sum1[threadIdx.x] = a;
+    sum2[threadIdx.x] = b;
+}
+
 /* Tickets from per-block counters show the order in which threads ran (a
  * valid kernel on a GPU, where the tickets are whatever the hardware
  * does): tick[0] counts blocks, tick[1 + 2b] and tick[2 + 2b] block b's
@@ -409,6 +438,25 @@ extern "C" int emu_st_neighbour(const float *x, unsigned nthreads, int with_barr
 out:
     cudaFree(dx);
     cudaFree(dout);
+    return rc;
+}
+
+extern "C" int emu_st_two_sums(const float *x, unsigned nthreads, int with_barrier,
+                               float *sum1, float *sum2, char *err, size_t errlen)
+{
+    int rc = 0;
+    float *dx = nullptr, *ds1 = nullptr, *ds2 = nullptr;
+    ST_CHECK(st_upload(&dx, x, nthreads));
+    ST_CHECK(st_upload(&ds1, (const float *)nullptr, nthreads));
+    ST_CHECK(st_upload(&ds2, (const float *)nullptr, nthreads));
+    CU_LAUNCH(st_two_sums_kernel, 1, nthreads, 0, 0, dx, with_barrier, ds1, ds2);
+    ST_CHECK(cudaGetLastError());
+    ST_CHECK(st_download(sum1, ds1, nthreads));
+    ST_CHECK(st_download(sum2, ds2, nthreads));
+out:
+    cudaFree(dx);
+    cudaFree(ds1);
+    cudaFree(ds2);
     return rc;
 }
 

@@ -78,6 +78,17 @@ int emu_st_big_smem(size_t smem_bytes, double *sum, char *err, size_t errlen);
 int emu_st_neighbour(const float *x, unsigned nthreads, int with_barrier, float *out, char *err,
                      size_t errlen);
 
+/* A block of nthreads threads (a multiple of 32, <= 1024) sums x twice
+ * through one shared array of per-warp partials: sum1[t] = the sum of x,
+ * sum2[t] = the sum of 2x, in every thread. With with_barrier 0 the second
+ * sum's partials are written without the barrier that keeps them from
+ * overwriting what a slower warp has still to read of the first: forward
+ * keeps warps in lockstep and passes; reverse (and shuffle, when a later
+ * warp runs first) lets a warp run ahead, and some threads see a wrong
+ * sum1. */
+int emu_st_two_sums(const float *x, unsigned nthreads, int with_barrier, float *sum1,
+                    float *sum2, char *err, size_t errlen);
+
 /* The schedule's orders, seen from inside a kernel: a grid of nblocks
  * blocks of nthreads threads, where block_rank[b] is the position at
  * which block b started (0 first) and rank0 / rank1[b * nthreads + t]

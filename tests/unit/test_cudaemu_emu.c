@@ -578,6 +578,56 @@ static void test_racy_kernel_caught_by_reverse_and_shuffle(void **state)
     schedule_restore(&saved);
 }
 
+/* Threads of emu_st_two_sums whose sum1 or sum2 differ from the exact
+ * sums (x holds small integers: every order of addition is exact). */
+static unsigned two_sums_wrong(const float *x, unsigned n, int with_barrier)
+{
+    float s1[256], s2[256];
+    char err[256];
+    assert_true(n <= 256);
+    if (emu_st_two_sums(x, n, with_barrier, s1, s2, err, sizeof err) != 0)
+        fail_msg("emu_st_two_sums: %s", err);
+    float want = 0;
+    for (unsigned t = 0; t < n; t++)
+        want += x[t];
+    unsigned bad = 0;
+    for (unsigned t = 0; t < n; t++)
+        bad += !(s1[t] == want && s2[t] == 2 * want);
+    return bad;
+}
+
+/* A race between warps: the missing barrier before a reused reduction
+ * array is written. forward's lockstep warps hide it; reverse runs the last
+ * warp through both sums before the others read the first, so warps 0..6
+ * read its second partial in the first sum; shuffle catches it at some
+ * seeds (when the warp that runs first is not the last to be read), and
+ * the barrier fixes it in every schedule. */
+static void test_warp_run_ahead_race_caught(void **state)
+{
+    (void)state;
+    enum { N = 256 };
+    float x[N];
+    for (unsigned t = 0; t < N; t++)
+        x[t] = (float)(t % 7);
+    saved_schedule saved = schedule_save();
+    assert_int_equal(emu_st_schedule_set("forward", 0), 0);
+    assert_int_equal(two_sums_wrong(x, N, 0), 0);
+    assert_int_equal(emu_st_schedule_set("reverse", 0), 0);
+    assert_int_equal(two_sums_wrong(x, N, 0), N - 32);
+    unsigned caught = 0;
+    for (uint64_t seed = 1; seed <= 8; seed++) {
+        assert_int_equal(emu_st_schedule_set("shuffle", seed), 0);
+        caught += two_sums_wrong(x, N, 0) > 0;
+    }
+    assert_true(caught >= 4);
+    const char *names[] = {"forward", "reverse", "shuffle", "shuffle"};
+    for (size_t k = 0; k < 4; k++) {
+        assert_int_equal(emu_st_schedule_set(names[k], 200 + k), 0);
+        assert_int_equal(two_sums_wrong(x, N, 1), 0);
+    }
+    schedule_restore(&saved);
+}
+
 /* Ranks from emu_st_order under the current schedule. */
 typedef struct {
     unsigned block[64];
@@ -758,6 +808,7 @@ int main(void)
         cmocka_unit_test(test_refused_launches_abort),
         cmocka_unit_test(test_hangs_and_undefined_warps_abort),
         cmocka_unit_test(test_racy_kernel_caught_by_reverse_and_shuffle),
+        cmocka_unit_test(test_warp_run_ahead_race_caught),
         cmocka_unit_test(test_schedule_orders),
         cmocka_unit_test(test_schedule_environment),
     };
