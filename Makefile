@@ -132,7 +132,8 @@ $(BUILD)/tests/test_%: $(call obj,tests/unit/test_%.c) $(TESTUTIL_OBJ) $(CUDA_LI
 # missing __syncthreads or a launch-order assumption shows. test_cudaemu_train
 # (the same kernels through whole jobs, ~5 s a pass) is left out.
 EMU_SEED ?=
-EMU_SCHED_BIN := $(filter $(patsubst %,$(BUILD)/tests/test_cudaemu_%,emu kernels attention attn_gemm cka backend),$(TEST_BIN))
+EMU_SCHED_BIN := $(filter $(patsubst %,$(BUILD)/tests/test_cudaemu_%,\
+                 emu kernels attention attn_gemm cka backend),$(TEST_BIN))
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; $$t; done
 	@set -e; for t in $(EMU_SCHED_BIN); do echo "== $$t (STRATA_EMU_SCHEDULE=reverse)"; \

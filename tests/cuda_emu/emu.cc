@@ -2,16 +2,17 @@
  * that runs a launch's blocks, barriers and warp shuffles, and the cudart
  * subset (device memory, streams, device queries, errors).
  *
- * Blocks run one after another on the launching OS thread, in the order
- * the schedule (STRATA_EMU_SCHEDULE) gives, as do the ready threads of a
- * block at each scheduling point. A block's
- * threads are fibers (own stacks, switched by strata_emu_switch) that live in a per-OS-thread pool and are
- * reused across blocks and launches: each runs a loop "call the current
- * launch's kernel for my thread, mark myself done, yield". The scheduler
- * runs every ready fiber until it blocks or finishes, then releases whatever
- * can be released (a warp whose live lanes all wait in the same warp
- * operation; the whole block when every live thread waits at a barrier), and
- * reports a deadlock when nothing can be. */
+ * Blocks run one after another on the launching OS thread. A block's
+ * threads are fibers (own stacks, switched by strata_emu_switch) that live
+ * in a per-OS-thread pool and are reused across blocks and launches: each
+ * runs a loop "call the current launch's kernel for my thread, mark myself
+ * done, yield". The scheduler runs ready fibers until they block or
+ * finish, releases whatever can be released (a warp whose live lanes all
+ * wait in the same warp operation; the whole block when every live thread
+ * waits at a barrier), and reports a deadlock when nothing can be. The
+ * order of blocks and of ready fibers is the schedule's
+ * (STRATA_EMU_SCHEDULE: run_rounds for forward, run_by_warps for reverse
+ * and shuffle). */
 #include "tests/cuda_emu/emu.h"
 
 #include <errno.h>
