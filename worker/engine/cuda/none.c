@@ -1,8 +1,8 @@
 /* none.c - cuda.h in a worker built without nvcc: there is no GPU code in
  * the binary, so the worker has no GPUs and says why, and every job runs on
- * the CPU backend. This is the whole behaviour of a CPU-only build, not a
- * placeholder: the Makefile links it instead of the .cu objects exactly
- * when nvcc is absent. */
+ * the CPU backend. This is the complete behaviour of a CPU-only build; the
+ * Makefile links it instead of the .cu objects exactly when nvcc is
+ * absent. */
 #include "worker/engine/cuda/cuda.h"
 
 #include "common/util.h"
