@@ -70,10 +70,7 @@ typedef struct {
 
 static void predict_job_free(predict_job *job) {
     /* device memory first, then the thread's CUDA context */
-    if (job->dmodel_ready) {
-        cuda_backend_forget_weights(job->dmodel.params);
-        llama_model_free_backend(job->dev.be, &job->dmodel);
-    }
+    if (job->dmodel_ready) llama_model_free_backend(job->dev.be, &job->dmodel);
     if (job->dev_open) runner_device_close(&job->dev);
     if (job->model_loaded) llama_free(&job->model);
     tok_free(job->tok);

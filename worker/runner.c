@@ -175,7 +175,7 @@ static bool runner_ref_is_layers(json_t *ref) {
  * about the file's content. */
 static bool runner_npy_error_retryable(const char *err) {
     return strncmp(err, "open ", 5) == 0 || strstr(err, ": read: ") != NULL ||
-           strstr(err, "out of memory") != NULL || strstr(err, "changed while reading") != NULL;
+           runner_err_is_oom(err) || strstr(err, "changed while reading") != NULL;
 }
 
 typedef struct {
@@ -279,7 +279,7 @@ static int runner_cka_pair(runner_ctx *ctx, const runner_cka_job *job, const cha
     if (runner_cka_compute(ctx, &job->opt, &x, &y, &res, where, sizeof where, err, errlen) !=
         0) {
         *cancelled = ctx->cancel && atomic_load(ctx->cancel);
-        *retryable = strstr(err, "out of memory") != NULL;
+        *retryable = runner_err_is_oom(err);
         goto out;
     }
     double done = util_now_seconds();

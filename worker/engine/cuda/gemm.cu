@@ -173,6 +173,11 @@ void gemm_ctx_free(gemm_ctx *g) {
     free(g);
 }
 
+/* cuBLAS's name for an operand type. */
+static cudaDataType_t gemm_cuda_type(gemm_type t) {
+    return t == GEMM_BF16 ? CUDA_R_16BF : t == GEMM_F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
 /* Whether every size fits cuBLAS's int. */
 static bool gemm_fits(size_t a, size_t b, size_t c, size_t d, size_t e, size_t f) {
     size_t v[] = {a, b, c, d, e, f};
@@ -198,7 +203,7 @@ static int gemm_lt_prepare(gemm_ctx *g, const gemm_lt_key *k, gemm_lt_entry *e, 
                            size_t errlen) {
     memset(e, 0, sizeof *e);
     e->key = *k;
-    cudaDataType_t dt = k->type == GEMM_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    cudaDataType_t dt = gemm_cuda_type((gemm_type)k->type);
     int32_t op_a = k->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     int32_t op_b = k->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     uint64_t max_ws = g->workspace_bytes;
@@ -327,8 +332,7 @@ int gemm_run(gemm_ctx *g, gemm_type type, bool trans_a, bool trans_b, size_t M, 
         }
         g->stats.lt_fallbacks++;
     }
-    cudaDataType_t dt = type == GEMM_BF16 ? CUDA_R_16BF : type == GEMM_F16 ? CUDA_R_16F
-                                                                            : CUDA_R_32F;
+    cudaDataType_t dt = gemm_cuda_type(type);
     /* Column-major C^T (N, M) = op(B)^T (N, K) op(A)^T (K, M). */
     cublasStatus_t st = cublasGemmEx(
         g->handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
@@ -353,8 +357,7 @@ int gemm_run_strided_batched(gemm_ctx *g, gemm_type type, bool trans_a, bool tra
     if ((stride_a | stride_b | stride_c) > (size_t)LLONG_MAX)
         return err_set(err, errlen, "batched product: a stride exceeds cuBLAS's long long");
     if (M == 0 || N == 0 || batch == 0) return 0;
-    cudaDataType_t dt = type == GEMM_BF16 ? CUDA_R_16BF : type == GEMM_F16 ? CUDA_R_16F
-                                                                            : CUDA_R_32F;
+    cudaDataType_t dt = gemm_cuda_type(type);
     /* The same swap as gemm_run, per product: C_i^T = op(B_i)^T op(A_i)^T. */
     cublasStatus_t st = cublasGemmStridedBatchedEx(
         g->handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
